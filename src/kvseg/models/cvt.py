@@ -1,0 +1,213 @@
+"""SETR with a CvT encoder (Wu et al., ICCV 2021): convolutional token embedding per stage and
+convolutional projections, with a multi-scale fusion decoder.
+
+CvT attention (``dw_bn``): each of Q, K, V is a depthwise 3×3 conv + BatchNorm on the token map,
+then a Linear; Q at stride 1, K and V at stride 2 (4× fewer keys than queries).
+
+KV mode (the query branch removed; ``docs/models.md``): K is computed once at stride 1 and takes
+the query's role; the stride-2 keys are its subsample ``K[:, ::2, ::2]``. This is exact: a 3×3
+conv with padding 1 at stride 2 equals the stride-1 conv sampled at even positions, and BN (in
+eval) and the Linear act per token. So the Q branch (dw conv, BN, Linear) and the separate
+stride-2 K branch are replaced by one stride-1 K branch. Per layer, with C channels, N query
+tokens and M = ceil(h/2)·ceil(w/2) key tokens, this removes 9C + 2C + C² + C parameters and
+M·(9C + C²) MACs (the K branch now runs on N tokens instead of M, the Q branch's N disappears).
+
+Deviations from the classification CvT: no cls token, GELU instead of QuickGELU, scale
+1/sqrt(head_dim) (CvT's code uses 1/sqrt(dim)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvseg.layers.attention import MODES, AttentionCore, KVPosBias
+from kvseg.layers.blocks import DropPath, Mlp, conv_bn_relu, init_weights, map_to_tokens
+from kvseg.models.base import SegmentationModel
+
+
+@dataclass(frozen=True)
+class CvTConfig:
+    """Three CvT stages + fusion decoder. ``base`` is CvT-13, ``large`` CvT-21."""
+
+    dims: tuple[int, ...] = (64, 192, 384)
+    depths: tuple[int, ...] = (1, 2, 10)
+    num_heads: tuple[int, ...] = (1, 3, 6)
+    patch_sizes: tuple[int, ...] = (7, 3, 3)
+    patch_strides: tuple[int, ...] = (4, 2, 2)
+    patch_padding: tuple[int, ...] = (2, 1, 1)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    drop_path: float = 0.1
+    pos_dim: int = 50
+    stride_kv: int = 2
+    decoder_channels: int = 128
+
+
+def dw_bn(dim: int, stride: int) -> nn.Sequential:
+    """CvT's ``dw_bn`` projection: depthwise 3×3 conv (padding 1, no bias) + BatchNorm."""
+    return nn.Sequential(nn.Conv2d(dim, dim, 3, stride, 1, groups=dim, bias=False),
+                         nn.BatchNorm2d(dim))
+
+
+class ConvAttention(nn.Module):
+    """CvT attention on a token map: x (B, h·w, C) with its (h, w) -> (B, h·w, C).
+
+    ``qkv``: Q = Linear(dw_bn_s1(x)), K = Linear(dw_bn_s2(x)), V = Linear(dw_bn_s2(x)).
+    ``kv`` / ``kv_pos``: K_full = Linear(dw_bn_s1(x)) serves as the queries and its stride-2
+    subsample as the keys; V as above. ``kv_pos`` adds the factored KV-pos bias over the key
+    indices. The products run in the shared :class:`AttentionCore`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mode: str = "qkv", qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, pos_dim: int = 50,
+                 stride_kv: int = 2) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.mode, self.num_heads, self.stride_kv = mode, num_heads, stride_kv
+        if mode == "qkv":
+            self.conv_proj_q = dw_bn(dim, 1)
+            self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.conv_proj_k = dw_bn(dim, stride_kv if mode == "qkv" else 1)
+        self.conv_proj_v = dw_bn(dim, stride_kv)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.pos = KVPosBias(pos_dim) if mode == "kv_pos" else None
+        self.core = AttentionCore((dim // num_heads) ** -0.5, attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, c = t.shape  # -> (B, heads, n, head_dim)
+        return t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, h: int, w: int, return_attention: bool = False):
+        b, n, c = x.shape
+        m = x.transpose(1, 2).reshape(b, c, h, w)  # token map (B, C, h, w)
+        if self.mode == "qkv":
+            q = self.proj_q(map_to_tokens(self.conv_proj_q(m)))  # (B, N, C)
+            k = self.proj_k(map_to_tokens(self.conv_proj_k(m)))  # (B, M, C)
+        else:
+            q = self.proj_k(map_to_tokens(self.conv_proj_k(m)))  # K at stride 1: (B, N, C)
+            s = self.stride_kv
+            k = q.view(b, h, w, c)[:, ::s, ::s].reshape(b, -1, c)  # its stride-s subsample
+        v = self.proj_v(map_to_tokens(self.conv_proj_v(m)))  # (B, M, C)
+        temperature = key_bias = None
+        if self.pos is not None:
+            temperature, key_bias = self.pos(k.shape[1])
+        out = self.core(self._heads(q), self._heads(k), self._heads(v), temperature, key_bias,
+                        return_attention)
+        attn = None
+        if return_attention:
+            out, attn = out
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        return (out, attn) if return_attention else out
+
+
+class CvTBlock(nn.Module):
+    """Pre-norm block with convolutional attention; (B, N, C), (h, w) -> (B, N, C)."""
+
+    def __init__(self, dim: int, num_heads: int, mode: str, cfg: CvTConfig,
+                 drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = ConvAttention(dim, num_heads, mode, cfg.qkv_bias, cfg.attn_drop, cfg.drop,
+                                  cfg.pos_dim, cfg.stride_kv)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CvTStage(nn.Module):
+    """Convolutional token embedding (conv k/s/p + LayerNorm) and CvT blocks;
+    (B, C_in, H, W) -> (B, dim, H/s, W/s)."""
+
+    def __init__(self, in_channels: int, dim: int, depth: int, num_heads: int, patch: int,
+                 stride: int, padding: int, mode: str, cfg: CvTConfig,
+                 drop_paths: list[float]) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride, padding)
+        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(CvTBlock(dim, num_heads, mode, cfg, drop_paths[i])
+                                    for i in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        x = self.norm(map_to_tokens(x))  # (B, h·w, dim)
+        for block in self.blocks:
+            x = block(x, h, w)
+        return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+class CvTEncoder(nn.Module):
+    """Three stages -> [1/4, 1/8, 1/16] maps with ``dims`` channels."""
+
+    def __init__(self, in_channels: int, cfg: CvTConfig, mode: str) -> None:
+        super().__init__()
+        n = len(cfg.dims)
+        fields = (cfg.depths, cfg.num_heads, cfg.patch_sizes, cfg.patch_strides,
+                  cfg.patch_padding)
+        if any(len(f) != n for f in fields):
+            raise ValueError(f"dims={cfg.dims}, depths={cfg.depths}, num_heads={cfg.num_heads}, "
+                             f"patch_sizes={cfg.patch_sizes}, patch_strides={cfg.patch_strides}: "
+                             "expected one value per stage")
+        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
+        stages, c, start = [], in_channels, 0
+        for i in range(n):
+            stages.append(CvTStage(c, cfg.dims[i], cfg.depths[i], cfg.num_heads[i],
+                                   cfg.patch_sizes[i], cfg.patch_strides[i],
+                                   cfg.patch_padding[i], mode, cfg,
+                                   rates[start:start + cfg.depths[i]]))
+            c, start = cfg.dims[i], start + cfg.depths[i]
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+class FusionDecoder(nn.Module):
+    """Multi-scale fusion: per stage 1×1 conv + BN + ReLU to ``channels``, resize to the finest
+    map, concatenate, 3×3 conv + BN + ReLU -> (B, channels, H/4, W/4)."""
+
+    def __init__(self, dims: tuple[int, ...], channels: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(conv_bn_relu(d, channels, 1) for d in dims)
+        self.fuse = conv_bn_relu(channels * len(dims), channels, 3)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[-2:]
+        maps = [lat(f) for lat, f in zip(self.lateral, features, strict=True)]
+        maps = [m if m.shape[-2:] == size else
+                F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        return self.fuse(torch.cat(maps, dim=1))
+
+
+def build_cvt(cfg: CvTConfig, mode: str, *, in_channels: int, num_classes: int,
+              img_size: int) -> SegmentationModel:
+    """SETR-CvT; ``img_size`` is unused (CvT has no position embedding)."""
+    encoder = CvTEncoder(in_channels, cfg, mode)
+    init_weights(encoder)
+    decoder = FusionDecoder(cfg.dims, cfg.decoder_channels)
+    head = nn.Conv2d(cfg.decoder_channels, num_classes, 1)
+    multiple = 1
+    for s in cfg.patch_strides:
+        multiple *= s
+    return SegmentationModel(encoder, decoder, head, in_channels=in_channels,
+                             num_classes=num_classes, input_multiple=multiple)

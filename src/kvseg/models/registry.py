@@ -1,0 +1,112 @@
+"""The nine variants by name, their size presets, and ``create_model``.
+
+A variant is a row: (family, attention mode). A preset is a dataclass instance; keyword
+overrides go through ``dataclasses.replace`` after a check that names any unknown key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from kvseg.models.conv_hybrid import HybridConfig, build_conv_hybrid
+from kvseg.models.cvt import CvTConfig, build_cvt
+from kvseg.models.setr import SETRConfig, build_setr
+
+SIZES = ("micro", "small", "base", "large")
+
+PRESETS: dict[str, dict[str, object]] = {
+    "setr": {
+        # micro: patch 8 keeps a 16×16 grid at 128 px (tests, CI, CPU training).
+        "micro": SETRConfig(patch_size=8, dim=96, depth=4, num_heads=4, decoder_channels=64),
+        "small": SETRConfig(dim=384, depth=12, num_heads=6, decoder_channels=128),  # ViT-S/16
+        "base": SETRConfig(),  # ViT-B/16
+        "large": SETRConfig(dim=1024, depth=24, num_heads=16),  # SETR's ViT-L/16
+    },
+    "setr_conv": {
+        "micro": HybridConfig(resnet_layers=(1, 1, 1), resnet_width=16, dim=96, depth=4,
+                              num_heads=4, decoder_channels=(64, 32, 16, 16), neck_channels=128),
+        "small": HybridConfig(resnet_layers=(2, 2, 2), resnet_width=32, dim=384, depth=8,
+                              num_heads=6, decoder_channels=(128, 64, 32, 16),
+                              neck_channels=256),
+        "base": HybridConfig(),  # R50-ViT-B/16 (TransUNet)
+        "large": HybridConfig(dim=1024, depth=24, num_heads=16),  # R50-ViT-L/16
+    },
+    "setr_cvt": {
+        "micro": CvTConfig(dims=(32, 64, 128), depths=(1, 1, 2), num_heads=(1, 2, 4),
+                           drop_path=0.0, decoder_channels=64),
+        "small": CvTConfig(dims=(48, 128, 256), depths=(1, 2, 4), num_heads=(1, 2, 4),
+                           decoder_channels=96),
+        "base": CvTConfig(),  # CvT-13
+        "large": CvTConfig(depths=(1, 4, 16)),  # CvT-21
+    },
+}
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "setr": build_setr,
+    "setr_conv": build_conv_hybrid,
+    "setr_cvt": build_cvt,
+}
+
+_MODE_SUFFIX = {"qkv": "qkv", "kv": "kv", "kv_pos": "kvpos"}
+_VARIANTS: dict[str, tuple[str, str]] = {
+    f"{family}_{suffix}": (family, mode)
+    for family in BUILDERS for mode, suffix in _MODE_SUFFIX.items()
+}
+
+
+def list_models() -> list[str]:
+    """The nine variant names: ``setr|setr_conv|setr_cvt`` × ``qkv|kv|kvpos``."""
+    return list(_VARIANTS)
+
+
+def model_info(name: str) -> dict[str, str]:
+    """``{"family": "setr"|"setr_conv"|"setr_cvt", "mode": "qkv"|"kv"|"kv_pos"}`` for a name."""
+    family, mode = _lookup(name)
+    return {"family": family, "mode": mode}
+
+
+def resolve_config(name: str, size: str = "base", **overrides):
+    """The preset dataclass of ``name`` at ``size`` with ``overrides`` applied.
+
+    Raises ValueError for an unknown name, size or override key. Lists become tuples (YAML).
+    """
+    family, _ = _lookup(name)
+    if size not in PRESETS[family]:
+        raise ValueError(f"size={size!r}: expected one of {', '.join(SIZES)}")
+    preset = PRESETS[family][size]
+    fields = {f.name for f in dataclasses.fields(preset)}
+    for key in overrides:
+        if key not in fields:
+            raise ValueError(f"unknown override {key!r} for {name}; valid keys: "
+                             f"{', '.join(sorted(fields))}")
+    clean = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return dataclasses.replace(preset, **clean)
+
+
+def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_size: int = 256,
+                 size: str = "base", **overrides) -> nn.Module:
+    """Build variant ``name``: (B, in_channels, H, W) -> logits (B, num_classes, H, W), any H, W.
+
+    ``img_size`` sizes the learned position embedding table (resized for other inputs).
+    ``size`` picks a preset (micro, small, base, large); ``overrides`` replace preset fields
+    (e.g. ``depth=6``, ``head="mla"``, ``pos_dim=10``). The model carries ``name``, ``size``
+    and ``config`` (the resolved dataclass) as attributes.
+    """
+    family, mode = _lookup(name)
+    if num_classes < 1 or in_channels < 1 or img_size < 1:
+        raise ValueError(f"num_classes={num_classes}, in_channels={in_channels}, "
+                         f"img_size={img_size}: all must be positive")
+    cfg = resolve_config(name, size, **overrides)
+    model = BUILDERS[family](cfg, mode, in_channels=in_channels, num_classes=num_classes,
+                             img_size=img_size)
+    model.name, model.size, model.config = name, size, cfg
+    return model
+
+
+def _lookup(name: str) -> tuple[str, str]:
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(_VARIANTS)}")
+    return _VARIANTS[name]
