@@ -107,7 +107,7 @@ class HybridEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(self.cnn.out_channels[-1], cfg.dim, 1)
         self.pos_embed = PosEmbed2d(cfg.dim, grid, grid)
         self.pos_drop = nn.Dropout(cfg.drop)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.dim, cfg.num_heads, mode, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop,
                              cfg.attn_drop, rates[i], cfg.pos_dim) for i in range(cfg.depth))

@@ -164,7 +164,8 @@ class CvTEncoder(nn.Module):
             raise ValueError(f"dims={cfg.dims}, depths={cfg.depths}, num_heads={cfg.num_heads}, "
                              f"patch_sizes={cfg.patch_sizes}, patch_strides={cfg.patch_strides}: "
                              "expected one value per stage")
-        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
+        total = sum(cfg.depths)
+        rates = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
         stages, c, start = [], in_channels, 0
         for i in range(n):
             stages.append(CvTStage(c, cfg.dims[i], cfg.depths[i], cfg.num_heads[i],

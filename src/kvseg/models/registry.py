@@ -20,7 +20,7 @@ SIZES = ("micro", "small", "base", "large")
 PRESETS: dict[str, dict[str, object]] = {
     "setr": {
         # micro: patch 8 keeps a 16×16 grid at 128 px (tests, CI, CPU training).
-        "micro": SETRConfig(patch_size=8, dim=96, depth=4, num_heads=4, decoder_channels=64),
+        "micro": SETRConfig(patch_size=8, dim=96, depth=4, num_heads=4, decoder_channels=32),
         "small": SETRConfig(dim=384, depth=12, num_heads=6, decoder_channels=128),  # ViT-S/16
         "base": SETRConfig(),  # ViT-B/16
         "large": SETRConfig(dim=1024, depth=24, num_heads=16),  # SETR's ViT-L/16

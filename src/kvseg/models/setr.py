@@ -68,7 +68,7 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbed(in_channels, cfg.dim, cfg.patch_size)
         self.pos_embed = PosEmbed2d(cfg.dim, grid, grid)
         self.pos_drop = nn.Dropout(cfg.drop)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.dim, cfg.num_heads, mode, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop,
                              cfg.attn_drop, rates[i], cfg.pos_dim) for i in range(cfg.depth))
