@@ -85,6 +85,12 @@ def _add_train(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--cache-dir")
     p.add_argument("--workers", type=int)
+    p.add_argument("--n-folds", type=int)
+    p.add_argument("--head", help="SETR decoder head: naive, pup, mla")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--time-budget-s", type=float, help="stop after the epoch passing this")
+    p.add_argument("--val-every", type=int)
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from RUN_DIR/last.ckpt")
 
@@ -93,9 +99,15 @@ def _run_train(args) -> int:
     from kvseg.train import load_config, train
 
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "config", "func") and v is not None}
+                 if k not in ("command", "config", "func", "verbose") and v is not None}
     config = load_config(args.config, overrides)
-    train(config)
+    try:
+        summary = train(config)
+    except FloatingPointError as e:  # NaN/inf loss: one line, last good checkpoint kept
+        print(f"kvseg train: error: {e}", file=sys.stderr)
+        return 1
+    print(f"best jaccard {summary['best_jaccard']:.4f} at epoch {summary['best_epoch']} "
+          f"({summary['epochs']} epochs, {summary['steps']} steps) -> {summary['run_dir']}")
     return 0
 
 

@@ -1,0 +1,161 @@
+"""``kvseg evaluate``: a run's best model on a split -> per-class, mean and per-case 3D metrics.
+
+Set-level metrics (Jaccard, weighted Jaccard, Dice; see :mod:`kvseg.metrics` for the
+conventions) are computed at the model's resolution (``img_size``), like the validation in
+training. Per-case 3D metrics are computed one case-day at a time
+(:class:`kvseg.metrics.CaseMetricsAccumulator`), also at ``img_size``: each slice's pixel size
+is its original spacing scaled by the resize (``spacing · height / img_size`` for rows,
+``spacing · width / img_size`` for columns) and slices are ``slice_thickness_mm`` apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvseg.checkpoint import load_run
+from kvseg.metrics import CaseMetricsAccumulator, SegmentationMetrics
+from kvseg.utils import atomic_write_text, resolve_device
+
+SPLITS = ("train", "val", "all")
+
+
+def _clean(obj):
+    # strict JSON: NaN/inf -> null, tuples -> lists, numpy scalars -> Python
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _dataset(config: dict, data: str | None, split: str):
+    from kvseg.data import UWMadison
+
+    root = data or config.get("data")
+    if not root:
+        raise ValueError("--data: the run's config names no dataset; pass --data DIR")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: dataset root not found")
+    return UWMadison(root, split=split, fold=config["fold"], n_folds=config["n_folds"],
+                     img_size=config["img_size"], context=config["context"], augment=False,
+                     cache=config.get("cache", True), cache_dir=config.get("cache_dir"),
+                     exclude=list(config.get("exclude") or []))
+
+
+@torch.no_grad()
+def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "val",
+                 out: str | os.PathLike | None = None, device: str = "auto",
+                 batch_size: int = 8, threshold: float | None = None,
+                 slice_thickness_mm: float = 3.0) -> dict:
+    """Evaluate ``RUN_DIR/best.safetensors`` on ``split`` of ``data`` (default: the training
+    data, same fold) and write the results to ``out`` (default ``RUN_DIR/eval_<split>.json``).
+
+    Returns a dict: ``run``, ``data``, ``split``, ``n_slices``, ``classes``, ``threshold``,
+    ``slice_thickness_mm``, ``mean`` (jaccard, weighted_jaccard, dice, dice_3d, hd95_mm,
+    kaggle_score ...), ``per_class`` (name -> jaccard, dice, dice_3d, hd95_mm) and ``cases``
+    (one entry per case-day: ``case``, ``day``, ``n_slices``, ``dice_3d``, ``hd95_mm``,
+    ``kaggle_dice``, ``kaggle_hausdorff``, ``kaggle_score``). Undefined values (e.g. HD95 of an
+    empty mask) are ``null``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    dev = resolve_device(device)
+    model, config = load_run(run, map_location=dev)
+    threshold = config.get("threshold", 0.5) if threshold is None else threshold
+    classes = list(config.get("classes") or [f"class_{i}" for i in range(config["num_classes"])])
+    ds = _dataset(config, data, split)
+    if len(ds) == 0:
+        raise ValueError(f"split {split!r} of {data or config.get('data')} is empty")
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    metrics = SegmentationMetrics(len(classes), threshold)
+    cases = CaseMetricsAccumulator(classes, slice_thickness_mm)
+    size = config["img_size"]
+    n = 0
+    for batch in loader:
+        x = batch["image"].to(dev)
+        y = batch["mask"].to(dev)
+        logits = model(x)
+        metrics.update(logits, y)
+        pred = (torch.sigmoid(logits.float()) >= threshold).cpu().numpy()
+        target = (y > 0.5).cpu().numpy()
+        for i in range(x.shape[0]):
+            sp = float(batch["spacing"][i])
+            pixel_mm = (sp * int(batch["height"][i]) / size, sp * int(batch["width"][i]) / size)
+            key = (int(batch["case"][i]), int(batch["day"][i]))
+            cases.add(key, int(batch["slice"][i]), pred[i], target[i], pixel_mm)
+        n += x.shape[0]
+    sets = metrics.compute(sync=False)
+    per_case = cases.finalize()
+    summary = per_case["summary"]
+    results = {
+        "run": str(run),
+        "data": str(data or config.get("data")),
+        "split": split,
+        "model": config["model"],
+        "n_slices": n,
+        "n_cases": len(per_case["cases"]),
+        "classes": classes,
+        "threshold": threshold,
+        "slice_thickness_mm": slice_thickness_mm,
+        "mean": {
+            "jaccard": sets["jaccard"],
+            "weighted_jaccard": sets["weighted_jaccard"],
+            "dice": sets["dice"],
+            "dice_3d": summary["dice_3d_mean"],
+            "hd95_mm": summary["hd95_mm_mean"],
+            "kaggle_dice": summary["kaggle_dice"],
+            "kaggle_hausdorff": summary["kaggle_hausdorff"],
+            "kaggle_score": summary["kaggle_score"],
+        },
+        "per_class": {
+            name: {"jaccard": sets["jaccard_per_class"][c], "dice": sets["dice_per_class"][c],
+                   "dice_3d": summary["dice_3d"][name], "hd95_mm": summary["hd95_mm"][name]}
+            for c, name in enumerate(classes)
+        },
+        "cases": [
+            {"case": c["key"][0], "day": c["key"][1], "n_slices": c["n_slices"],
+             "dice_3d": c["dice_3d"], "hd95_mm": c["hd95_mm"], "kaggle_dice": c["kaggle_dice"],
+             "kaggle_hausdorff": c["kaggle_hausdorff"], "kaggle_score": c["kaggle_score"]}
+            for c in per_case["cases"]
+        ],
+    }
+    results = _clean(results)
+    out = Path(out) if out is not None else Path(run) / f"eval_{split}.json"
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    results["out"] = str(out)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """A small text table: one row per class and the mean, then the Kaggle score."""
+
+    def f(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    head = f"{'class':<14}{'jaccard':>9}{'dice':>9}{'dice_3d':>9}{'hd95_mm':>9}"
+    lines = [f"{results['model']} on {results['split']} ({results['n_slices']} slices, "
+             f"{results['n_cases']} case-days)", head, "-" * len(head)]
+    for name, m in results["per_class"].items():
+        lines.append(f"{name:<14}{f(m['jaccard']):>9}{f(m['dice']):>9}{f(m['dice_3d']):>9}"
+                     f"{f(m['hd95_mm'], '.2f'):>9}")
+    m = results["mean"]
+    lines.append(f"{'mean':<14}{f(m['jaccard']):>9}{f(m['dice']):>9}{f(m['dice_3d']):>9}"
+                 f"{f(m['hd95_mm'], '.2f'):>9}")
+    lines.append(f"weighted jaccard {f(m['weighted_jaccard'])}   kaggle score "
+                 f"{f(m['kaggle_score'])} (dice {f(m['kaggle_dice'])}, normalised hausdorff "
+                 f"{f(m['kaggle_hausdorff'])})")
+    if "out" in results:
+        lines.append(f"-> {results['out']}")
+    return "\n".join(lines)
