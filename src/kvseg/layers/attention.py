@@ -73,9 +73,10 @@ class KVPosBias(nn.Module):
     """Borji's ``map_pos = Linear(pos_dim, 1)`` in its factored form.
 
     ``forward(num_keys)`` returns ``(temperature, key_bias)``: the scalar Σw that multiplies the
-    logits and the (num_keys,) bias g(j) = w_col · P_col(j) added to every query row. The query
-    part f(i) and the Linear's bias b cancel in the softmax and are not computed (b remains a
-    parameter, as in Borji's layer, so the parameter count and checkpoints match the naive form).
+    logits and the (num_keys,) bias g(j) + b, g(j) = w_col · P_col(j), added to every query row.
+    The query part f(i) cancels in the softmax and is not computed. b cancels too; it is kept in
+    the bias (one add) so that it stays a used parameter (DDP-safe) whose gradient is zero, as in
+    Borji's naive layer; parameter count and checkpoints match the naive form.
 
     MACs: ``num_keys · n_col`` per forward (the per-key bias), reported by :meth:`macs`.
     """
@@ -97,7 +98,7 @@ class KVPosBias(nn.Module):
         w = self.map_pos.weight[0]  # (pos_dim,)
         _, col = _axis_encodings(1, num_keys, self.pos_dim, device=w.device, dtype=w.dtype)
         n_row = self.pos_dim - col.shape[1]
-        key_bias = col @ w[n_row:]  # (num_keys,)
+        key_bias = col @ w[n_row:] + self.map_pos.bias  # (num_keys,)
         return w.sum(), key_bias
 
     def macs(self, args: tuple, output) -> int:

@@ -1,0 +1,89 @@
+"""The CvT KV design is exact: the stride-2 keys are the stride-1 keys subsampled."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvseg.models.cvt import ConvAttention, dw_bn
+
+
+def _random_bn_stats(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 5), (14, 14)])
+def test_stride2_dw_bn_equals_subsampled_stride1(h, w):
+    torch.manual_seed(0)
+    s1, s2 = dw_bn(6, 1), dw_bn(6, 2)
+    s2.load_state_dict(s1.state_dict())
+    _random_bn_stats(s1)
+    s2.load_state_dict(s1.state_dict())
+    s1.eval(), s2.eval()
+    x = torch.randn(2, 6, h, w)
+    torch.testing.assert_close(s1(x)[:, :, ::2, ::2], s2(x), atol=1e-6, rtol=1e-6)
+
+
+def reference_kv_conv_attention(attn: ConvAttention, x: torch.Tensor, h: int, w: int):
+    """KV CvT attention written out with a *separate* stride-2 key branch (the same weights):
+    queries K = Linear(BN(dwconv_s1(x))), keys Linear(BN(dwconv_s2(x))), values likewise."""
+    b, n, c = x.shape
+    m = x.transpose(1, 2).reshape(b, c, h, w)
+
+    def branch(seq, stride):
+        conv, bn = seq
+        y = F.conv2d(m, conv.weight, None, stride, 1, groups=c)
+        y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                         bn.eps)
+        return y.flatten(2).transpose(1, 2)
+
+    q = attn.proj_k(branch(attn.conv_proj_k, 1))
+    k = attn.proj_k(branch(attn.conv_proj_k, 2))
+    v = attn.proj_v(branch(attn.conv_proj_v, 2))
+    heads = attn.num_heads
+    d = c // heads
+
+    def split(t):
+        return t.reshape(b, -1, heads, d).transpose(1, 2)
+
+    logits = torch.einsum("bhid,bhjd->bhij", split(q), split(k)) / math.sqrt(d)
+    if attn.mode == "kv_pos":
+        t, g = attn.pos(k.shape[1])
+        logits = t * logits + g
+    probs = logits.softmax(-1)
+    out = torch.einsum("bhij,bhjd->bhid", probs, split(v)).transpose(1, 2).reshape(b, n, c)
+    return attn.proj(out), probs
+
+
+@pytest.mark.parametrize("mode", ["kv", "kv_pos"])
+def test_kv_conv_attention_matches_separate_stride2_branch(mode):
+    torch.manual_seed(1)
+    for h, w, c, heads in [(8, 8, 16, 2), (7, 9, 12, 3)]:
+        attn = ConvAttention(c, heads, mode)
+        _random_bn_stats(attn)
+        attn.eval()
+        x = torch.randn(2, h * w, c)
+        out, probs = attn(x, h, w, return_attention=True)
+        ref_out, ref_probs = reference_kv_conv_attention(attn, x, h, w)
+        assert probs.shape == (2, heads, h * w, math.ceil(h / 2) * math.ceil(w / 2))
+        torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn(x, h, w), ref_out, atol=1e-5, rtol=1e-5)  # SDPA path
+
+
+def test_kv_removes_exactly_the_query_branch():
+    c = 24
+    qkv, kv = ConvAttention(c, 3, "qkv"), ConvAttention(c, 3, "kv")
+    n_qkv = sum(p.numel() for p in qkv.parameters())
+    n_kv = sum(p.numel() for p in kv.parameters())
+    assert n_qkv - n_kv == 9 * c + 2 * c + c * c + c  # dw 3×3, BN, Linear with bias
+    assert not hasattr(kv, "conv_proj_q") and not hasattr(kv, "proj_q")

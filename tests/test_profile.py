@@ -1,0 +1,155 @@
+"""Parameter and MAC counts against hand formulas and torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import kvseg
+from kvseg.cli import main
+from kvseg.models.registry import PRESETS
+from kvseg.profile import build_on_meta, count_macs, count_params, profile_table
+
+POS_DIM = 50
+N_COL = POS_DIM - 2 * math.ceil(POS_DIM / 4)  # key-index channels of the 2D encoding: 24
+
+
+def _counts(name: str, size: str = "base", img: int = 224) -> tuple[int, int]:
+    model = build_on_meta(name, size=size, img_size=img)
+    return count_params(model), count_macs(model, (1, 3, img, img))
+
+
+@pytest.mark.parametrize("family", ["setr", "setr_conv"])
+def test_vit_families_kv_saves_exactly_the_query_projection(family):
+    """Base, 224²: N = 14·14 tokens, L layers of width d. KV removes Linear(d, d) (+bias) per
+    layer: L(d² + d) parameters and L·N·d² MACs; KV-pos adds Linear(pos_dim, 1) per layer and
+    N·n_col MACs for its key bias."""
+    cfg = PRESETS[family]["base"]
+    n, d, depth = 14 * 14, cfg.dim, cfg.depth
+    p_qkv, m_qkv = _counts(f"{family}_qkv")
+    p_kv, m_kv = _counts(f"{family}_kv")
+    p_pos, m_pos = _counts(f"{family}_kvpos")
+    assert p_qkv - p_kv == depth * (d * d + d)
+    assert m_qkv - m_kv == depth * n * d * d
+    assert p_qkv - p_pos == depth * (d * d + d) - depth * (POS_DIM + 1)
+    assert m_qkv - m_pos == depth * n * d * d - depth * n * N_COL
+    assert p_pos < p_qkv and m_pos < m_qkv
+
+
+def test_cvt_kv_saves_exactly_the_query_branch_minus_the_stride1_keys():
+    """CvT-13, 224²: stage grids 56, 28, 14; keys at stride 2: M = 28², 14², 7². Per layer KV
+    removes the Q branch (dw 3×3: 9C, BN: 2C, Linear: C² + C) and, since K now runs at stride 1,
+    saves M·(9C + C²) MACs net (Q's N·(9C + C²) gone, K's cost grows from M to N tokens)."""
+    cfg = PRESETS["setr_cvt"]["base"]
+    grids = [56, 28, 14]
+    d_params = sum(depth * (c * c + 12 * c) for c, depth in zip(cfg.dims, cfg.depths, strict=True))
+    d_macs = sum(depth * math.ceil(g / 2) ** 2 * (c * c + 9 * c)
+                 for c, depth, g in zip(cfg.dims, cfg.depths, grids, strict=True))
+    pos_params = sum(cfg.depths) * (POS_DIM + 1)
+    pos_macs = sum(depth * math.ceil(g / 2) ** 2 * N_COL
+                   for depth, g in zip(cfg.depths, grids, strict=True))
+    p_qkv, m_qkv = _counts("setr_cvt_qkv")
+    p_kv, m_kv = _counts("setr_cvt_kv")
+    p_pos, m_pos = _counts("setr_cvt_kvpos")
+    assert p_qkv - p_kv == d_params
+    assert m_qkv - m_kv == d_macs
+    assert p_qkv - p_pos == d_params - pos_params
+    assert m_qkv - m_pos == d_macs - pos_macs
+    assert p_pos < p_qkv and m_pos < m_qkv
+
+
+def test_macs_of_a_tiny_setr_by_hand():
+    """SETR-naive, patch 8, dim 16, 1 layer, 2 heads, decoder 8, input 16×24 -> 2×3 = 6 tokens."""
+    model = kvseg.create_model("setr_qkv", size="micro", patch_size=8, dim=16, depth=1,
+                               num_heads=2, head="naive", decoder_channels=8, img_size=16)
+    n, d = 6, 16
+    expected = (n * (3 * 8 * 8) * d  # patch embedding conv
+                + n * d * 3 * d  # fused qkv
+                + n * n * d + n * n * d  # QKᵀ and AV over all heads
+                + n * d * d  # output projection
+                + n * d * 4 * d + n * 4 * d * d  # MLP
+                + n * d * 8  # naive head 1×1 conv
+                + n * 8 * 3)  # classifier 1×1 conv
+    assert count_macs(model, (1, 3, 16, 24)) == expected
+    assert count_macs(model, (2, 3, 16, 24)) == 2 * expected
+
+
+def test_macs_of_grouped_and_transposed_convolutions_by_hand():
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2),
+                          nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2), nn.Flatten(),
+                          nn.Linear(4 * 10 * 10, 7))
+    expected = (6 * 25 * (4 // 2) * 9  # conv: outputs × in/groups × k²
+                + 6 * 25 * (4 // 2) * 4  # transposed: inputs × out/groups × k²
+                + 400 * 7)
+    assert count_macs(model, (1, 4, 5, 5)) == expected
+
+
+def _explicit_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, **_):
+    logits = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    return logits.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("name", ["setr_qkv", "setr_kv", "setr_conv_qkv", "setr_conv_kv",
+                                  "setr_cvt_qkv", "setr_cvt_kv", "setr_kvpos"])
+def test_count_macs_agrees_with_flop_counter_mode(name, monkeypatch):
+    """FlopCounterMode (FLOPs = 2·MACs) sees SDPA as 0 on CPU, so the attention runs as explicit
+    matmuls here. It does not count the KV-pos bias (a matrix-vector product): added by hand
+    (setr micro, 32×48: 4×6 tokens, 4 layers)."""
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _explicit_sdpa)
+    model = kvseg.create_model(name, size="micro", img_size=32).eval()
+    shape = (1, 3, 32, 48)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(shape))
+    extra = 4 * 24 * N_COL if name == "setr_kvpos" else 0
+    assert counter.get_total_flops() // 2 + extra == count_macs(model, shape)
+
+
+def test_meta_counts_equal_real_counts():
+    for name in ("setr_conv_kvpos", "setr_cvt_qkv"):
+        real = kvseg.create_model(name, size="micro", img_size=64)
+        meta = build_on_meta(name, size="micro", img_size=64)
+        assert count_params(real) == count_params(meta) == sum(p.numel() for p in
+                                                               real.parameters())
+        assert count_macs(real, (1, 3, 64, 64)) == count_macs(meta, (1, 3, 64, 64))
+
+
+def test_profile_table_formats():
+    rows = json.loads(profile_table("all", size="micro", img_size=64, fmt="json"))["rows"]
+    assert [r["model"] for r in rows] == kvseg.list_models()
+    for r in rows:
+        if r["model"] in ("setr_qkv", "setr_conv_kv", "setr_cvt_kvpos"):
+            model = kvseg.create_model(r["model"], size="micro", img_size=64)
+            assert r["params"] == count_params(model)
+        if r["mode"] == "qkv":
+            assert r["params_reduction_pct"] == 0.0
+        else:
+            assert r["params_reduction_pct"] > 0 and r["macs_reduction_pct"] > 0
+    table = list(csv.DictReader(io.StringIO(profile_table(["setr_kv"], size="micro",
+                                                          img_size=64, fmt="csv"))))
+    assert len(table) == 1 and int(table[0]["params"]) == rows[1]["params"]
+    md = profile_table(["setr_cvt_qkv", "setr_cvt_kv"], size="micro", img_size=64)
+    assert md.count("| setr_cvt_") == 2
+    with pytest.raises(ValueError, match="xml"):
+        profile_table("all", size="micro", fmt="xml")
+    with pytest.raises(ValueError, match="setr_x"):
+        profile_table(["setr_x"], size="micro")
+
+
+def test_cli_profile_and_models(capsys):
+    assert main(["profile", "--models", "setr_kv", "setr_qkv", "--size", "micro",
+                 "--img-size", "64", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in out["rows"]] == ["setr_kv", "setr_qkv"]
+    assert main(["models", "--size", "micro", "--img-size", "64"]) == 0
+    assert capsys.readouterr().out.count("\n| setr") == 9
+    assert main(["profile", "--models", "nope", "--size", "micro"]) == 2
