@@ -22,11 +22,11 @@ demo: venv
 	$(BIN)/kvseg reproduce --data $(DATA) --out $(OUT) --preset smoke
 
 test: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 bench: venv
 	$(BIN)/python benchmarks/attention.py

@@ -201,7 +201,10 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from kvseg import __version__
 
-    parser = argparse.ArgumentParser(prog="kvseg", description="kvseg: QKV vs KV attention in pure and hybrid Transformers for 2D medical segmentation")
+    parser = argparse.ArgumentParser(
+        prog="kvseg",
+        description="QKV vs KV attention in pure and hybrid Transformers, 2D medical segmentation",
+    )
     parser.add_argument("--version", action="version", version=f"kvseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
