@@ -35,8 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
-from scipy.ndimage import gaussian_filter, gaussian_filter1d, zoom
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from kvseg.data.rle import rle_encode
 
@@ -198,6 +200,13 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: 
     return (u / ax) ** 2 + (v / ay) ** 2
 
 
+def _upsample(field: np.ndarray, factor: int, h: int, w: int) -> np.ndarray:
+    """Bilinear upsampling of a coarse random field by ``factor``, cropped to (h, w), float32."""
+    t = torch.from_numpy(field.astype(np.float32))[None, None]
+    up = F.interpolate(t, scale_factor=factor, mode="bilinear", align_corners=False)
+    return up[0, 0, :h, :w].numpy()
+
+
 def _paint_tube(mask: np.ndarray, path: np.ndarray, z: float, spec: ScanSpec) -> None:
     """Paint the slice at height ``z`` (mm) of a tube = union of spheres along ``path`` (N, 4)."""
     near = np.abs(path[:, 2] - z) < path[:, 3]
@@ -224,8 +233,8 @@ def render_scan(spec: ScanSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rn = np.random.default_rng([seed, spec.case, spec.day, 2])
     h, w, sp, d = spec.height, spec.width, spec.spacing, spec.num_slices
     depth = ANATOMY_DEPTH_MM
-    y = ((np.arange(h) + 0.5 - h / 2) * sp)[:, None]      # mm, rows grow towards posterior
-    x = ((np.arange(w) + 0.5 - w / 2) * sp)[None, :]      # mm, patient's left on the right
+    y = ((np.arange(h, dtype=np.float32) + 0.5 - h / 2) * sp)[:, None]  # mm, towards posterior
+    x = ((np.arange(w, dtype=np.float32) + 0.5 - w / 2) * sp)[None, :]  # mm, patient's left right
     bx, by, ba, bb = anat.body
     c = anat.bias
     u, v = x / 250.0, y / 250.0
@@ -282,17 +291,16 @@ def render_scan(spec: ScanSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         organ &= (inner < 1)[None]
         masks[k] = organ
 
-        tex = zoom(rn.normal(0, 1, (h // 12 + 2, w // 12 + 2)), 12, order=1)[:h, :w]
+        tex = _upsample(rn.normal(0, 1, (h // 12 + 2, w // 12 + 2)), 12, h, w)
         img = np.where(organ[1], lv["small"] * (1 + 0.12 * np.sin(x / 3.0 + tex)), img)
         img = np.where(organ[0], lv["colon"], img)
         if organ[0].any():  # gas pockets inside the large bowel (still labelled large bowel)
-            gas = rn.normal(0, 1, (h // 6 + 2, w // 6 + 2))
-            gas = zoom(gas, 6, order=1)[:h, :w] > 1.3
+            gas = _upsample(rn.normal(0, 1, (h // 6 + 2, w // 6 + 2)), 6, h, w) > 1.3
             img = np.where(organ[0] & gas, lv["gas"], img)
         img = np.where(organ[2], lv["stomach"], img)
         img = img * (1 + 0.08 * tex) * bias
         img = gaussian_filter(img, 0.7)
-        n1, n2 = rn.normal(0, 0.03, (2, h, w))
+        n1, n2 = rn.normal(0, 0.03, (2, h, w)).astype(np.float32)
         img = np.sqrt((img + n1) ** 2 + n2 ** 2)
         image[k] = np.clip(img * anat.scale, 0, 65535).astype(np.uint16)
     return image, masks
