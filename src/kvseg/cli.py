@@ -96,6 +96,8 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    import os
+
     from kvseg.train import load_config, train
 
     overrides = {k: v for k, v in vars(args).items()
@@ -106,8 +108,9 @@ def _run_train(args) -> int:
     except FloatingPointError as e:  # NaN/inf loss: one line, last good checkpoint kept
         print(f"kvseg train: error: {e}", file=sys.stderr)
         return 1
-    print(f"best jaccard {summary['best_jaccard']:.4f} at epoch {summary['best_epoch']} "
-          f"({summary['epochs']} epochs, {summary['steps']} steps) -> {summary['run_dir']}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one summary line, from rank 0
+        print(f"best jaccard {summary['best_jaccard']:.4f} at epoch {summary['best_epoch']} "
+              f"({summary['epochs']} epochs, {summary['steps']} steps) -> {summary['run_dir']}")
     return 0
 
 
@@ -154,14 +157,17 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a run's model to ONNX, checked with onnxruntime")
     p.add_argument("--run", required=True)
     p.add_argument("--onnx", required=True, help="output .onnx file")
-    p.add_argument("--img-size", type=int)
+    p.add_argument("--img-size", type=int, help="input size (default: the run's img_size)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="auto: torch.export (dynamo), the TorchScript exporter if that fails")
 
 
 def _run_export(args) -> int:
     from kvseg.export import export_onnx
 
-    report = export_onnx(args.run, args.onnx, img_size=args.img_size, dynamic=args.dynamic)
+    report = export_onnx(args.run, args.onnx, img_size=args.img_size, dynamic=args.dynamic,
+                         exporter=args.exporter)
     print(report)
     return 0
 

@@ -256,27 +256,31 @@ def _worker_init(worker_id: int) -> None:
 
 # --------------------------------------------------------------------------- RNG states
 def _rng_state(gen: torch.Generator) -> dict:
+    # plain Python values (no tensors): all_gather_object and weights_only loading accept them
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "loader": gen.get_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "loader": gen.get_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    def byte_tensor(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.uint8)
+
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["loader"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(byte_tensor(state["torch"]))
+    gen.set_state(byte_tensor(state["loader"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([byte_tensor(s) for s in state["cuda"]])
 
 
 # --------------------------------------------------------------------------- schedule
@@ -485,7 +489,7 @@ class _Trainer:
             bad, over = bool(flags[0] > 0), bool(flags[1] > 0)
         if bad:
             raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss):g}) at epoch {epoch} step "
+                f"non-finite training loss ({float(loss.detach()):g}) at epoch {epoch} step "
                 f"{step_in_epoch} (global step {self.step + 1}); stopped; last good checkpoint: "
                 f"{self.out / 'last.ckpt'}")
         return over
@@ -535,6 +539,11 @@ class _Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         self.model.eval()
+        if self.info.enabled:
+            # BatchNorm running stats differ per rank after the last step; validate what rank 0
+            # saves (DDP itself broadcasts rank 0's buffers at every training forward)
+            for buf in self.model.buffers():
+                torch.distributed.broadcast(buf, src=0)
         metrics = SegmentationMetrics(self.model_config["num_classes"], self.config.threshold)
         loss_sum, n = 0.0, 0
         for batch in self.val_loader:
@@ -581,12 +590,13 @@ class _Trainer:
             if improved:
                 self.best, self.best_epoch = row["jaccard"], epoch
             self._publish(improved)
-            log.info("epoch %d/%d train_loss %.4f val_loss %s jaccard %s (%.1fs)", epoch,
-                     c.epochs, train_loss, _fmt(row["val_loss"]), _fmt(row["jaccard"]),
-                     row["seconds"])
+            if self.main:
+                log.info("epoch %d/%d train_loss %.4f val_loss %s jaccard %s (%.1fs)", epoch,
+                         c.epochs, train_loss, _fmt(row["val_loss"]), _fmt(row["jaccard"]),
+                         row["seconds"])
             if os.environ.get(_KILL_HOOK) == str(epoch) and self.main:
                 os.kill(os.getpid(), signal.SIGKILL)
-        if stopped_early:
+        if stopped_early and self.main:
             log.info("time budget of %.0f s spent after epoch %d", c.time_budget_s, self.epoch)
         return {"run_dir": str(self.out), "epochs": self.epoch, "steps": self.step,
                 "best_jaccard": self.best, "best_epoch": self.best_epoch,
