@@ -89,7 +89,8 @@ def _add_train(sub) -> None:
     p.add_argument("--head", help="SETR decoder head: naive, pup, mla")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--time-budget-s", type=float, help="end training once it took this long, then validate")
+    p.add_argument("--time-budget-s", type=float,
+                   help="end training once it took this long, then validate")
     p.add_argument("--val-every", type=int)
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from RUN_DIR/last.ckpt")
