@@ -89,6 +89,8 @@ class KVPosBias(nn.Module):
         # PyTorch's default Linear init, as in Borji's ViT_pos.py.
         self.map_pos = nn.Linear(pos_dim, 1)
         self.map_pos._kvseg_keep_init = True
+        # P_col for each key count seen: fixed sinusoids, so cached (not state, not saved).
+        self._col_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def num_col_channels(self) -> int:
@@ -96,7 +98,11 @@ class KVPosBias(nn.Module):
 
     def forward(self, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.map_pos.weight[0]  # (pos_dim,)
-        _, col = _axis_encodings(1, num_keys, self.pos_dim, device=w.device, dtype=w.dtype)
+        key = (num_keys, w.device, w.dtype)
+        col = self._col_cache.get(key)
+        if col is None:
+            _, col = _axis_encodings(1, num_keys, self.pos_dim, device=w.device, dtype=w.dtype)
+            self._col_cache = {key: col}  # one entry: the current input size
         n_row = self.pos_dim - col.shape[1]
         key_bias = col @ w[n_row:] + self.map_pos.bias  # (num_keys,)
         return w.sum(), key_bias
