@@ -1,0 +1,222 @@
+"""kvseg reproduce: a smoke reproduction end to end, resuming, presets, the report's arithmetic."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from kvseg import cli
+from kvseg.data.synth import generate
+from kvseg.report import aggregate, family_deltas, mean_std, results_table, write_results
+from kvseg.reproduce import (
+    choose_samples,
+    load_preset,
+    preset_path,
+    profile_model,
+    reproduce,
+    resolve_models,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"seeds": [0], "latency_repeats": 2, "latency_warmup": 1, "num_samples": 2,
+        "train": {"size": "micro", "img_size": 32, "n_folds": 3, "epochs": 1,
+                  "max_steps_per_epoch": 2, "batch_size": 4, "lr": 2e-3}}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reproduce")
+    generate(base / "data", cases=3, days=1, slices=6, seed=2)
+    preset = base / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY))
+    summary = reproduce(base / "data", base / "out", preset=str(preset),
+                        models=["setr_qkv", "setr_kv"], device="cpu", progress=False)
+    return base, preset, summary
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_writes_every_file_with_finite_numbers(smoke):
+    base, _, summary = smoke
+    out = base / "out"
+    for name in ("results.csv", "results.json", "report.md", "jaccard_vs_macs.png",
+                 "training_curves.png", "samples.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert summary.trained == 2 and summary.skipped == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["attention"], r["seed"]) for r in rows] == [
+        ("setr_qkv", "qkv", "0"), ("setr_kv", "kv", "0")]
+    for row in rows:
+        for key in ("params", "macs", "jaccard", "weighted_jaccard", "dice", "latency_ms",
+                    "peak_mem_mb"):
+            assert math.isfinite(float(row[key])), (row["model"], key)
+        assert 0 <= float(row["jaccard"]) <= 1 and float(row["latency_ms"]) > 0
+        assert int(row["steps"]) == 2 and row["family"] == "setr"
+    # the KV variant has fewer parameters and MACs than QKV (the Q projections are gone)
+    assert int(rows[1]["params"]) < int(rows[0]["params"])
+    assert int(rows[1]["macs"]) < int(rows[0]["macs"])
+    json_rows = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in json_rows] == ["setr_qkv", "setr_kv"]
+    assert json_rows[0]["jaccard"] == pytest.approx(float(rows[0]["jaccard"]))
+    # a valid markdown table: header, separator, one line per model, same number of cells
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith(("| setr_", "| model"))]
+    assert len(table) == 2 + 1  # header + two models
+    cells = {len(line.split("|")) for line in table}
+    assert len(cells) == 1
+    assert "| setr | KV |" in report  # the per-family delta line
+    assert "![" in report and "samples.png" in report
+    for run in ("setr_qkv", "setr_kv"):
+        assert (out / "runs" / run / "seed0" / "done.json").is_file()
+        assert (out / "runs" / run / "profile.json").is_file()
+    assert "report:" in str(summary) and "setr_kv" in str(summary)
+
+
+@pytest.mark.slow
+def test_second_invocation_skips_completed_runs(smoke):
+    base, preset, _ = smoke
+    out = base / "out"
+    done = out / "runs" / "setr_kv" / "seed0" / "done.json"
+    before = done.stat().st_mtime_ns, done.read_text()
+    again = reproduce(base / "data", out, preset=str(preset), models=["setr_qkv", "setr_kv"],
+                      device="cpu", progress=False)
+    assert again.trained == 0 and again.skipped == 2
+    assert (done.stat().st_mtime_ns, done.read_text()) == before
+    # other settings in the same folder are refused, not mixed
+    with pytest.raises(ValueError, match="other settings"):
+        reproduce(base / "data", out, preset=str(preset), models=["setr_kv"], epochs=2,
+                  device="cpu", progress=False)
+
+
+def test_packaged_presets_match_the_repository_copies_and_load():
+    for name in ("smoke", "paper"):
+        packaged = preset_path(name)
+        assert packaged.read_text() == (ROOT / "configs" / f"{name}.yaml").read_text()
+        cfg = load_preset(name)
+        assert resolve_models(cfg["models"]) and cfg["seeds"]
+    assert load_preset("smoke")["train"]["size"] == "micro"
+    paper = load_preset("paper")["train"]
+    assert paper["size"] == "base" and paper["img_size"] == 256
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"seeds": [0], "bogus": 1}, "unknown preset key 'bogus'"),
+    ({"train": {"model": "setr_kv"}}, "train.model is set per run"),
+    ({"train": {"epochs": 0}}, "epochs=0"),
+    ({"train": {"not_an_option": 1}}, "unknown option 'not_an_option'"),
+])
+def test_bad_presets_are_rejected(tmp_path, content, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match=message):
+        load_preset(str(path))
+
+
+def test_resolve_models():
+    assert len(resolve_models(["all"])) == 9
+    assert resolve_models(["setr_kv", "setr_qkv", "setr_kv"]) == ["setr_kv", "setr_qkv"]
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_models(["setr_qq"])
+
+
+def _rows():
+    rows = []
+    jac = {("a", "qkv"): [0.50, 0.54, 0.52], ("a", "kv"): [0.53, 0.55, 0.57],
+           ("a", "kv_pos"): [0.49, 0.50, 0.51]}
+    params = {"qkv": 1000, "kv": 900, "kv_pos": 903}
+    macs = {"qkv": 5000, "kv": 4600, "kv_pos": 4700}
+    for (family, mode), values in jac.items():
+        for seed, j in enumerate(values):
+            rows.append({"model": f"{family}_{mode}", "family": family, "attention": mode,
+                         "seed": seed, "params": params[mode], "macs": macs[mode], "jaccard": j,
+                         "weighted_jaccard": j - 0.1, "dice": j + 0.1, "hd95": 10.0 + seed,
+                         "latency_ms": 1.0})
+    return rows
+
+
+def test_family_deltas_are_paired_by_seed():
+    deltas = {d["attention"]: d for d in family_deltas(_rows())}
+    kv = deltas["kv"]
+    assert kv["params_pct"] == pytest.approx(-10.0)
+    assert kv["macs_pct"] == pytest.approx(-8.0)
+    # per-seed differences (points): +3, +1, +5 -> mean 3, sample std 2
+    assert kv["jaccard_pts"] == pytest.approx(3.0)
+    assert kv["jaccard_pts_std"] == pytest.approx(2.0)
+    assert kv["qkv_jaccard_std"] == pytest.approx(100 * statistics.stdev([0.50, 0.54, 0.52]))
+    pos = deltas["kv_pos"]
+    assert pos["params_pct"] == pytest.approx(-9.7)
+    assert pos["jaccard_pts"] == pytest.approx(statistics.fmean([-1.0, -4.0, -1.0]))
+    table = results_table(_rows())
+    assert "0.520 ± 0.020" in table  # QKV mean ± sample std over the three seeds
+
+
+def test_mean_std_conventions():
+    assert mean_std([1.0, 3.0]) == (2.0, statistics.stdev([1.0, 3.0]), 2)
+    m, s, n = mean_std([4.0, None, float("nan")])
+    assert (m, n) == (4.0, 1) and math.isnan(s)
+    agg = {a["model"]: a for a in aggregate(_rows())}
+    assert agg["a_kv"]["jaccard_mean"] == pytest.approx(0.55)
+    assert agg["a_kv"]["seeds"] == 3
+
+
+def test_write_results_columns(tmp_path):
+    csv_path, json_path = write_results(_rows(), tmp_path)
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    for col in ("model", "family", "attention", "seed", "params", "macs", "jaccard",
+                "weighted_jaccard", "dice", "hd95", "latency_ms"):
+        assert col in header
+    assert len(rows) == 9 and len(json.loads(json_path.read_text())) == 9
+    assert [r["attention"] for r in rows[:3]] == ["qkv"] * 3  # QKV first within a family
+
+
+def test_profile_counts_forward_activation_memory():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    prof = profile_model(model, (1, 3, 32, 32), repeats=2, warmup=1)
+    act = 16 * 32 * 32 * 4 / 2**20  # one float32 16x32x32 activation in MB
+    cols = 3 * 9 * 32 * 32 * 4 / 2**20  # the 3x3 conv's im2col workspace, if the kernel uses it
+    # the conv and ReLU outputs are alive together at the peak (the weights are not counted)
+    assert 2 * act <= prof["peak_mem_mb"] <= 2 * act + cols + 0.01
+    assert prof["params"] == 3 * 16 * 9 + 16 + 16 * 4 + 4
+    assert prof["macs"] == 32 * 32 * (16 * 3 * 9 + 4 * 16)
+    assert prof["latency_ms"] > 0 and math.isnan(prof["gpu_latency_ms"])
+
+
+def test_choose_samples_prefers_more_classes_and_distinct_scans():
+    def item(present, area, scan):
+        mask = torch.zeros(3, 4, 4)
+        for c in range(present):
+            mask[c].view(-1)[:area] = 1
+        return {"mask": mask, "case": scan, "day": 0}
+
+    ds = [item(1, 2, 1), item(3, 1, 1), item(3, 5, 1), item(2, 9, 2), item(0, 0, 3)]
+    assert choose_samples(ds, 2) == [2, 3]  # best of scan 1 (3 classes, larger), then scan 2
+    assert choose_samples(ds, 4) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "{missing}", "--out", "{tmp}/o"], "no such folder"),
+    (["--data", "{tmp}", "--out", "{tmp}/o"], "no train.csv"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--models", "setr_nope"], "unknown"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--preset", "fast"], "expected smoke, paper"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--seeds", "1", "1"], "repeated seed"),
+])
+def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("id,class,segmentation\n")
+    argv = [a.format(missing=tmp_path / "nope", tmp=tmp_path, data=data) for a in argv]
+    rc = cli.main(["reproduce", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and message in err, err
