@@ -33,6 +33,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -64,7 +65,7 @@ METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "jaccard", "weighted_jaccar
 # keys written to config.yaml that the data decides; accepted and ignored when read back
 DERIVED_KEYS = ("in_channels", "num_classes", "classes")
 # keys that may differ between the original run and a --resume
-_RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data")
+_RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out")
 _KILL_HOOK = "KVSEG_TEST_KILL_AFTER_EPOCH"  # test-only: SIGKILL after this epoch's checkpoint
 
 
@@ -367,6 +368,12 @@ class _Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, c.max_steps_per_epoch)
         total = c.epochs * self.steps_per_epoch
         warmup = min(total, round(c.warmup_epochs * self.steps_per_epoch))
+        if self.main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.info("%s (%s, %.2fM params) on %d train / %d val slices, %d steps per epoch, "
+                     "%d process(es), device %s", c.model, c.size, n_params / 1e6,
+                     len(self.train_ds), len(self.val_ds), self.steps_per_epoch,
+                     self.info.world_size, self.device)
         self.ddp_model = self.model
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -505,9 +512,7 @@ class _Trainer:
                    disable=not (self.main and sys.stderr.isatty()), dynamic_ncols=True)
         loss_sum, n, slices, over = 0.0, 0, 0, False
         t0 = time.perf_counter()
-        for i, batch in enumerate(self.train_loader):
-            if i >= self.steps_per_epoch:
-                break
+        for i, batch in enumerate(itertools.islice(self.train_loader, self.steps_per_epoch)):
             x = batch["image"].to(self.device, non_blocking=True)
             y = batch["mask"].to(self.device, non_blocking=True)
             with self._autocast():
