@@ -233,3 +233,10 @@ def test_time_budget_stops_after_validating(synth, tmp_path):
     assert s["stopped_early"] and s["epochs"] == 1 and s["steps"] == 1
     row = _rows(out / "metrics.csv")[0]
     assert row["jaccard"] != "" and (out / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["train_micro.yaml", "train_paper.yaml"])
+def test_shipped_train_configs_are_valid(name):
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    config = T.load_config(path)
+    assert config.model == "setr_kv"
