@@ -103,7 +103,7 @@ def rle_encode(mask: np.ndarray) -> str:
     if mask.ndim != 2:
         raise ValueError(f"rle_encode expects a 2D (height, width) mask, got shape {mask.shape}")
     if mask.dtype != bool:
-        if not np.isin(mask, (0, 1)).all():
+        if not ((mask == 0) | (mask == 1)).all():
             raise ValueError("rle_encode expects a binary mask (bool or 0/1); threshold first")
         mask = mask.astype(bool)
     pixels = np.concatenate([[False], mask.ravel(order="C"), [False]])

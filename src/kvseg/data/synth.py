@@ -35,8 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
@@ -139,7 +137,7 @@ def _draw_anatomy(spec: ScanSpec, seed: int) -> _Anatomy:
     stomach = dict(
         z=(z0 * depth, z1 * depth),
         start=(jit(0.40 * a, 8), jit(-0.35 * b, 6)), end=(jit(0.18 * a, 8), jit(-0.05 * b, 6)),
-        axes=(jit(52, 6), jit(38, 5)), angle=(rc.uniform(-0.6, 0.6), rc.uniform(-0.6, 0.6)),
+        axes=(jit(62, 6), jit(46, 5)), angle=(rc.uniform(-0.6, 0.6), rc.uniform(-0.6, 0.6)),
         wobble=rc.uniform(0, 2 * math.pi, 4), wobble_amp=(rc.uniform(0.05, 0.15),
                                                           rc.uniform(0.03, 0.1)),
     )
@@ -161,34 +159,34 @@ def _draw_anatomy(spec: ScanSpec, seed: int) -> _Anatomy:
     frame[:, 2] = (frame[:, 2] + z_shift + rc.normal(0, 0.015, len(frame))) * depth
     colon = _smooth_path(frame, 1.5, 15.0)
     phase = rc.uniform(0, 2 * math.pi)
-    radius = rc.uniform(14, 18) * (1 + 0.25 * np.sin(np.linspace(0, 5 * math.pi, len(colon))
+    radius = rc.uniform(19, 24) * (1 + 0.2 * np.sin(np.linspace(0, 5 * math.pi, len(colon))
                                                      + phase))
     colon = np.concatenate([colon, radius[:, None]], axis=1)
     # Small bowel: loops of a random walk inside the lower-central abdomen.
     small = []
-    for _ in range(int(rc.integers(4, 7))):
-        p = np.array([rc.uniform(-0.35, 0.35) * a, rc.uniform(-0.15, 0.3) * b,
+    for _ in range(int(rc.integers(7, 10))):
+        p = np.array([rc.uniform(-0.3, 0.3) * a, rc.uniform(-0.1, 0.3) * b,
                       rc.uniform(0.45, 0.65)])
         pts, d = [], rc.normal(0, 1, 3)
         for _ in range(40):
             d = 0.7 * d + 0.3 * rc.normal(0, 1, 3)
             p = p + np.array([10 * d[0], 10 * d[1], 0.02 * d[2]])
-            p[0] = np.clip(p[0], -0.4 * a, 0.4 * a)
-            p[1] = np.clip(p[1], -0.2 * b, 0.38 * b)
+            p[0] = np.clip(p[0], -0.35 * a, 0.35 * a)
+            p[1] = np.clip(p[1], -0.15 * b, 0.35 * b)
             p[2] = np.clip(p[2], 0.42, 0.70)
             pts.append(p.copy())
         pts = np.array(pts)
         pts[:, :2] += rd.normal(0, 3, (len(pts), 2))
         pts[:, 2] = (pts[:, 2] + z_shift) * depth
         loop = _smooth_path(pts, 1.5, 6.0)
-        r = rc.uniform(7, 10) * np.ones(len(loop))
+        r = rc.uniform(12, 15) * np.ones(len(loop))
         small.append(np.concatenate([loop, r[:, None]], axis=1))
     levels = dict(air=0.02, body=0.30, fat=0.78, liver=0.42, spine=0.18, spine_rim=0.55,
-                  kidney=0.52, stomach=rd.uniform(0.78, 0.9), colon=rd.uniform(0.62, 0.72),
-                  small=rd.uniform(0.52, 0.6), gas=0.12)
+                  kidney=0.42, stomach=rd.uniform(0.85, 0.95), colon=rd.uniform(0.66, 0.74),
+                  small=rd.uniform(0.5, 0.56), gas=0.12)
     return _Anatomy(body=body, fat=rc.uniform(10, 20), stomach=stomach, colon=colon, small=small,
                     kidneys=(0.35 + z_shift, 0.72 + z_shift), liver_scale=rc.uniform(0.9, 1.1),
-                    levels=levels, bias=rd.uniform(-0.2, 0.2, 6),
+                    levels=levels, bias=rd.uniform(-0.1, 0.1, 6),
                     scale=float(rd.uniform(4000, 14000)))
 
 
@@ -200,11 +198,26 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: 
     return (u / ax) ** 2 + (v / ay) ** 2
 
 
+def _linear_taps(n_out: int, factor: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and weight for linear upsampling by ``factor`` (pixel-centre aligned)."""
+    pos = np.clip((np.arange(n_out) + 0.5) / factor - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.intp)
+    return lo, np.minimum(lo + 1, n_in - 1), (pos - lo).astype(np.float32)
+
+
 def _upsample(field: np.ndarray, factor: int, h: int, w: int) -> np.ndarray:
-    """Bilinear upsampling of a coarse random field by ``factor``, cropped to (h, w), float32."""
-    t = torch.from_numpy(field.astype(np.float32))[None, None]
-    up = F.interpolate(t, scale_factor=factor, mode="bilinear", align_corners=False)
-    return up[0, 0, :h, :w].numpy()
+    """Bilinear upsampling of a coarse random field by ``factor`` to (h, w), float32.
+
+    Element-wise (no BLAS), so it stays fast and bit-reproducible on any machine.
+    """
+    field = field.astype(np.float32)
+    lo, hi, f = _linear_taps(h, factor, field.shape[0])
+    rows = field[lo] * (1 - f)[:, None] + field[hi] * f[:, None]
+    lo, hi, f = _linear_taps(w, factor, field.shape[1])
+    return rows[:, lo] * (1 - f)[None, :] + rows[:, hi] * f[None, :]
+
+
+_AR = np.arange(4096, dtype=np.float64)  # pixel indices, sliced by _paint_tube
 
 
 def _paint_tube(mask: np.ndarray, path: np.ndarray, z: float, spec: ScanSpec) -> None:
@@ -218,8 +231,9 @@ def _paint_tube(mask: np.ndarray, path: np.ndarray, z: float, spec: ScanSpec) ->
         c0, c1 = max(int(cc - rr), 0), min(int(cc + rr) + 2, w)
         if r0 >= r1 or c0 >= c1:
             continue
-        yy, xx = np.ogrid[r0:r1, c0:c1]
-        mask[r0:r1, c0:c1] |= (yy - cr) ** 2 + (xx - cc) ** 2 <= rr * rr
+        yy = (_AR[r0:r1] - cr)[:, None]
+        xx = (_AR[c0:c1] - cc)[None, :]
+        mask[r0:r1, c0:c1] |= yy * yy + xx * xx <= rr * rr
 
 
 def render_scan(spec: ScanSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -292,10 +306,10 @@ def render_scan(spec: ScanSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         masks[k] = organ
 
         tex = _upsample(rn.normal(0, 1, (h // 12 + 2, w // 12 + 2)), 12, h, w)
-        img = np.where(organ[1], lv["small"] * (1 + 0.12 * np.sin(x / 3.0 + tex)), img)
+        img = np.where(organ[1], lv["small"] * (1 + 0.08 * np.sin(x / 3.0 + tex)), img)
         img = np.where(organ[0], lv["colon"], img)
         if organ[0].any():  # gas pockets inside the large bowel (still labelled large bowel)
-            gas = _upsample(rn.normal(0, 1, (h // 6 + 2, w // 6 + 2)), 6, h, w) > 1.3
+            gas = _upsample(rn.normal(0, 1, (h // 6 + 2, w // 6 + 2)), 6, h, w) > 1.6
             img = np.where(organ[0] & gas, lv["gas"], img)
         img = np.where(organ[2], lv["stomach"], img)
         img = img * (1 + 0.08 * tex) * bias
@@ -311,7 +325,7 @@ def _png_bytes(array: np.ndarray) -> bytes:
     import io
 
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
