@@ -377,10 +377,12 @@ class SliceCache:
             images = np.lib.format.open_memmap(ti, mode="w+", dtype=np.uint16, shape=(n, s, s))
             masks = np.lib.format.open_memmap(tm, mode="w+", dtype=np.uint8, shape=(n, s, s))
             workers = threads or min(8, os.cpu_count() or 1)
+            chunk = 64 * workers  # bounded memory: results are written chunk by chunk
             with ThreadPoolExecutor(workers) as pool:
-                done = pool.map(lambda r: prepare_record(r, s), self.records)
-                for i, (image, packed) in enumerate(done):
-                    images[i], masks[i] = image, packed
+                for lo in range(0, n, chunk):
+                    done = pool.map(lambda r: prepare_record(r, s), self.records[lo:lo + chunk])
+                    for i, (image, packed) in enumerate(done, start=lo):
+                        images[i], masks[i] = image, packed
             images.flush()
             masks.flush()
             del images, masks
