@@ -106,6 +106,21 @@ def test_cli_evaluate_prints_table_and_writes_default_json(run, capsys):
     assert json.loads((run / "eval_val.json").read_text())["n_slices"] > 0
 
 
+def test_cli_slice_thickness_reaches_the_3d_metrics(run, tmp_path):
+    out = tmp_path / "thin.json"
+    assert cli.main(["evaluate", "--run", str(run), "--device", "cpu", "--out", str(out),
+                     "--slice-thickness", "0.5", "--batch-size", "5"]) == 0
+    thin = json.loads(out.read_text())
+    thick = evaluate_run(run, out=str(tmp_path / "thick.json"), device="cpu")
+    assert thin["slice_thickness_mm"] == 0.5 and thick["slice_thickness_mm"] == 3.0
+    assert thin["mean"]["jaccard"] == thick["mean"]["jaccard"]
+    # thinner slices bring surfaces in neighbouring slices closer: HD95 cannot grow
+    for a, b in zip(thin["cases"], thick["cases"], strict=True):
+        for name in CLASSES:
+            if a["hd95_mm"][name] is not None:
+                assert a["hd95_mm"][name] <= b["hd95_mm"][name] + 1e-9
+
+
 def test_evaluate_missing_run_is_a_user_error(tmp_path, capsys):
     assert cli.main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "best.safetensors" in capsys.readouterr().err

@@ -120,15 +120,19 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
     p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
-    p.add_argument("--out", help="JSON file for the metrics")
+    p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--slice-thickness", type=float, default=3.0,
+                   help="mm between slices for the 3D metrics")
 
 
 def _run_evaluate(args) -> int:
     from kvseg.evaluate import evaluate_run, format_results
 
     results = evaluate_run(args.run, data=args.data, split=args.split, out=args.out,
-                           device=args.device)
+                           device=args.device, batch_size=args.batch_size,
+                           slice_thickness_mm=args.slice_thickness)
     print(format_results(results))
     return 0
 
