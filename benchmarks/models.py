@@ -91,7 +91,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "models.json"))
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default). On a CPU shared with other "
+                        "jobs use 1: each parallel region otherwise waits for a descheduled "
+                        "thread")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_flops()
     families: dict[str, list[str]] = {}
     for n in args.models:
