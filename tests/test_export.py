@@ -51,7 +51,7 @@ def test_dynamic_export_matches_pytorch(name, tmp_path):
 def test_default_exporter_round_trips(tmp_path):
     """``auto`` (torch.export first) on one variant, static shape; its report says which
     exporter ran."""
-    model = create_model("setr_conv_kv", size="micro", img_size=32).eval()
+    model = create_model("setr_kv", size="micro", img_size=32).eval()
     report = export_model(model, tmp_path / "m.onnx", input_shape=(1, 3, 32, 32))
     assert report.exporter in ("dynamo", "torchscript") and report.passed
     x = torch.randn(1, 3, 32, 32)
