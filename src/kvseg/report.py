@@ -318,9 +318,13 @@ def plot_training_curves(runs: Mapping[str, tuple[str, str, Path]], path: str | 
             ax_jac.plot(epochs, cols["jaccard"], **style)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     ax_jac.set(xlabel="epoch", ylabel="validation Jaccard", title="validation Jaccard")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_jac):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_jac.legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
     path = Path(path)
     _save_figure(fig, path)
     return path
