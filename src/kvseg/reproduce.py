@@ -327,6 +327,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
                                  "epochs differ); use another --out")
             rows.append(done["row"])
             skipped += 1
+            log.info("%s seed %d: complete in %s, skipped", name, seed, run_dir)
             continue
         config.resume = (run_dir / "last.ckpt").is_file()
         summary = train(config)
@@ -352,6 +353,9 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         atomic_write_text(run_dir / "done.json", json.dumps(done, indent=2) + "\n")
         rows.append(done["row"])
         trained += 1
+        log.info("%s seed %d: jaccard %.4f, %d params, %.3f GMACs, %.1f ms CPU latency "
+                 "(trained %d steps in %.0f s)", name, seed, row["jaccard"], row["params"],
+                 row["macs"] / 1e9, row["latency_ms"], row["steps"], row["train_seconds"])
     bar.close()
 
     report = _write_outputs(out, rows, run_dirs, cfg=cfg, data=data, train_opts=train_opts,
