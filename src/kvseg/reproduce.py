@@ -20,8 +20,9 @@ Profiling (per model, batch 1, the preset's ``img_size`` and channels, random in
 - ``params``: :func:`kvseg.profile.count_params`; ``macs``: :func:`kvseg.profile.count_macs`
   (multiply-accumulates, attention products and the KV-pos bias included);
 - ``latency_ms``: median wall time of ``latency_repeats`` forward passes on the CPU after
-  ``latency_warmup`` untimed ones, eval mode, ``torch.inference_mode``, the process's torch
-  thread count; ``gpu_latency_ms`` the same on CUDA (synchronised) when the device is CUDA;
+  ``latency_warmup`` untimed ones, eval mode, ``torch.inference_mode``, with
+  ``latency_threads`` torch threads (the preset's; default: the process's thread count);
+  ``gpu_latency_ms`` the same on CUDA (synchronised) when the device is CUDA;
 - ``peak_mem_mb``: peak of the memory allocated by tensors during one CPU forward (activations
   and workspace; the weights, allocated before, are excluded), from the allocation and free
   events that ``torch.profiler`` records (``profile_memory=True``); ``gpu_peak_mem_mb``:
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("smoke", "paper")
 #: Keys of a preset file besides ``train``.
 PRESET_KEYS = {"description", "models", "seeds", "latency_repeats", "latency_warmup",
+               "latency_threads",
                "num_samples", "train", "notes"}
 #: Training options that reproduce sets itself per run; a preset may not hold them.
 _RUN_KEYS = ("model", "seed", "out", "data", "resume", "device")
@@ -123,6 +125,8 @@ def load_preset(preset: str) -> dict:
         "seeds": [int(s) for s in data.get("seeds", [0])],
         "latency_repeats": int(data.get("latency_repeats", 10)),
         "latency_warmup": int(data.get("latency_warmup", 2)),
+        "latency_threads": (int(data["latency_threads"]) if data.get("latency_threads")
+                            else None),
         "num_samples": int(data.get("num_samples", 4)),
         "train": train,
     }
@@ -183,12 +187,13 @@ def _median_ms(fn, repeats: int, warmup: int, sync=None) -> float:
 
 
 def profile_model(model: torch.nn.Module, input_shape: tuple[int, int, int, int], *,
-                  device: torch.device | str = "cpu", repeats: int = 10,
-                  warmup: int = 2) -> dict:
+                  device: torch.device | str = "cpu", repeats: int = 10, warmup: int = 2,
+                  threads: int | None = None) -> dict:
     """Params, MACs, CPU (and CUDA) latency and peak forward memory of ``model`` at batch 1.
 
     Returns ``params``, ``macs``, ``latency_ms``, ``peak_mem_mb``, ``gpu_latency_ms`` and
-    ``gpu_peak_mem_mb`` (NaN without CUDA), ``threads`` and ``input_shape``.
+    ``gpu_peak_mem_mb`` (NaN without CUDA), ``threads`` and ``input_shape``. ``threads``
+    sets torch's CPU thread count for the measurement (restored afterwards).
     """
     from kvseg.profile import count_macs, count_params
 
@@ -196,9 +201,15 @@ def profile_model(model: torch.nn.Module, input_shape: tuple[int, int, int, int]
     model = model.cpu().eval()
     x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
     out = {"params": count_params(model), "macs": count_macs(model, input_shape),
-           "threads": torch.get_num_threads(), "input_shape": list(input_shape)}
-    with torch.inference_mode():
-        out["latency_ms"] = _median_ms(lambda: model(x), repeats, warmup)
+           "input_shape": list(input_shape)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads or before))
+    try:
+        out["threads"] = torch.get_num_threads()
+        with torch.inference_mode():
+            out["latency_ms"] = _median_ms(lambda: model(x), repeats, warmup)
+    finally:
+        torch.set_num_threads(before)
     out["peak_mem_mb"] = _peak_cpu_forward_bytes(model, x) / 2**20
     out["gpu_latency_ms"] = out["gpu_peak_mem_mb"] = math.nan
     if device.type == "cuda":
@@ -318,7 +329,8 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
                                     "out": str(run_dir), "device": str(device)})
         settings = {k: v for k, v in vars(config).items()
                     if k not in ("out", "device", "resume", *_FREE_KEYS)}
-        settings["profile"] = {k: cfg[k] for k in ("latency_repeats", "latency_warmup")}
+        settings["profile"] = {k: cfg[k] for k in ("latency_repeats", "latency_warmup",
+                                                   "latency_threads")}
         fingerprint = _fingerprint(settings)
         done = _read_done(run_dir / "done.json")
         if done is not None:
@@ -335,7 +347,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         info = model_info(name)
         prof = _profile_once(out / "runs" / name / "profile.json", run_dir, fingerprint_of=settings,
                              device=dev, repeats=cfg["latency_repeats"],
-                             warmup=cfg["latency_warmup"])
+                             warmup=cfg["latency_warmup"], threads=cfg["latency_threads"])
         mean = results["mean"]
         row = {
             "model": name, "family": info["family"], "attention": info["mode"], "seed": seed,
@@ -372,7 +384,7 @@ def _jsonable(row: dict) -> dict:
 
 
 def _profile_once(path: Path, run_dir: Path, *, fingerprint_of: dict, device: torch.device,
-                  repeats: int, warmup: int) -> dict:
+                  repeats: int, warmup: int, threads: int | None) -> dict:
     """Profile a model once per model folder (params/MACs/latency do not depend on the seed)."""
     from kvseg.checkpoint import load_run
 
@@ -388,7 +400,8 @@ def _profile_once(path: Path, run_dir: Path, *, fingerprint_of: dict, device: to
             pass
     model, config = load_run(run_dir, map_location="cpu")
     shape = (1, int(config["in_channels"]), int(config["img_size"]), int(config["img_size"]))
-    prof = profile_model(model, shape, device=device, repeats=repeats, warmup=warmup)
+    prof = profile_model(model, shape, device=device, repeats=repeats, warmup=warmup,
+                         threads=threads)
     atomic_write_text(path, json.dumps({"fingerprint": key, "profile": _jsonable(prof)},
                                        indent=2) + "\n")
     return prof
@@ -418,7 +431,7 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
     if sample_note:
         figures.append((sample_note, "samples.png"))
 
-    threads = torch.get_num_threads()
+    threads = cfg["latency_threads"] or torch.get_num_threads()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     opts = ", ".join(f"{k}={v}" for k, v in sorted(train_opts.items()))
     settings = {
