@@ -220,3 +220,28 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_a_diverged_variant_is_recorded_and_the_others_reported(smoke, tmp_path, monkeypatch):
+    import kvseg.train as T
+
+    base, preset, _ = smoke
+    real_train = T.train
+
+    def train_that_diverges(config):
+        summary = real_train(config)
+        if config.model == "setr_kv":
+            raise T.NonFiniteLossError("non-finite training loss (nan) at epoch 1 step 2; "
+                                       "stopped")
+        return summary
+
+    monkeypatch.setattr(T, "train", train_that_diverges)
+    summary = reproduce(base / "data", tmp_path / "out", preset=str(preset),
+                        models=["setr_qkv", "setr_kv"], device="cpu", progress=False)
+    assert summary.trained == 2
+    rows = {r["model"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert rows["setr_kv"]["status"].startswith("diverged: non-finite training loss")
+    assert rows["setr_kv"]["jaccard"] is None and rows["setr_kv"]["params"] > 0
+    assert rows["setr_qkv"]["status"] == "ok" and rows["setr_qkv"]["jaccard"] is not None
+    assert "no score (a run diverged)" in (tmp_path / "out" / "report.md").read_text()

@@ -51,6 +51,11 @@ def _finite(values: Iterable) -> list[float]:
     return out
 
 
+def _float(v) -> float:
+    """None / empty (not measured, e.g. a diverged run) -> NaN."""
+    return math.nan if v is None or v == "" else float(v)
+
+
 def mean_std(values: Iterable) -> tuple[float, float, int]:
     """(mean, sample std, n) of the finite values; NaN for what is undefined (std needs n ≥ 2)."""
     vals = _finite(values)
@@ -104,7 +109,7 @@ def family_deltas(rows: Sequence[Mapping]) -> list[dict]:
                  / float(q0["params"]),
                  "macs_pct": 100.0 * (float(r0["macs"]) - float(q0["macs"])) / float(q0["macs"])}
             for key in ("jaccard", "weighted_jaccard"):
-                diffs = [100.0 * (float(r[key]) - float(q[key])) for q, r in pairs]
+                diffs = [100.0 * (_float(r.get(key)) - _float(q.get(key))) for q, r in pairs]
                 d[f"{key}_pts"], d[f"{key}_pts_std"], _ = mean_std(diffs)
             d["qkv_jaccard_std"] = 100.0 * mean_std(b["jaccard"] for b in base.values())[1]
             out.append(d)
@@ -159,7 +164,9 @@ def deltas_table(rows: Sequence[Mapping]) -> str:
     body = []
     for d in family_deltas(rows):
         spread = d["jaccard_pts_std"]
-        if d["seeds"] < 2 or not math.isfinite(spread):
+        if not math.isfinite(d["jaccard_pts"]):
+            reading = "no score (a run diverged)"
+        elif d["seeds"] < 2 or not math.isfinite(spread):
             reading = "one seed: noise unknown"
         elif abs(d["jaccard_pts"]) <= 2 * spread:
             reading = "within seed noise"

@@ -292,7 +292,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
 
     from kvseg.evaluate import evaluate_run
     from kvseg.models.registry import model_info
-    from kvseg.train import load_config, train
+    from kvseg.train import NonFiniteLossError, load_config, train
 
     t_start = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -342,13 +342,20 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
             log.info("%s seed %d: complete in %s, skipped", name, seed, run_dir)
             continue
         config.resume = (run_dir / "last.ckpt").is_file()
-        summary = train(config)
-        results = evaluate_run(run_dir, split="val", device=str(device))
+        status = "ok"
+        try:
+            summary = train(config)
+            mean = evaluate_run(run_dir, split="val", device=str(device))["mean"]
+        except NonFiniteLossError as e:  # a diverged variant is a result: record it, go on
+            log.error("%s seed %d: %s", name, seed, e)
+            status = f"diverged: {str(e).split(';')[0]}"
+            summary = {"train_seconds": math.nan, "epochs": 0, "steps": 0}
+            mean = dict.fromkeys(("jaccard", "weighted_jaccard", "dice", "hd95_mm",
+                                  "kaggle_score"))
         info = model_info(name)
         prof = _profile_once(out / "runs" / name / "profile.json", run_dir, fingerprint_of=settings,
                              device=dev, repeats=cfg["latency_repeats"],
                              warmup=cfg["latency_warmup"], threads=cfg["latency_threads"])
-        mean = results["mean"]
         row = {
             "model": name, "family": info["family"], "attention": info["mode"], "seed": seed,
             "params": prof["params"], "macs": prof["macs"],
@@ -359,6 +366,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
             "peak_mem_mb": prof["peak_mem_mb"], "gpu_peak_mem_mb": prof["gpu_peak_mem_mb"],
             "train_seconds": float(summary["train_seconds"]), "epochs": int(summary["epochs"]),
             "steps": int(summary["steps"]), "img_size": config.img_size, "size": config.size,
+            "status": status,
         }
         done = {"fingerprint": fingerprint, "settings": settings, "row": _jsonable(row),
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -366,8 +374,9 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         rows.append(done["row"])
         trained += 1
         log.info("%s seed %d: jaccard %.4f, %d params, %.3f GMACs, %.1f ms CPU latency "
-                 "(trained %d steps in %.0f s)", name, seed, row["jaccard"], row["params"],
-                 row["macs"] / 1e9, row["latency_ms"], row["steps"], row["train_seconds"])
+                 "(trained %d steps in %.0f s; %s)", name, seed, row["jaccard"], row["params"],
+                 row["macs"] / 1e9, row["latency_ms"], row["steps"], row["train_seconds"],
+                 status)
     bar.close()
 
     report = _write_outputs(out, rows, run_dirs, cfg=cfg, data=data, train_opts=train_opts,
@@ -385,8 +394,12 @@ def _jsonable(row: dict) -> dict:
 
 def _profile_once(path: Path, run_dir: Path, *, fingerprint_of: dict, device: torch.device,
                   repeats: int, warmup: int, threads: int | None) -> dict:
-    """Profile a model once per model folder (params/MACs/latency do not depend on the seed)."""
-    from kvseg.checkpoint import load_run
+    """Profile a model once per model folder (params/MACs/latency do not depend on the seed).
+
+    The network is rebuilt from the run's ``config.yaml`` (written before training starts), so
+    a run that diverged is profiled too; the weights do not change what is measured.
+    """
+    from kvseg.checkpoint import build_model
 
     settings = {k: v for k, v in fingerprint_of.items() if k not in ("seed",)}
     key = _fingerprint(settings)
@@ -398,7 +411,9 @@ def _profile_once(path: Path, run_dir: Path, *, fingerprint_of: dict, device: to
                         for k, v in cached["profile"].items()}
         except (json.JSONDecodeError, KeyError):
             pass
-    model, config = load_run(run_dir, map_location="cpu")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    torch.manual_seed(0)
+    model = build_model(config)
     shape = (1, int(config["in_channels"]), int(config["img_size"]), int(config["img_size"]))
     prof = profile_model(model, shape, device=device, repeats=repeats, warmup=warmup,
                          threads=threads)
@@ -475,15 +490,16 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
 def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,
                    plot_samples) -> str | None:
     """samples.png from the first seed of every model; returns its caption (None if skipped)."""
-    from kvseg.checkpoint import load_run
+    from kvseg.checkpoint import BEST, load_run, read_config
     from kvseg.data import UWMadison
 
-    if n <= 0 or not run_dirs:
-        return None
     first_seed: dict[str, Path] = {}
     for (name, _), run_dir in sorted(run_dirs.items(), key=lambda kv: kv[0][1]):
-        first_seed.setdefault(name, run_dir)
-    _, config = load_run(next(iter(first_seed.values())), map_location="cpu")
+        if (run_dir / BEST).is_file():  # a run that diverged in its first epoch has none
+            first_seed.setdefault(name, run_dir)
+    if n <= 0 or not first_seed:
+        return None
+    config = read_config(next(iter(first_seed.values())) / BEST)
     ds = UWMadison(config["data"], split="val", fold=config["fold"], n_folds=config["n_folds"],
                    img_size=config["img_size"], context=config["context"], augment=False,
                    cache=config.get("cache", True), cache_dir=config.get("cache_dir"),
