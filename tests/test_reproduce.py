@@ -32,20 +32,21 @@ TINY = {"seeds": [0], "latency_repeats": 2, "latency_warmup": 1, "num_samples": 
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def tiny(tmp_path_factory):
+    """A tiny synthetic twin and a preset of one epoch, two steps, 32 px."""
     base = tmp_path_factory.mktemp("reproduce")
     generate(base / "data", cases=3, days=1, slices=6, seed=2)
     preset = base / "tiny.yaml"
     preset.write_text(yaml.safe_dump(TINY))
-    summary = reproduce(base / "data", base / "out", preset=str(preset),
-                        models=["setr_qkv", "setr_kv"], device="cpu", progress=False)
-    return base, preset, summary
+    return base / "data", preset
 
 
 @pytest.mark.slow
-def test_smoke_reproduction_writes_every_file_with_finite_numbers(smoke):
-    base, _, summary = smoke
-    out = base / "out"
+def test_smoke_reproduction_writes_every_file_and_a_rerun_skips(tiny, tmp_path):
+    data, preset = tiny
+    out = tmp_path / "out"
+    summary = reproduce(data, out, preset=str(preset), models=["setr_qkv", "setr_kv"],
+                        device="cpu", progress=False)
     for name in ("results.csv", "results.json", "report.md", "jaccard_vs_macs.png",
                  "training_curves.png", "samples.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -79,20 +80,16 @@ def test_smoke_reproduction_writes_every_file_with_finite_numbers(smoke):
         assert (out / "runs" / run / "profile.json").is_file()
     assert "report:" in str(summary) and "setr_kv" in str(summary)
 
-
-@pytest.mark.slow
-def test_second_invocation_skips_completed_runs(smoke):
-    base, preset, _ = smoke
-    out = base / "out"
+    # a second invocation skips the completed runs and leaves them untouched
     done = out / "runs" / "setr_kv" / "seed0" / "done.json"
     before = done.stat().st_mtime_ns, done.read_text()
-    again = reproduce(base / "data", out, preset=str(preset), models=["setr_qkv", "setr_kv"],
+    again = reproduce(data, out, preset=str(preset), models=["setr_qkv", "setr_kv"],
                       device="cpu", progress=False)
     assert again.trained == 0 and again.skipped == 2
     assert (done.stat().st_mtime_ns, done.read_text()) == before
     # other settings in the same folder are refused, not mixed
     with pytest.raises(ValueError, match="other settings"):
-        reproduce(base / "data", out, preset=str(preset), models=["setr_kv"], epochs=2,
+        reproduce(data, out, preset=str(preset), models=["setr_kv"], epochs=2,
                   device="cpu", progress=False)
 
 
@@ -223,10 +220,10 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
 
 
 @pytest.mark.slow
-def test_a_diverged_variant_is_recorded_and_the_others_reported(smoke, tmp_path, monkeypatch):
+def test_a_diverged_variant_is_recorded_and_the_others_reported(tiny, tmp_path, monkeypatch):
     import kvseg.train as T
 
-    base, preset, _ = smoke
+    data, preset = tiny
     real_train = T.train
 
     def train_that_diverges(config):
@@ -237,7 +234,7 @@ def test_a_diverged_variant_is_recorded_and_the_others_reported(smoke, tmp_path,
         return summary
 
     monkeypatch.setattr(T, "train", train_that_diverges)
-    summary = reproduce(base / "data", tmp_path / "out", preset=str(preset),
+    summary = reproduce(data, tmp_path / "out", preset=str(preset),
                         models=["setr_qkv", "setr_kv"], device="cpu", progress=False)
     assert summary.trained == 2
     rows = {r["model"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
