@@ -115,12 +115,14 @@ def main() -> None:
     print(f"matmul: {peak / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after "
           f"({torch.get_num_threads()} threads)")
     print(f"{'model':<16} {'params M':>9} {'GMACs':>7} {'median s':>9} {'min s':>7} "
-          f"{'peak MiB':>9} {'GFLOP/s':>8} {'of mm':>6} {'t/qkv':>6}")
+          f"{'peak MiB':>9} {'GFLOP/s':>8} {'of mm':>6} {'t/qkv':>6} {'min/qkv':>7}")
     for r in rows:
         ratio = f"{r['time_over_qkv']:.2f}" if r["time_over_qkv"] else "-"
+        ratio_min = f"{r['time_over_qkv_min']:.2f}" if r["time_over_qkv_min"] else "-"
         print(f"{r['model']:<16} {r['params'] / 1e6:>9.2f} {r['macs'] / 1e9:>7.2f} "
               f"{r['s']:>9.2f} {r['s_min']:>7.2f} {r['peak_mib']:>9.0f} "
-              f"{r['gflops_achieved']:>8.1f} {100 * r['matmul_fraction']:>5.0f}% {ratio:>6}")
+              f"{r['gflops_achieved']:>8.1f} {100 * r['matmul_fraction']:>5.0f}% {ratio:>6} "
+              f"{ratio_min:>7}")
     print("\ntargets: KV fwd+bwd time <= 0.95 x QKV twin; SETR base >= 60% of matmul FLOP/s")
     result = {
         "benchmark": "models", "size": "base", "img_size": args.img_size, "batch": args.batch,
