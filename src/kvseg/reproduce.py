@@ -450,6 +450,10 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     opts = ", ".join(f"{k}={v}" for k, v in sorted(train_opts.items()))
     settings = {
+        "command": f"`kvseg reproduce --data {data} --out {out} --preset "
+                   f"{cfg['name'] if cfg['name'] in PRESETS else cfg['path']} "
+                   f"--models {' '.join(dict.fromkeys(n for n, _ in run_dirs))} "
+                   f"--seeds {' '.join(map(str, seeds))}`",
         "preset": f"{cfg['name']} ({cfg['path']})" + (f": {cfg['description']}"
                                                       if cfg["description"] else ""),
         "data": f"{data.resolve()} (validation fold {train_opts.get('fold', 0)})",
