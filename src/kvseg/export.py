@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, *, dynami
             _export_dynamo(model, example, path, dynamic=dynamic, opset=opset)
             return "dynamo", ""
         except Exception as e:  # the dynamo exporter raises many types; report, then fall back
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            reason = _reason(e)
             if exporter == "dynamo":
                 raise ValueError(f"dynamo ONNX export failed: {reason}") from e
             log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", reason)
@@ -168,6 +169,15 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, *, dynami
     except Exception as e:
         raise ValueError(f"TorchScript ONNX export failed: {e}") from e
     return "torchscript", note
+
+
+def _reason(e: Exception) -> str:
+    """One short line: the root cause the dynamo exporter lists under "Exception summary"."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if ln.startswith("<class ")]
+    line = causes[0] if causes else (lines[0] if lines else type(e).__name__)
+    return line.replace("<class '", "").replace("'>", "", 1)[:200]
 
 
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, *, dynamic: bool,
