@@ -341,8 +341,8 @@ class _Trainer:
     # ---- set-up
     def setup(self) -> None:
         c = self.config
-        if c.device == "auto" and self.device.type == "cuda" and self.info.enabled:
-            self.device = torch.device("cuda", self.info.local_rank)
+        if self.device.type == "cuda" and self.info.enabled and self.device.index is None:
+            self.device = torch.device("cuda", self.info.local_rank)  # one GPU per process
         self.amp_dtype = self._amp_dtype()
         seed_everything(c.seed)
         self.train_ds, self.val_ds = build_datasets(c)
