@@ -636,6 +636,8 @@ def train(config: TrainConfig) -> dict:
     """
     if config.out is None:
         raise ValueError("out: the run directory is required (--out RUN_DIR)")
+    if config.resume and not (Path(config.out) / "last.ckpt").is_file():
+        raise FileNotFoundError(f"{Path(config.out) / 'last.ckpt'}: nothing to resume from")
     device = resolve_device(config.device)
     info = D.setup(device.type)
     owns_group = info.enabled
