@@ -568,10 +568,10 @@ class _Trainer:
         c = self.config
         if c.resume:
             self.resume()
+        elif (self.out / "last.ckpt").exists():  # checked on every rank: all of them stop
+            raise ValueError(f"{self.out}: already holds a run (last.ckpt); pass --resume "
+                             "to continue it or choose another --out")
         elif self.main:
-            if (self.out / "last.ckpt").exists():
-                raise ValueError(f"{self.out}: already holds a run (last.ckpt); pass --resume "
-                                 "to continue it or choose another --out")
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml",
                               yaml.safe_dump(self.model_config, sort_keys=False))
