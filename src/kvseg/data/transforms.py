@@ -27,13 +27,13 @@ P_LOW, P_HIGH = 0.5, 99.5
 
 def normalize_slices(stack: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Percentile-normalise each channel of a (C, H, W) stack to [0, 1] (float32)."""
-    x = torch.as_tensor(np.asarray(stack, dtype=np.float32) if not torch.is_tensor(stack)
-                        else stack.float())
-    if x.ndim != 3:
-        raise ValueError(f"expected a (C, H, W) stack, got shape {tuple(x.shape)}")
-    flat = x.reshape(x.shape[0], -1)
-    q = torch.tensor([P_LOW / 100, P_HIGH / 100], dtype=torch.float32)
-    lo, hi = torch.quantile(flat, q, dim=1)  # each (C,)
+    arr = stack.float().cpu().numpy() if torch.is_tensor(stack) else np.asarray(stack, np.float32)
+    if arr.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) stack, got shape {tuple(arr.shape)}")
+    # numpy's partition-based percentile is ~4x faster than torch.quantile's sort
+    q = np.percentile(arr.reshape(arr.shape[0], -1), (P_LOW, P_HIGH), axis=1)
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    lo, hi = (torch.from_numpy(v.astype(np.float32)) for v in q)  # each (C,)
     scale = hi - lo
     ok = scale > 1e-6
     out = (x - lo[:, None, None]) / torch.where(ok, scale, torch.ones_like(scale))[:, None, None]
