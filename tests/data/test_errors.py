@@ -149,3 +149,11 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and "file.txt" in err and "Traceback" not in err
     assert main(["synth", "--out", str(tmp_path / "x"), "--cases", "0"]) == 2
     assert "--cases" in capsys.readouterr().err
+
+
+def test_unwritable_cache_dir_says_how_to_fix_it(tmp_path, make_uw):
+    root = make_uw(tmp_path / "uw")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="cache_dir"):
+        UWMadison(root, split="all", img_size=8, cache_dir=blocker / "cache")

@@ -357,6 +357,13 @@ class SliceCache:
         reason = self._check()
         if reason is None:
             return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f"uw-{self.key}.lock"
+            probe.touch()
+        except OSError as e:
+            raise PermissionError(f"{self.dir}: cannot write the slice cache here ({e.strerror}); "
+                                  "pass another cache_dir (--cache-dir) or cache=False") from None
         with _file_lock(self.dir / f"uw-{self.key}.lock"):
             reason = self._check()  # another process may have built it while we waited
             if reason is None:
