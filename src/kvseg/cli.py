@@ -76,6 +76,7 @@ def _add_train(sub) -> None:
     p.add_argument("--out")
     p.add_argument("--size")
     p.add_argument("--img-size", type=int)
+    p.add_argument("--pretrained", help="local weights file to initialise from (matching tensors)")
     p.add_argument("--context", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

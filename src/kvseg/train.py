@@ -83,6 +83,7 @@ class TrainConfig:
     img_size: int = 256
     head: str | None = None  # SETR decoder head (naive, pup, mla); None = the preset's
     model_overrides: dict = field(default_factory=dict)  # preset fields, e.g. {depth: 6}
+    pretrained: str | None = None  # local weights file to initialise from (matching tensors)
     # data
     data: str | None = None  # dataset root (UW-Madison layout)
     context: int = 0  # neighbouring slices on each side stacked as channels (2.5D)
@@ -357,7 +358,14 @@ class _Trainer:
         self.model_config["data"] = str(Path(c.data).resolve())
         self.model_config["out"] = str(self.out)
         seed_everything(c.seed)  # the same weights whatever the dataset did above
-        self.model = build_model(self.model_config).to(self.device)
+        self.model = build_model(self.model_config)
+        if c.pretrained is not None and not c.resume:
+            from kvseg.models.pretrained import load_pretrained
+
+            report = load_pretrained(self.model, c.pretrained)
+            if self.main:
+                log.info("initialised from %s: %s", c.pretrained, report.summary())
+        self.model = self.model.to(self.device)
         if self.info.rank:
             seed_everything(c.seed + 7919 * self.info.rank)  # per-rank dropout/augment streams
         self.gen = torch.Generator().manual_seed(c.seed + 7919 * self.info.rank)

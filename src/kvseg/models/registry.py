@@ -87,13 +87,15 @@ def resolve_config(name: str, size: str = "base", **overrides):
 
 
 def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_size: int = 256,
-                 size: str = "base", **overrides) -> nn.Module:
+                 size: str = "base", pretrained: str | None = None, **overrides) -> nn.Module:
     """Build variant ``name``: (B, in_channels, H, W) -> logits (B, num_classes, H, W), any H, W.
 
     ``img_size`` sizes the learned position embedding table (resized for other inputs).
     ``size`` picks a preset (micro, small, base, large); ``overrides`` replace preset fields
     (e.g. ``depth=6``, ``head="mla"``, ``pos_dim=10``). The model carries ``name``, ``size``
-    and ``config`` (the resolved dataclass) as attributes.
+    and ``config`` (the resolved dataclass) as attributes. ``pretrained`` is a local weights
+    file whose tensors matching by name and shape initialise the model
+    (:func:`kvseg.models.pretrained.load_pretrained`; nothing is downloaded).
     """
     family, mode = _lookup(name)
     if num_classes < 1 or in_channels < 1 or img_size < 1:
@@ -103,6 +105,10 @@ def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_s
     model = BUILDERS[family](cfg, mode, in_channels=in_channels, num_classes=num_classes,
                              img_size=img_size)
     model.name, model.size, model.config = name, size, cfg
+    if pretrained is not None:
+        from kvseg.models.pretrained import load_pretrained
+
+        load_pretrained(model, pretrained)
     return model
 
 
