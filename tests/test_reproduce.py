@@ -242,3 +242,14 @@ def test_a_diverged_variant_is_recorded_and_the_others_reported(tiny, tmp_path, 
     assert rows["setr_kv"]["jaccard"] is None and rows["setr_kv"]["params"] > 0
     assert rows["setr_qkv"]["status"] == "ok" and rows["setr_qkv"]["jaccard"] is not None
     assert "no score (a run diverged)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_stay_valid_when_kvseg_gains_an_option_at_its_default():
+    from kvseg.reproduce import _same_settings
+
+    stored = {"model": "setr_kv", "epochs": 2, "profile": {"latency_repeats": 2}}
+    assert _same_settings(stored, {**stored, "pretrained": None})  # new option, default value
+    assert not _same_settings(stored, {**stored, "pretrained": "w.safetensors"})
+    assert not _same_settings(stored, {**stored, "epochs": 3})
+    assert not _same_settings({**stored, "bogus": 1}, stored)
+    assert not _same_settings(None, stored)

@@ -12,7 +12,7 @@ Layout of ``OUT``::
     results.csv results.json report.md jaccard_vs_macs.png training_curves.png samples.png
 
 Resuming: a run with ``done.json`` is complete and is skipped; an interrupted run continues
-from its ``last.ckpt``. ``done.json`` stores a fingerprint of the run's settings; reusing ``OUT``
+from its ``last.ckpt``. ``done.json`` stores the run's settings; reusing ``OUT``
 with other settings (another preset, another data folder) is refused rather than mixed.
 
 Profiling (per model, batch 1, the preset's ``img_size`` and channels, random input):
@@ -264,6 +264,28 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _same_settings(stored: dict | None, current: dict) -> bool:
+    """Whether a finished run's settings equal the current ones. A training option the stored
+    run does not list (added to kvseg since) counts as equal when the current value is that
+    option's default, so upgrading kvseg does not invalidate finished runs."""
+    import dataclasses
+
+    from kvseg.train import TrainConfig
+
+    if not isinstance(stored, dict):
+        return False
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    missing = object()
+    for key in set(stored) | set(current):
+        a, b = stored.get(key, missing), current.get(key, missing)
+        a = defaults.get(key, missing) if a is missing else a
+        b = defaults.get(key, missing) if b is missing else b
+        if a != b:
+            return False
+    return True
+
+
 def _read_done(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -334,7 +356,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         fingerprint = _fingerprint(settings)
         done = _read_done(run_dir / "done.json")
         if done is not None:
-            if done.get("fingerprint") != fingerprint:
+            if not _same_settings(done.get("settings"), settings):
                 raise ValueError(f"{run_dir} holds a run with other settings (preset, data or "
                                  "epochs differ); use another --out")
             rows.append(done["row"])
