@@ -27,25 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from kvseg.layers import Attention, sinusoidal_2d
+from kvseg.profile import peak_cpu_memory
 from kvseg.utils import atomic_write_text
 
 FORMS = ("qkv", "kv", "kv_pos", "kv_pos_naive")
-
-
-def peak_bytes(fn) -> int:
-    """Peak bytes held by torch's CPU allocator during ``fn()`` above the level at its start."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    level = peak = 0
-    for e in events:
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak
 
 
 def interleaved_seconds(calls: dict, reps: dict[str, int]) -> dict[str, list[float]]:
@@ -109,7 +96,7 @@ def bench(n: int, reps: int, dim: int = 768, heads: int = 12, pos_dim: int = 50)
         torch.testing.assert_close(core_calls["kv_pos_core"](), core_calls["kv_pos_naive_core"](),
                                    atol=1e-4, rtol=1e-4)
         calls.update(core_calls)
-        peaks = {form: peak_bytes(fn) for form, fn in calls.items()}  # also the warm-up calls
+        peaks = {form: peak_cpu_memory(fn) for form, fn in calls.items()}  # also the warm-up calls
         reps_of = {form: min(reps, 3) if "naive" in form else reps for form in calls}
         times = interleaved_seconds(calls, reps_of)
     rows = []

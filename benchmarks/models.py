@@ -24,25 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import kvseg
 from kvseg.models.registry import model_info
-from kvseg.profile import count_macs, count_params
+from kvseg.profile import count_macs, count_params, peak_cpu_memory
 from kvseg.utils import atomic_write_text
-
-
-def peak_bytes(fn) -> int:
-    """Peak bytes held by torch's CPU allocator during ``fn()`` above the level at its start."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    level = peak = 0
-    for e in events:
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak
 
 
 def matmul_flops(n: int = 2048, reps: int = 5) -> float:
@@ -70,7 +56,7 @@ def bench_family(names: list[str], reps: int, batch: int, img: int) -> list[dict
             model(x).mean().backward()
         return run
 
-    peaks = {n: peak_bytes(step(m)) for n, m in models.items()}  # also the warm-up step
+    peaks = {n: peak_cpu_memory(step(m)) for n, m in models.items()}  # also the warm-up step
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(reps):
         for n, m in models.items():

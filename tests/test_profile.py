@@ -153,3 +153,22 @@ def test_cli_profile_and_models(capsys):
     assert main(["models", "--size", "micro", "--img-size", "64"]) == 0
     assert capsys.readouterr().out.count("\n| setr") == 9
     assert main(["profile", "--models", "nope", "--size", "micro"]) == 2
+
+
+def test_peak_cpu_memory_follows_allocations_and_frees(capfd):
+    from kvseg.profile import peak_cpu_memory
+
+    mib = 2**20
+    weights = torch.empty(8 * mib, dtype=torch.uint8)  # alive before: not counted
+
+    def fn():
+        a = torch.empty(1 * mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a  # 2 MiB alive
+        c = torch.empty(int(1.5 * mib), dtype=torch.uint8)  # 3.5 MiB alive: the peak
+        return b, c
+
+    peak = peak_cpu_memory(fn)
+    assert weights.numel() == 8 * mib
+    assert 3.5 * mib <= peak <= 3.5 * mib + 4096  # allocator rounding at most
+    assert "USDT" not in capfd.readouterr().err  # Kineto's native chatter is silenced

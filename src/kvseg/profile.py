@@ -20,10 +20,13 @@ Counts are for the whole input batch given; the tables use batch 1.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
+import sys
 
 import torch
 from torch import nn
@@ -172,3 +175,40 @@ def models_table(*, size: str = "base", img_size: int = 224) -> str:
         params = count_params(build_on_meta(name, size=size, img_size=img_size))
         lines.append(f"| {name} | {info['family']} | {info['mode']} | {params / 1e6:.2f} |")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence writes to file descriptor 2 by native code (Kineto prints a ``USDT:...
+    profiler_start/stop`` pair on every profiler session); Python's own stderr is flushed first."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_cpu_memory(fn) -> int:
+    """Peak bytes held by tensors that torch's CPU allocator hands out while ``fn()`` runs.
+
+    Measured from ``torch.profiler``'s memory events (``profile_memory=True``): the running sum of
+    allocations and frees, relative to the level when ``fn`` starts (so tensors that existed
+    before, such as the weights, are not counted). ``tracemalloc`` does not see torch's allocator
+    and the process RSS includes the interpreter and every earlier allocation.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                         profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak

@@ -151,26 +151,6 @@ def resolve_models(names: list[str] | tuple[str, ...]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- profiling
-def _peak_cpu_forward_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Peak bytes held by tensors allocated during one forward (see the module docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU],
-                                         profile_memory=True) as prof:
-        model(x)
-    events = []
-    for e in prof.events():
-        if e.name == "[memory]":
-            events.append((e.time_range.start, e.cpu_memory_usage))
-        elif e.self_cpu_memory_usage > 0:  # allocations are attributed to the op that made them
-            events.append((e.time_range.start, e.self_cpu_memory_usage))
-    current = peak = 0
-    for _, delta in sorted(events, key=lambda t: t[0]):
-        current += delta
-        peak = max(peak, current)
-    return int(peak)
-
-
 def _median_ms(fn, repeats: int, warmup: int, sync=None) -> float:
     for _ in range(warmup):
         fn()
@@ -195,7 +175,7 @@ def profile_model(model: torch.nn.Module, input_shape: tuple[int, int, int, int]
     ``gpu_peak_mem_mb`` (NaN without CUDA), ``threads`` and ``input_shape``. ``threads``
     sets torch's CPU thread count for the measurement (restored afterwards).
     """
-    from kvseg.profile import count_macs, count_params
+    from kvseg.profile import count_macs, count_params, peak_cpu_memory
 
     device = torch.device(device)
     model = model.cpu().eval()
@@ -210,7 +190,8 @@ def profile_model(model: torch.nn.Module, input_shape: tuple[int, int, int, int]
             out["latency_ms"] = _median_ms(lambda: model(x), repeats, warmup)
     finally:
         torch.set_num_threads(before)
-    out["peak_mem_mb"] = _peak_cpu_forward_bytes(model, x) / 2**20
+    with torch.inference_mode():
+        out["peak_mem_mb"] = peak_cpu_memory(lambda: model(x)) / 2**20
     out["gpu_latency_ms"] = out["gpu_peak_mem_mb"] = math.nan
     if device.type == "cuda":
         model, xg = model.to(device), x.to(device)
