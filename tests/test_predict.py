@@ -242,3 +242,22 @@ def test_cli_errors_exit_2_with_one_line(run_dir, tmp_path, capsys, argv, messag
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_default_threshold_is_the_runs_own(tmp_path):
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    model = create_model("setr_kv", size="micro", img_size=32, in_channels=1)
+    config = {"model": "setr_kv", "size": "micro", "img_size": 32, "in_channels": 1,
+              "num_classes": 3, "context": 0, "classes": list(CLASSES), "threshold": 0.45}
+    save_model(run / "best.safetensors", model, config)
+    src = tmp_path / "slice_0001_40_30_1.50_1.50.png"
+    _write_png(src, _phantom(30, 40, 15000).astype(np.uint16))
+
+    def masks(out, **kw):
+        predict(run, src, tmp_path / out, device="cpu", **kw)
+        return np.asarray(Image.open(tmp_path / out / "masks" / f"{src.stem}.png"))
+
+    default, at_045, at_05 = masks("d"), masks("a", threshold=0.45), masks("b", threshold=0.5)
+    np.testing.assert_array_equal(default, at_045)
+    assert not np.array_equal(at_045, at_05)  # the threshold matters for this model

@@ -144,7 +144,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--input", required=True, help="a PNG, a folder of PNGs or a UW-Madison root")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float,
+                   help="sigmoid threshold (default: the run's own, 0.5 unless trained otherwise)")
     p.add_argument("--tta", choices=["none", "flip"], default="none")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)

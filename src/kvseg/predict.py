@@ -216,21 +216,26 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- pipeline
-def predict(run_dir: str | Path, source: str | Path, out: str | Path, *, threshold: float = 0.5,
-            tta: str = "none", device: str = "auto", batch_size: int = 8) -> PredictSummary:
+def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
+            threshold: float | None = None, tta: str = "none", device: str = "auto",
+            batch_size: int = 8) -> PredictSummary:
     """Load ``RUN_DIR``'s best model and segment every slice found under ``source``.
 
-    See the module docstring for the inputs and the files written to ``out``.
+    ``threshold`` None takes the run's own (the one its validation metrics used; 0.5 by
+    default), so ``kvseg predict`` and ``kvseg evaluate`` agree. See the module docstring for the
+    inputs and the files written to ``out``.
     """
     from kvseg.checkpoint import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir}: no such run folder")
-    _check_args(threshold, tta, batch_size)
+    _check_args(0.5 if threshold is None else threshold, tta, batch_size)
     items = discover_inputs(source)  # before loading the model: a bad --input fails fast
     dev = resolve_device(device)
     model, config = load_run(run_dir, map_location="cpu")
+    if threshold is None:
+        threshold = float(config.get("threshold", 0.5))
     return predict_with_model(model.to(dev).eval(), items, out,
                               img_size=int(config["img_size"]),
                               context=int(config.get("context", 0) or 0),

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kvseg.data import BAD_SCANS, CLASSES, UWMadison, load_png, parse_slice_path
-from kvseg.data.synth import render_scan, scan_layout
+from kvseg.data.synth import generate, render_scan, scan_layout
 from kvseg.data.transforms import prepare_slices, resize_mask
 
 TINY = dict(cases=3, days=1, slices=8, seed=0)  # as tests/data/conftest.py's tiny_synth
@@ -227,3 +227,28 @@ def test_two_processes_building_the_cache_at_once(tiny_synth):
     assert sum(built for built, _ in results) == 1
     assert results[0][1] == results[1][1]
     assert not list((tiny_synth / ".kvseg_cache").glob("*.tmp"))
+
+
+def test_exclude_never_moves_other_cases_between_folds(tmp_path):
+    root = tmp_path / "uw5"
+    generate(root, cases=5, days=1, slices=4, seed=3)
+    cases = sorted({r.case for r in UWMadison(root, split="all", img_size=8, cache=False).records})
+    for dropped in cases:
+        for fold in range(2):
+            full = UWMadison(root, split="val", fold=fold, n_folds=2, img_size=8, cache=False)
+            full_val = {r.case for r in full.records}
+            try:
+                cut = UWMadison(root, split="val", fold=fold, n_folds=2, img_size=8, cache=False,
+                                exclude=[dropped])
+            except ValueError as e:  # the fold held only the dropped case
+                assert "selects no slices" in str(e) and full_val == {dropped}
+                continue
+            assert {r.case for r in cut.records} == full_val - {dropped}
+
+
+def test_train_csv_with_a_byte_order_mark_reads(tiny_synth):
+    csv_path = tiny_synth / "train.csv"
+    plain = UWMadison(tiny_synth, split="all", img_size=8, cache=False)
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())  # as Excel saves it
+    with_bom = UWMadison(tiny_synth, split="all", img_size=8, cache=False)
+    assert with_bom.ids == plain.ids

@@ -131,7 +131,7 @@ def read_train_csv(path: str | os.PathLike) -> dict[str, dict[str, tuple[int, st
     if not p.is_file():
         raise FileNotFoundError(f"{p}: train.csv not found")
     rows: dict[str, dict[str, tuple[int, str]]] = {}
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is dropped
         reader = csv.DictReader(f)
         missing = [c for c in ("id", "class", "segmentation") if c not in (reader.fieldnames or [])]
         if missing:
@@ -518,7 +518,9 @@ class UWMadison(Dataset):
                 raise ValueError(f"n_folds {n_folds}: expected 2..{n_cases} (number of cases)")
             if not 0 <= self.fold < self.n_folds:
                 raise ValueError(f"fold {fold}: expected 0..{self.n_folds - 1}")
-            folds = case_folds((r.case for r in keep), self.n_folds)
+            # Folds come from every case in the dataset, before `exclude`, so excluding a scan
+            # or a case never moves the other cases between folds.
+            folds = case_folds((r.case for r in self.all_records), self.n_folds)
             want_val = split == "val"
             keep = [r for r in keep if (folds[r.case] == self.fold) == want_val]
         if not keep:
