@@ -22,16 +22,7 @@ from kvseg.predict import (
     predict_with_model,
     read_image,
 )
-
-
-def naive_rle_decode(rle: str, height: int, width: int) -> np.ndarray:
-    """Written out pixel by pixel: 1-indexed starts, row-major over (height, width)."""
-    mask = np.zeros((height, width), np.uint8)
-    tokens = [int(t) for t in rle.split()]
-    for start, length in zip(tokens[0::2], tokens[1::2], strict=True):
-        for p in range(start - 1, start - 1 + length):
-            mask[p // width, p % width] = 1
-    return mask
+from reference import naive_decode
 
 
 class HalvesModel(nn.Module):
@@ -95,7 +86,7 @@ def test_masks_at_original_size_and_rle_decodes_back(tmp_path):
         assert bits[2][:, :179].all() and not bits[2][:, 181:].any()
         for c, name in enumerate(CLASSES):
             (row,) = [r for r in rows if r["id"] == item.id and r["class"] == name]
-            np.testing.assert_array_equal(naive_rle_decode(row["predicted"], 310, 360), bits[c])
+            np.testing.assert_array_equal(naive_decode(row["predicted"], 310, 360), bits[c])
         assert (out / "overlays" / f"{item.id}.png").is_file()
         assert np.asarray(Image.open(out / "overlays" / f"{item.id}.png")).shape == (310, 360, 3)
     assert [r["predicted"] for r in rows if r["class"] == "small_bowel"] == ["", ""]
@@ -212,7 +203,7 @@ def test_predict_from_a_run_dir_through_the_cli(run_dir, tmp_path, capsys):
     rows = _read_submission(out / "submission.csv")
     assert len(rows) == 3
     for c, row in enumerate(rows):
-        np.testing.assert_array_equal(naive_rle_decode(row["predicted"], 310, 360),
+        np.testing.assert_array_equal(naive_decode(row["predicted"], 310, 360),
                                       (png >> c) & 1)
     # predict() itself: the same masks without going through argparse
     summary = predict(run_dir, src, tmp_path / "again", tta="flip", device="cpu")
