@@ -1,0 +1,67 @@
+"""Write the golden logits that ``test_golden.py`` compares against (``golden/<name>.npy``).
+
+For each variant (three families × three attention modes): a ``micro`` model with two classes,
+built after ``torch.manual_seed(0)``; seeded noise (std 0.2) added to every attention parameter
+(at the ViT init, std 0.02, the attention is nearly uniform and a wrong scale or key bias would
+move the logits by less than the tolerance); the BatchNorm running statistics set to the batch
+statistics of one seeded training-mode forward (so eval-mode activations keep unit scale and the
+encoder's effect reaches the logits); then, in eval mode and float64, the logits of a fixed
+seeded (1, 3, 40, 56) input (non-square and not a multiple of 16, so padding and cropping run
+too), stored as float32. Nine files of ~18 KB.
+
+Regenerate only when the numerics change on purpose (a new init, a changed layer), never to make
+a failing golden test pass after a refactor that should have kept them::
+
+    .venv/bin/python tests/models/make_golden.py
+
+The stored files were written by the code from before the attention modes became registry
+classes (``PYTHONPATH=<checkout of that commit>/src``), so the test proves that refactor kept
+every output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kvseg
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+INPUT_SHAPE = (1, 3, 40, 56)
+NUM_CLASSES = 2
+
+
+def golden_logits(name: str) -> np.ndarray:
+    """The float32 logits (1, 2, 40, 56) of variant ``name``, as in the module docstring."""
+    torch.manual_seed(0)
+    model = kvseg.create_model(name, size="micro", img_size=48, num_classes=NUM_CLASSES)
+    noise = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for key, p in sorted(model.named_parameters()):
+            if ".attn." in key:
+                p.add_(0.2 * torch.randn(p.shape, generator=noise))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: running statistics := one batch's
+            m.reset_running_stats()
+    warm = torch.randn(*INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(*INPUT_SHAPE, generator=torch.Generator().manual_seed(2))
+    model.double()  # float64: the stored float32 values do not depend on the CPU's kernels
+    with torch.no_grad():
+        model.train()(warm.double())
+        return model.eval()(x.double()).float().numpy()
+
+
+def main() -> None:
+    GOLDEN_DIR.mkdir(exist_ok=True)
+    torch.set_num_threads(1)
+    for name in kvseg.list_models():
+        logits = golden_logits(name)
+        np.save(GOLDEN_DIR / f"{name}.npy", logits, allow_pickle=False)
+        print(f"{name}: {logits.shape} {logits.dtype}, |logits| max {np.abs(logits).max():.4f}")
+
+
+if __name__ == "__main__":
+    main()
