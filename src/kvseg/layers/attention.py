@@ -17,19 +17,28 @@
 The scale s is 1/sqrt(head_dim) in every mode. (Borji's ViT scripts and CvT's code use
 1/sqrt(model width) instead; his synthetic/NLP code uses the head dim, as here.)
 
-The attention products run in :class:`AttentionCore`, a parameter-free module shared with CvT's
-convolutional attention, so that the maths (and the MAC count) lives in one place.
+Each mode is one small class (:class:`QKVAttention`, :class:`KVAttention`,
+:class:`KVPosAttention`) that builds its q, k, v and hands them to :class:`AttentionCore`, a
+parameter-free module shared with CvT's convolutional attention, so that the maths (and the MAC
+count) lives in one place. Each class carries a :class:`ModeSpec`: the mode's one spelling in
+code (``kv_pos``), its display name (``KV-pos``) and the two facts other layers decide on (the
+keys serve as queries; a KV-pos key bias). :data:`ATTENTION_LAYERS` maps the name to the class
+and everything else derives from it: :data:`MODES`, :data:`MODE_LABELS`, :func:`mode_suffix`
+(the model-name suffix, ``kvpos``). ``Attention(dim, num_heads, mode)`` builds the class of
+``mode``. Adding a mode is adding a class and its row in :data:`ATTENTION_LAYERS`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("qkv", "kv", "kv_pos")
+from kvseg.errors import ConfigError
 
 
 def sinusoidal_2d(num_rows: int, num_cols: int, pos_dim: int, *, device=None,
@@ -84,7 +93,7 @@ class KVPosBias(nn.Module):
     def __init__(self, pos_dim: int = 50) -> None:
         super().__init__()
         if pos_dim < 2:
-            raise ValueError(f"pos_dim={pos_dim}: KV-pos needs at least 2 channels")
+            raise ConfigError(f"pos_dim={pos_dim}: KV-pos needs at least 2 channels")
         self.pos_dim = pos_dim
         # PyTorch's default Linear init, as in Borji's ViT_pos.py.
         self.map_pos = nn.Linear(pos_dim, 1)
@@ -115,7 +124,9 @@ class AttentionCore(nn.Module):
     """The attention products, parameter-free: softmax(q kᵀ · scale · temperature + bias) v.
 
     Args (forward):
-        q: (B, heads, Nq, d); k: (B, heads, Nk, d); v: (B, heads, Nk, dv).
+        q: queries (B, heads, Nq, d).
+        k: keys (B, heads, Nk, d).
+        v: values (B, heads, Nk, dv).
         temperature: optional scalar tensor multiplying the logits (KV-pos Σw); folded into q.
         key_bias: optional (Nk,) additive bias per key (KV-pos g(j)), broadcast over queries.
         return_attention: also return the post-softmax probabilities (B, heads, Nq, Nk),
@@ -154,12 +165,73 @@ class AttentionCore(nn.Module):
         return b * h * nq * k.shape[-2] * (d + v.shape[-1])
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over tokens, (B, N, dim) -> (B, N, dim).
+@dataclass(frozen=True)
+class ModeSpec:
+    """What an attention mode is, for every layer that implements it (tokens here, CvT's maps).
 
     Args:
-        dim: token width; num_heads: heads (dim must be divisible); mode: "qkv" | "kv" | "kv_pos".
-        qkv_bias: bias in the fused projection; attn_drop / proj_drop: dropout rates;
+        name: the one spelling in code and configs, e.g. ``"kv_pos"``.
+        label: the display name in tables and plots, e.g. ``"KV-pos"``.
+        shared_query: no query projection exists; the keys serve as queries.
+        key_bias: a :class:`KVPosBias` gives the logits a learned temperature and a per-key bias.
+    """
+
+    name: str
+    label: str
+    shared_query: bool
+    key_bias: bool
+
+    @property
+    def suffix(self) -> str:
+        """The model-name suffix: the name without underscores (``kv_pos`` -> ``kvpos``)."""
+        return self.name.replace("_", "")
+
+
+def check_heads(dim: int, num_heads: int) -> None:
+    """Raise :class:`ConfigError` unless ``dim`` splits into ``num_heads`` equal heads."""
+    if num_heads < 1 or dim % num_heads:
+        raise ConfigError(f"dim={dim} is not divisible by num_heads={num_heads}")
+
+
+def attend(core: AttentionCore, pos: KVPosBias | None, q: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor, return_attention: bool = False):
+    """Run q, k, v through ``core``, with ``pos``'s temperature and key bias unless it is None.
+
+    Args:
+        core: the shared products.
+        pos: the KV-pos bias of the layer, or None.
+        q: queries (B, heads, Nq, d).
+        k: keys (B, heads, Nk, d).
+        v: values (B, heads, Nk, dv).
+        return_attention: also compute the post-softmax probabilities (B, heads, Nq, Nk).
+
+    Returns ``(out, attention)``: out (B, Nq, heads·dv) with the heads merged, attention None
+    unless ``return_attention``.
+    """
+    temperature = key_bias = None
+    if pos is not None:
+        temperature, key_bias = pos(k.shape[-2])
+    out = core(q, k, v, temperature, key_bias, return_attention)
+    attn = None
+    if return_attention:
+        out, attn = out
+    b, _, nq, _ = out.shape
+    return out.transpose(1, 2).reshape(b, nq, -1), attn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over tokens, (B, N, dim) -> (B, N, dim), in one mode.
+
+    ``Attention(dim, num_heads, mode)`` builds the registered class of ``mode``
+    (:data:`ATTENTION_LAYERS`); the mode classes may also be built directly (``mode`` omitted).
+
+    Args:
+        dim: token width.
+        num_heads: heads (``dim`` must be divisible by it).
+        mode: ``"qkv"`` (default), ``"kv"`` or ``"kv_pos"``; a mode class, by default, its own.
+        qkv_bias: bias in the q/k/v projection.
+        attn_drop: dropout on the attention probabilities (training only).
+        proj_drop: dropout after the output projection.
         pos_dim: channels of the KV-pos encoding (``kv_pos`` only).
 
     Parameters: ``qkv`` Linear(dim, 3·dim) in ``qkv`` mode, ``kv`` Linear(dim, 2·dim) otherwise
@@ -170,37 +242,113 @@ class Attention(nn.Module):
     probabilities (B, heads, N, N).
     """
 
-    def __init__(self, dim: int, num_heads: int, mode: str = "qkv", qkv_bias: bool = True,
+    spec: ClassVar[ModeSpec]
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Attention:  # the public entry point: the class registered for the mode
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "qkv")
+            cls = attention_layer(mode)
+        return super().__new__(cls)
+
+    def __init__(self, dim: int, num_heads: int, mode: str | None = None, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pos_dim: int = 50) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        self.mode, self.num_heads, self.head_dim = mode, num_heads, dim // num_heads
-        if mode == "qkv":
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        else:
-            self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.pos = KVPosBias(pos_dim) if mode == "kv_pos" else None
+        if mode is not None and mode != self.spec.name:
+            raise ConfigError(f"mode={mode!r}: {type(self).__name__} is {self.spec.name!r}")
+        check_heads(dim, num_heads)
+        self.mode, self.num_heads, self.head_dim = self.spec.name, num_heads, dim // num_heads
+        self.build_projection(dim, qkv_bias)
+        self.pos = KVPosBias(pos_dim) if self.spec.key_bias else None
         self.core = AttentionCore(self.head_dim ** -0.5, attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def build_projection(self, dim: int, qkv_bias: bool) -> None:
+        """Create the q/k/v projection parameters of the mode."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, dim) tokens -> q, k, v, each (B, heads, N, head_dim)."""
+        raise NotImplementedError
+
+    def _split(self, t: torch.Tensor, parts: int) -> torch.Tensor:
+        b, n, _ = t.shape  # (B, N, parts·dim) -> (parts, B, heads, N, head_dim)
+        return t.view(b, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    @overload
+    def forward(self, x: torch.Tensor, return_attention: Literal[False] = False) -> torch.Tensor:
+        ...
+
+    @overload
+    def forward(self, x: torch.Tensor,
+                return_attention: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        b, n, c = x.shape
-        if self.mode == "qkv":
-            q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(
-                2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        else:
-            k, v = self.kv(x).view(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q = k  # the keys serve as queries
-        temperature = key_bias = None
-        if self.pos is not None:
-            temperature, key_bias = self.pos(n)
-        out = self.core(q, k, v, temperature, key_bias, return_attention)
-        attn = None
-        if return_attention:
-            out, attn = out
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))  # (B, N, dim)
+        out, attn = attend(self.core, self.pos, *self.project(x), return_attention)
+        out = self.proj_drop(self.proj(out))  # (B, N, dim)
         return (out, attn) if return_attention else out
+
+
+class QKVAttention(Attention):
+    """``qkv``: the standard Transformer, one fused Linear(dim, 3·dim) for q, k and v."""
+
+    spec = ModeSpec("qkv", "QKV", shared_query=False, key_bias=False)
+
+    def build_projection(self, dim: int, qkv_bias: bool) -> None:
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self._split(self.qkv(x), 3)
+        return q, k, v
+
+
+class KVAttention(Attention):
+    """``kv``: Borji's Key-Value Transformer, Linear(dim, 2·dim) for k and v; k is the query."""
+
+    spec = ModeSpec("kv", "KV", shared_query=True, key_bias=False)
+
+    def build_projection(self, dim: int, qkv_bias: bool) -> None:
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k, v = self._split(self.kv(x), 2)
+        return k, k, v  # the keys serve as queries
+
+
+class KVPosAttention(KVAttention):
+    """``kv_pos``: KV plus the factored KV-pos bias (``pos``, a :class:`KVPosBias`)."""
+
+    spec = ModeSpec("kv_pos", "KV-pos", shared_query=True, key_bias=True)
+
+
+#: The mode registry, in the paper's order: name -> the token attention class of that mode.
+ATTENTION_LAYERS: dict[str, type[Attention]] = {
+    cls.spec.name: cls for cls in (QKVAttention, KVAttention, KVPosAttention)}
+#: The mode names (paper order): ``("qkv", "kv", "kv_pos")``.
+MODES: tuple[str, ...] = tuple(ATTENTION_LAYERS)
+#: Display names by mode: ``{"qkv": "QKV", "kv": "KV", "kv_pos": "KV-pos"}``.
+MODE_LABELS: dict[str, str] = {name: cls.spec.label for name, cls in ATTENTION_LAYERS.items()}
+
+
+def attention_layer(mode: str) -> type[Attention]:
+    """The token attention class of ``mode``; :class:`ConfigError` naming it if unknown."""
+    try:
+        return ATTENTION_LAYERS[mode]
+    except (KeyError, TypeError):
+        raise ConfigError(f"mode={mode!r}: expected one of {', '.join(MODES)}") from None
+
+
+def mode_spec(mode: str) -> ModeSpec:
+    """The :class:`ModeSpec` of ``mode`` (:class:`ConfigError` if unknown)."""
+    return attention_layer(mode).spec
+
+
+def mode_label(mode: str) -> str:
+    """The display name of ``mode``: ``QKV``, ``KV``, ``KV-pos``."""
+    return mode_spec(mode).label
+
+
+def mode_suffix(mode: str) -> str:
+    """The model-name suffix of ``mode``: ``qkv``, ``kv``, ``kvpos``."""
+    return mode_spec(mode).suffix

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvseg.errors import ConfigError
+
 
 class SegmentationModel(nn.Module):
     """(B, in_channels, H, W) -> logits (B, num_classes, H, W), any H and W.
@@ -27,10 +29,10 @@ class SegmentationModel(nn.Module):
         self.input_multiple = input_multiple
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless x is (B, in_channels, H, W)."""
+        """Raise :class:`ConfigError` unless x is (B, in_channels, H, W)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input of shape {tuple(x.shape)}: expected (B, {self.in_channels}, "
-                             "H, W)")
+            raise ConfigError(f"input of shape {tuple(x.shape)}: expected "
+                              f"(B, {self.in_channels}, H, W)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):

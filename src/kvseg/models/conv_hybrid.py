@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvseg.errors import ConfigError
 from kvseg.layers.blocks import (
     PosEmbed2d,
     TransformerBlock,
@@ -74,7 +75,7 @@ class ResNetStem(nn.Module):
     def __init__(self, in_channels: int, width: int, layers: tuple[int, ...]) -> None:
         super().__init__()
         if len(layers) != 3:
-            raise ValueError(f"resnet_layers={layers}: expected three stages")
+            raise ConfigError(f"resnet_layers={layers}: expected three stages")
         self.root = conv_bn_relu(in_channels, width, 7, 2)
         self.pool = nn.MaxPool2d(3, 2, 1)
         stages, c = [], width
@@ -129,7 +130,7 @@ class CascadedUpsampler(nn.Module):
     def __init__(self, dim: int, skip_channels: list[int], cfg: HybridConfig) -> None:
         super().__init__()
         if len(cfg.decoder_channels) != 4:
-            raise ValueError(f"decoder_channels={cfg.decoder_channels}: expected four values")
+            raise ConfigError(f"decoder_channels={cfg.decoder_channels}: expected four values")
         self.neck = conv_bn_relu(dim, cfg.neck_channels, 3)
         skips = list(reversed(skip_channels)) + [0]  # 1/8, 1/4, 1/2, none
         ins = [cfg.neck_channels] + list(cfg.decoder_channels[:-1])

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvseg.layers.attention import MODES, AttentionCore, KVPosBias
+from kvseg.errors import ConfigError
+from kvseg.layers.attention import AttentionCore, KVPosBias, attend, check_heads, mode_spec
 from kvseg.layers.blocks import DropPath, Mlp, conv_bn_relu, init_weights, map_to_tokens
 from kvseg.models.base import SegmentationModel
 
@@ -58,29 +59,40 @@ def dw_bn(dim: int, stride: int) -> nn.Sequential:
 class ConvAttention(nn.Module):
     """CvT attention on a token map: x (B, h·w, C) with its (h, w) -> (B, h·w, C).
 
-    ``qkv``: Q = Linear(dw_bn_s1(x)), K = Linear(dw_bn_s2(x)), V = Linear(dw_bn_s2(x)).
-    ``kv`` / ``kv_pos``: K_full = Linear(dw_bn_s1(x)) serves as the queries and its stride-2
-    subsample as the keys; V as above. ``kv_pos`` adds the factored KV-pos bias over the key
-    indices. The products run in the shared :class:`AttentionCore`.
+    The mode's :class:`~kvseg.layers.attention.ModeSpec` decides the branches. Separate query
+    (``qkv``): Q = Linear(dw_bn_s1(x)), K = Linear(dw_bn_s2(x)), V = Linear(dw_bn_s2(x)).
+    Shared query (``kv``, ``kv_pos``): K_full = Linear(dw_bn_s1(x)) serves as the queries and its
+    stride-2 subsample as the keys; V as above. A key bias (``kv_pos``) adds the factored KV-pos
+    temperature and bias over the key indices. The products run in the shared
+    :class:`AttentionCore`.
+
+    Args:
+        dim: channels C.
+        num_heads: heads (``dim`` must be divisible by it).
+        mode: ``"qkv"``, ``"kv"`` or ``"kv_pos"``.
+        qkv_bias: bias in the q/k/v Linear layers.
+        attn_drop: dropout on the attention probabilities (training only).
+        proj_drop: dropout after the output projection.
+        pos_dim: channels of the KV-pos encoding (``kv_pos`` only).
+        stride_kv: stride of the key/value convolutions.
     """
 
     def __init__(self, dim: int, num_heads: int, mode: str = "qkv", qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pos_dim: int = 50,
                  stride_kv: int = 2) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        self.mode, self.num_heads, self.stride_kv = mode, num_heads, stride_kv
-        if mode == "qkv":
+        self.spec = mode_spec(mode)
+        check_heads(dim, num_heads)
+        self.mode, self.num_heads, self.stride_kv = self.spec.name, num_heads, stride_kv
+        shared = self.spec.shared_query
+        if not shared:
             self.conv_proj_q = dw_bn(dim, 1)
             self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.conv_proj_k = dw_bn(dim, stride_kv if mode == "qkv" else 1)
+        self.conv_proj_k = dw_bn(dim, 1 if shared else stride_kv)
         self.conv_proj_v = dw_bn(dim, stride_kv)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.pos = KVPosBias(pos_dim) if mode == "kv_pos" else None
+        self.pos = KVPosBias(pos_dim) if self.spec.key_bias else None
         self.core = AttentionCore((dim // num_heads) ** -0.5, attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -92,23 +104,17 @@ class ConvAttention(nn.Module):
     def forward(self, x: torch.Tensor, h: int, w: int, return_attention: bool = False):
         b, n, c = x.shape
         m = x.transpose(1, 2).reshape(b, c, h, w)  # token map (B, C, h, w)
-        if self.mode == "qkv":
-            q = self.proj_q(map_to_tokens(self.conv_proj_q(m)))  # (B, N, C)
-            k = self.proj_k(map_to_tokens(self.conv_proj_k(m)))  # (B, M, C)
-        else:
+        if self.spec.shared_query:
             q = self.proj_k(map_to_tokens(self.conv_proj_k(m)))  # K at stride 1: (B, N, C)
             s = self.stride_kv
             k = q.view(b, h, w, c)[:, ::s, ::s].reshape(b, -1, c)  # its stride-s subsample
+        else:
+            q = self.proj_q(map_to_tokens(self.conv_proj_q(m)))  # (B, N, C)
+            k = self.proj_k(map_to_tokens(self.conv_proj_k(m)))  # (B, M, C)
         v = self.proj_v(map_to_tokens(self.conv_proj_v(m)))  # (B, M, C)
-        temperature = key_bias = None
-        if self.pos is not None:
-            temperature, key_bias = self.pos(k.shape[1])
-        out = self.core(self._heads(q), self._heads(k), self._heads(v), temperature, key_bias,
-                        return_attention)
-        attn = None
-        if return_attention:
-            out, attn = out
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        out, attn = attend(self.core, self.pos, self._heads(q), self._heads(k), self._heads(v),
+                           return_attention)
+        out = self.proj_drop(self.proj(out))  # (B, N, C)
         return (out, attn) if return_attention else out
 
 
@@ -161,9 +167,10 @@ class CvTEncoder(nn.Module):
         fields = (cfg.depths, cfg.num_heads, cfg.patch_sizes, cfg.patch_strides,
                   cfg.patch_padding)
         if any(len(f) != n for f in fields):
-            raise ValueError(f"dims={cfg.dims}, depths={cfg.depths}, num_heads={cfg.num_heads}, "
-                             f"patch_sizes={cfg.patch_sizes}, patch_strides={cfg.patch_strides}: "
-                             "expected one value per stage")
+            raise ConfigError(f"dims={cfg.dims}, depths={cfg.depths}, num_heads={cfg.num_heads}, "
+                              f"patch_sizes={cfg.patch_sizes}, "
+                              f"patch_strides={cfg.patch_strides}, "
+                              f"patch_padding={cfg.patch_padding}: expected one value per stage")
         total = sum(cfg.depths)
         rates = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
         stages, c, start = [], in_channels, 0

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kvseg.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: one line naming it
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable weights file "
+                              f"({type(e).__name__}: {e})") from e
     if isinstance(state, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(state.get(key), dict):
@@ -56,7 +59,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
-        raise ValueError(f"{path}: holds no state dict of tensors")
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -64,8 +67,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *,
                     strict: bool = False) -> LoadReport:
     """Copy the matching tensors of ``path`` into ``model`` in place; return what was done.
 
-    ``strict=True`` raises ValueError unless every model tensor is loaded with its shape.
-    A file sharing no tensor with the model is always an error (the wrong file, most likely).
+    ``strict=True`` raises :class:`CheckpointError` unless every model tensor is loaded with its
+    shape. A file sharing no tensor with the model is always an error (the wrong file, most
+    likely).
     """
     state = read_state_dict(path)
     own = model.state_dict()
@@ -81,9 +85,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *,
     report.loaded = sorted(to_load)
     report.missing = sorted(set(own) - set(to_load) - {m.split(" ")[0] for m in report.mismatched})
     if not to_load:
-        raise ValueError(f"{path}: no tensor matches the model by name and shape")
+        raise CheckpointError(f"{path}: no tensor matches the model by name and shape")
     if strict and (report.missing or report.mismatched):
-        raise ValueError(f"{path}: strict load failed: {report.summary()}")
+        raise CheckpointError(f"{path}: strict load failed: {report.summary()}")
     model.load_state_dict(to_load, strict=False)
     log.info("pretrained %s: %s", path, report.summary())
     return report

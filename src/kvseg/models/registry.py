@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from kvseg.errors import ConfigError
+from kvseg.layers.attention import MODES, mode_suffix
 from kvseg.models.conv_hybrid import HybridConfig, build_conv_hybrid
 from kvseg.models.cvt import CvTConfig, build_cvt
 from kvseg.models.setr import SETRConfig, build_setr
@@ -50,15 +52,14 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "setr_cvt": build_cvt,
 }
 
-_MODE_SUFFIX = {"qkv": "qkv", "kv": "kv", "kv_pos": "kvpos"}
+#: Variant name -> (family, mode): ``{family}_{mode_suffix(mode)}``, e.g. ``setr_conv_kvpos``.
 _VARIANTS: dict[str, tuple[str, str]] = {
-    f"{family}_{suffix}": (family, mode)
-    for family in BUILDERS for mode, suffix in _MODE_SUFFIX.items()
+    f"{family}_{mode_suffix(mode)}": (family, mode) for family in BUILDERS for mode in MODES
 }
 
 
 def list_models() -> list[str]:
-    """The nine variant names: ``setr|setr_conv|setr_cvt`` × ``qkv|kv|kvpos``."""
+    """The nine variant names: ``setr|setr_conv|setr_cvt`` × the mode suffixes ``qkv|kv|kvpos``."""
     return list(_VARIANTS)
 
 
@@ -71,17 +72,18 @@ def model_info(name: str) -> dict[str, str]:
 def resolve_config(name: str, size: str = "base", **overrides):
     """The preset dataclass of ``name`` at ``size`` with ``overrides`` applied.
 
-    Raises ValueError for an unknown name, size or override key. Lists become tuples (YAML).
+    Raises :class:`ConfigError` for an unknown name, size or override key. Lists become tuples
+    (YAML).
     """
     family, _ = _lookup(name)
     if size not in PRESETS[family]:
-        raise ValueError(f"size={size!r}: expected one of {', '.join(SIZES)}")
+        raise ConfigError(f"size={size!r}: expected one of {', '.join(SIZES)}")
     preset = PRESETS[family][size]
     fields = {f.name for f in dataclasses.fields(preset)}
     for key in overrides:
         if key not in fields:
-            raise ValueError(f"unknown override {key!r} for {name}; valid keys: "
-                             f"{', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown override {key!r} for {name}; valid keys: "
+                              f"{', '.join(sorted(fields))}")
     clean = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return dataclasses.replace(preset, **clean)
 
@@ -99,8 +101,8 @@ def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_s
     """
     family, mode = _lookup(name)
     if num_classes < 1 or in_channels < 1 or img_size < 1:
-        raise ValueError(f"num_classes={num_classes}, in_channels={in_channels}, "
-                         f"img_size={img_size}: all must be positive")
+        raise ConfigError(f"num_classes={num_classes}, in_channels={in_channels}, "
+                          f"img_size={img_size}: all must be positive")
     cfg = resolve_config(name, size, **overrides)
     model = BUILDERS[family](cfg, mode, in_channels=in_channels, num_classes=num_classes,
                              img_size=img_size)
@@ -114,5 +116,5 @@ def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_s
 
 def _lookup(name: str) -> tuple[str, str]:
     if name not in _VARIANTS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(_VARIANTS)}")
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(_VARIANTS)}")
     return _VARIANTS[name]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvseg.errors import ConfigError
 from kvseg.layers.blocks import (
     PatchEmbed,
     PosEmbed2d,
@@ -146,14 +147,14 @@ def build_setr(cfg: SETRConfig, mode: str, *, in_channels: int, num_classes: int
                img_size: int) -> SegmentationModel:
     """SETR with the head ``cfg.head``; see the module docstring."""
     if cfg.head not in HEADS:
-        raise ValueError(f"head={cfg.head!r}: expected one of {', '.join(HEADS)}")
+        raise ConfigError(f"head={cfg.head!r}: expected one of {', '.join(HEADS)}")
     p = cfg.patch_size
     if p < 1 or p & (p - 1):
-        raise ValueError(f"patch_size={p}: expected a power of two")
+        raise ConfigError(f"patch_size={p}: expected a power of two")
     if cfg.head == "mla":
         indices = mla_indices(cfg.depth)
         if len(indices) != 4:
-            raise ValueError(f"depth={cfg.depth}: the mla head needs at least 4 layers")
+            raise ConfigError(f"depth={cfg.depth}: the mla head needs at least 4 layers")
         decoder, out_ch = MLAHead(cfg.dim, cfg.decoder_channels), 2 * cfg.decoder_channels
     else:
         indices = [cfg.depth - 1]

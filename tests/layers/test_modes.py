@@ -1,0 +1,111 @@
+"""The attention-mode registry: one class per mode, chosen by name; names, labels, suffixes."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+
+import pytest
+import torch
+
+import kvseg
+from kvseg.errors import ConfigError
+from kvseg.layers import (
+    ATTENTION_LAYERS,
+    MODE_LABELS,
+    MODES,
+    Attention,
+    KVAttention,
+    KVPosAttention,
+    KVPosBias,
+    ModeSpec,
+    QKVAttention,
+    TransformerBlock,
+    attention_layer,
+    mode_label,
+    mode_spec,
+    mode_suffix,
+)
+from kvseg.models.cvt import ConvAttention, CvTBlock
+
+
+def test_names_labels_suffixes():
+    assert MODES == ("qkv", "kv", "kv_pos")  # the paper's order
+    assert MODE_LABELS == {"qkv": "QKV", "kv": "KV", "kv_pos": "KV-pos"}
+    assert [mode_label(m) for m in MODES] == ["QKV", "KV", "KV-pos"]
+    assert [mode_suffix(m) for m in MODES] == ["qkv", "kv", "kvpos"]
+    assert ATTENTION_LAYERS == {"qkv": QKVAttention, "kv": KVAttention,
+                                "kv_pos": KVPosAttention}
+    assert [(mode_spec(m).shared_query, mode_spec(m).key_bias) for m in MODES] == [
+        (False, False), (True, False), (True, True)]
+    assert {kvseg.models.model_info(f"setr_{mode_suffix(m)}")["mode"] for m in MODES} == set(MODES)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_builds_the_registered_class(mode):
+    attn = Attention(16, 2, mode)
+    assert type(attn) is attention_layer(mode) and isinstance(attn, Attention)
+    assert attn.mode == mode and type(attn).spec.name == mode
+    assert type(Attention(16, 2, mode=mode)) is attention_layer(mode)
+    direct = attention_layer(mode)(16, 2)  # the class itself, mode omitted
+    assert type(direct) is attention_layer(mode)
+    assert [k for k, _ in direct.state_dict().items()] == list(attn.state_dict())
+    assert type(Attention(16, 2)) is QKVAttention  # the default mode
+
+
+@pytest.mark.parametrize("bad", ["kvpos", "KV-pos", "qk", "", None])
+def test_unknown_mode_is_a_config_error_naming_it(bad):
+    with pytest.raises(ConfigError, match=f"mode={bad!r}"):
+        Attention(16, 2, bad)
+    with pytest.raises(ConfigError, match=f"mode={bad!r}"):
+        ConvAttention(16, 2, bad)
+    with pytest.raises(ConfigError, match=f"mode={bad!r}"):
+        mode_label(bad)
+
+
+def test_user_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="num_heads=3"):
+        Attention(16, 3, "kv")
+    with pytest.raises(ConfigError, match="num_heads=5"):
+        ConvAttention(16, 5, "kv")
+    with pytest.raises(ConfigError, match="pos_dim=1"):
+        KVPosBias(1)
+    with pytest.raises(ConfigError, match="mode='qkv'"):
+        KVAttention(16, 2, "qkv")  # a mode class is its mode only
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_copy_and_pickle_keep_the_class_and_the_outputs(mode):
+    torch.manual_seed(0)
+    attn = Attention(16, 2, mode).eval()
+    x = torch.randn(1, 9, 16)
+    buf = io.BytesIO()
+    torch.save(attn, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(attn), torch.load(buf, weights_only=False)):
+        assert type(other) is type(attn)
+        torch.testing.assert_close(other(x), attn(x))
+
+
+def test_a_new_mode_is_a_class_and_a_registry_row(monkeypatch):
+    """A mode defined outside the module works in token and CvT attention without other edits."""
+
+    class KVBiasAttention(KVAttention):  # a hypothetical fourth mode
+        spec = ModeSpec("kv_bias", "KV-bias", shared_query=True, key_bias=True)
+
+    monkeypatch.setitem(ATTENTION_LAYERS, "kv_bias", KVBiasAttention)
+    attn = Attention(16, 2, "kv_bias", pos_dim=10)
+    assert type(attn) is KVBiasAttention and attn.pos.pos_dim == 10
+    assert mode_label("kv_bias") == "KV-bias" and mode_suffix("kv_bias") == "kvbias"
+    assert attn(torch.randn(1, 9, 16)).shape == (1, 9, 16)
+    conv = ConvAttention(16, 2, "kv_bias", pos_dim=10)
+    assert not hasattr(conv, "proj_q") and conv.pos is not None
+    assert conv(torch.randn(1, 16, 16), 4, 4).shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("forward", [TransformerBlock.forward, CvTBlock.forward,
+                                     kvseg.models.SegmentationModel.forward])
+def test_blocks_and_models_do_not_thread_return_attention(forward):
+    """Attention maps come from hooks on the attention modules, not through every forward."""
+    assert "return_attention" not in inspect.signature(forward).parameters
