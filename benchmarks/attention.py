@@ -10,7 +10,7 @@ that both forms share. ``kv_pos naive`` is Borji's form: the
 Peak memory: the CPU allocator's high-water mark above the start of the call, from the torch
 profiler's memory events (``profile_memory=True``) — the tensors torch allocates, not the
 process RSS. Time: median (and min) of repeated calls after one warm-up call, the forms
-interleaved round-robin.
+interleaved round-robin (:func:`kvseg.profile.time_fns`).
 
 Usage: ``python benchmarks/attention.py [--reps 5] [--tokens 196 784 1024]``; prints a table and
 writes ``benchmarks/results/attention.json``.
@@ -20,32 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from bench_common import add_threads_option, apply_threads, machine
 from kvseg.layers import Attention, sinusoidal_2d
-from kvseg.profile import peak_cpu_memory
+from kvseg.profile import peak_cpu_memory, time_fns
 from kvseg.utils import atomic_write_text
 
 FORMS = ("qkv", "kv", "kv_pos", "kv_pos_naive")
-
-
-def interleaved_seconds(calls: dict, reps: dict[str, int]) -> dict[str, list[float]]:
-    """Wall times of each call, measured round-robin (one call of each form per round) so that
-    load from other processes on a shared machine hits every form alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(max(reps.values())):
-        for name, fn in calls.items():
-            if round_ < reps[name]:
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return times
 
 
 def naive_kv_pos(attn: Attention, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -98,11 +82,11 @@ def bench(n: int, reps: int, dim: int = 768, heads: int = 12, pos_dim: int = 50)
         calls.update(core_calls)
         peaks = {form: peak_cpu_memory(fn) for form, fn in calls.items()}  # also the warm-up calls
         reps_of = {form: min(reps, 3) if "naive" in form else reps for form in calls}
-        times = interleaved_seconds(calls, reps_of)
+        times = time_fns(calls, repeats=reps_of, warmup=0)
     rows = []
     for form in calls:
-        rows.append({"tokens": n, "form": form, "ms": statistics.median(times[form]) * 1e3,
-                     "ms_min": min(times[form]) * 1e3, "reps": len(times[form]),
+        rows.append({"tokens": n, "form": form, "ms": times[form].median_ms,
+                     "ms_min": times[form].min_ms, "reps": times[form].repeats,
                      "peak_mib": peaks[form] / 2**20})
     return rows
 
@@ -112,13 +96,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[196, 784, 1024])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: torch's default). On a CPU shared with other "
-                        "jobs use 1: each parallel region otherwise waits for a descheduled "
-                        "thread")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     rows = [r for n in args.tokens for r in bench(n, args.reps)]
     by = {(r["tokens"], r["form"]): r for r in rows}
     print(f"{'N':>5} {'form':<18} {'median ms':>10} {'min ms':>9} {'peak MiB':>9} "
@@ -149,9 +129,7 @@ def main() -> None:
               f"{t['core_naive_peak_over_factored']:.1f}x")
     result = {
         "benchmark": "attention", "dim": 768, "heads": 12, "pos_dim": 50, "batch": 1,
-        "pass": "forward, eval, no_grad", "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "rows": rows,
+        "pass": "forward, eval, no_grad", **machine(), "rows": rows,
         "ratios": targets,
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

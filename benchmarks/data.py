@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from kvseg.data import UWMadison
 from kvseg.data.synth import generate
+from kvseg.profile import time_fn
 from kvseg.utils import atomic_write_text
 
 
@@ -33,13 +34,20 @@ def loader_rate(ds, workers: int, batch_size: int, passes: int) -> tuple[float, 
     g = torch.Generator().manual_seed(0)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, generator=g,
                     persistent_workers=workers > 0)
-    rates = []
-    for _ in range(passes):
-        n, t0 = 0, time.perf_counter()
-        for batch in dl:
-            n += batch["image"].shape[0]
-        rates.append(n / (time.perf_counter() - t0))
+    seen = []
+
+    def one_pass():
+        seen.append(sum(batch["image"].shape[0] for batch in dl))
+
+    times_ms = time_fn(one_pass, repeats=passes, warmup=0).times_ms
+    rates = [n / (ms / 1e3) for n, ms in zip(seen, times_ms, strict=True)]
     return rates[0], max(rates[1:], default=rates[0])
+
+
+def _index_all(ds) -> None:
+    """Every item of ``ds`` once, in order, without a DataLoader (each dropped at once)."""
+    for i in range(len(ds)):
+        ds[i]
 
 
 class _Constant(torch.utils.data.Dataset):
@@ -67,16 +75,15 @@ def model_rate(img_size: int, in_channels: int, batch_size: int, steps: int) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch_size, in_channels, img_size, img_size)
     y = (torch.rand(batch_size, 3, img_size, img_size) > 0.5).float()
-    times = []
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def step():
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step:  # the first step warms up allocators and kernels
-            times.append(time.perf_counter() - t0)
-    step_s = sorted(times)[len(times) // 2]
+
+    # the untimed first step warms up allocators and kernels
+    step_s = time_fn(step, repeats=steps, warmup=1).median_ms / 1e3
     return {"batch_size": batch_size, "step_s": step_s, "slices_per_s": batch_size / step_s,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
@@ -117,10 +124,8 @@ def main() -> None:
             _, cached_aug = loader_rate(aug_ds, args.workers, args.batch_size, args.passes)
             _, ceiling = loader_rate(_Constant(cached_ds[0], len(cached_ds)), args.workers,
                                      args.batch_size, args.passes)
-            t0 = time.perf_counter()
-            for i in range(len(cached_ds)):
-                cached_ds[i]
-            in_process = len(cached_ds) / (time.perf_counter() - t0)
+            index_all = time_fn(lambda ds=cached_ds: _index_all(ds), repeats=1, warmup=0)
+            in_process = len(cached_ds) / (index_all.median_ms / 1e3)
             rows.append(dict(context=context, slices=len(cold_ds), cold=cold,
                              cache_build_s=build_s, cached_first_pass=first, cached=cached,
                              cached_augment=cached_aug, loader_ceiling=ceiling,

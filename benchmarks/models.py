@@ -17,32 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import kvseg
+from bench_common import add_threads_option, apply_threads, machine
 from kvseg.models.registry import model_info
-from kvseg.profile import count_macs, count_params, peak_cpu_memory
+from kvseg.profile import count_macs, count_params, peak_cpu_memory, time_fn, time_fns
 from kvseg.utils import atomic_write_text
 
 
 def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     """float32 FLOP/s of an n×n by n×n matmul on this machine (best of ``reps``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    best_ms = time_fn(lambda: torch.mm(a, b), repeats=reps, warmup=1).min_ms
+    return 2 * n**3 / (best_ms / 1e3)
 
 
 def bench_family(names: list[str], reps: int, batch: int, img: int) -> list[dict]:
@@ -57,15 +47,12 @@ def bench_family(names: list[str], reps: int, batch: int, img: int) -> list[dict
         return run
 
     peaks = {n: peak_cpu_memory(step(m)) for n, m in models.items()}  # also the warm-up step
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(reps):
-        for n, m in models.items():
-            times[n].append(_timed(step(m)))
+    times = time_fns({n: step(m) for n, m in models.items()}, repeats=reps, warmup=0)
     rows = []
     for n, m in models.items():
         macs = count_macs(m, (batch, 3, img, img))
         rows.append({"model": n, **model_info(n), "params": count_params(m), "macs": macs,
-                     "s": statistics.median(times[n]), "s_min": min(times[n]),
+                     "s": times[n].median_ms / 1e3, "s_min": times[n].min_ms / 1e3,
                      "reps": reps, "peak_mib": peaks[n] / 2**20})
     return rows
 
@@ -77,13 +64,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "models.json"))
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: torch's default). On a CPU shared with other "
-                        "jobs use 1: each parallel region otherwise waits for a descheduled "
-                        "thread")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     peak = matmul_flops()
     families: dict[str, list[str]] = {}
     for n in args.models:
@@ -112,9 +95,7 @@ def main() -> None:
     print("\ntargets: KV fwd+bwd time <= 0.95 x QKV twin; SETR base >= 60% of matmul FLOP/s")
     result = {
         "benchmark": "models", "size": "base", "img_size": args.img_size, "batch": args.batch,
-        "pass": "train-mode forward + backward", "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+        "pass": "train-mode forward + backward", **machine(),
         "matmul_gflops": [peak / 1e9, peak_after / 1e9], "rows": rows,
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Parameter and MAC counts against hand formulas and torch's FlopCounterMode."""
+"""Parameter and MAC counts against hand formulas and torch's FlopCounterMode; the timing helper."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +173,93 @@ def test_peak_cpu_memory_follows_allocations_and_frees(capfd):
     assert weights.numel() == 8 * mib
     assert 3.5 * mib <= peak <= 3.5 * mib + 4096  # allocator rounding at most
     assert "USDT" not in capfd.readouterr().err  # Kineto's native chatter is silenced
+
+
+class _FakeClock:
+    """A perf_counter that only moves when a fake function 'runs' for a known time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_fn_times_only_the_calls_after_warmup(monkeypatch):
+    from kvseg import profile
+
+    clock = _FakeClock()
+    monkeypatch.setattr(profile.time, "perf_counter", clock)
+    durations_ms = iter([500.0, 400.0] + [float(k) for k in range(1, 11)])  # 2 warm-up, 10 timed
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.now += next(durations_ms) / 1e3
+
+    t = profile.time_fn(fn, repeats=10, warmup=2)
+    assert len(calls) == 12
+    assert t.repeats == 10 and t.times_ms == pytest.approx(tuple(range(1, 11)))
+    assert t.median_ms == pytest.approx(5.5)
+    assert t.mean_ms == pytest.approx(5.5)
+    assert t.min_ms == pytest.approx(1.0)
+    assert t.p90_ms == pytest.approx(9.1)  # numpy's default (linear) percentile
+    assert t.p90_ms == pytest.approx(float(np.percentile(range(1, 11), 90)))
+    assert t.p90_ms >= t.median_ms and t.device == "cpu"
+
+
+def test_time_fns_interleaves_and_honours_per_function_repeats():
+    from kvseg.profile import time_fns
+
+    order = []
+    t = time_fns({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                 repeats={"a": 3, "b": 1}, warmup=1)
+    assert order == ["a", "b", "a", "b", "a", "a"]  # warm-up round, then round-robin
+    assert (t["a"].repeats, t["b"].repeats) == (3, 1)
+    assert t["b"].p90_ms == t["b"].median_ms == t["b"].min_ms
+    with pytest.raises(ValueError, match="repeats"):
+        time_fns({"a": lambda: None}, repeats=0)
+
+
+def test_time_fn_sets_threads_and_restores_them_also_after_an_error():
+    from kvseg.profile import time_fn
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    seen = []
+    t = time_fn(lambda: seen.append(torch.get_num_threads()), repeats=2, warmup=1, threads=want)
+    assert seen == [want] * 3 and t.threads == want
+    assert torch.get_num_threads() == before
+
+    def boom():
+        assert torch.get_num_threads() == want
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        time_fn(boom, repeats=1, threads=want)
+    assert torch.get_num_threads() == before
+
+
+def test_profile_model_keys_and_counts():
+    from kvseg.profile import profile_model
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    prof = profile_model(model, (1, 3, 16, 16), repeats=3, warmup=1, threads=1)
+    assert set(prof) == {"params", "macs", "input_shape", "threads", "latency_ms",
+                         "latency_p90_ms", "peak_mem_mb", "gpu_latency_ms", "gpu_peak_mem_mb"}
+    assert prof["params"] == count_params(model) and prof["macs"] == count_macs(model,
+                                                                                (1, 3, 16, 16))
+    assert prof["input_shape"] == [1, 3, 16, 16] and prof["threads"] == 1
+    assert 0 < prof["latency_ms"] <= prof["latency_p90_ms"]
+    assert math.isnan(prof["gpu_latency_ms"]) and math.isnan(prof["gpu_peak_mem_mb"])
+    assert not model.training
+
+
+def test_time_fn_synchronises_cuda_around_every_timed_call(monkeypatch):
+    from kvseg.profile import time_fn
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    t = time_fn(lambda: events.append("call"), repeats=2, warmup=1, device="cuda:0")
+    assert events == ["call", "sync", "sync", "call", "sync", "sync", "call", "sync"]
+    assert t.device == "cuda:0"

@@ -16,6 +16,12 @@ forward hooks; a multiply-accumulate counts 1 (CvT's and TransUNet's "GFLOPs" ar
   element-wise adds (residuals, position embeddings), bias adds.
 
 Counts are for the whole input batch given; the tables use batch 1.
+
+Timing (one helper for the package, ``kvseg reproduce`` and ``benchmarks/``, like timm's
+``benchmark.py``): :func:`time_fn` / :func:`time_fns` run untimed warm-up calls, then time each
+call with ``time.perf_counter`` (CUDA synchronised before and after each call on a CUDA device)
+under a given torch thread count, and summarise the calls as a :class:`Timing` (median, p90,
+mean, min). :func:`profile_model` uses them for the latency columns of results.csv.
 """
 
 from __future__ import annotations
@@ -26,11 +32,16 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from kvseg.errors import ConfigError
 from kvseg.models.registry import create_model, list_models, model_info
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -137,7 +148,7 @@ def profile_table(models: list[str] | str = "all", *, size: str = "base", img_si
     ``fmt``: ``md`` (Markdown), ``csv`` or ``json`` (exact integer counts included in all).
     """
     if fmt not in ("md", "csv", "json"):
-        raise ValueError(f"format {fmt!r}: expected md, csv or json")
+        raise ConfigError(f"format {fmt!r}: expected md, csv or json")
     rows = profile_rows(models, size=size, img_size=img_size, in_channels=in_channels,
                         num_classes=num_classes)
     if fmt == "json":
@@ -212,3 +223,158 @@ def peak_cpu_memory(fn) -> int:
         level += e.nbytes()
         peak = max(peak, level)
     return peak
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of repeated calls of one function, in milliseconds.
+
+    Attributes:
+        median_ms: median of the timed calls.
+        p90_ms: 90th percentile (linear interpolation between the closest ranks, numpy's default).
+        mean_ms: arithmetic mean.
+        min_ms: fastest call.
+        repeats: number of timed calls (warm-up calls excluded).
+        threads: torch's CPU thread count during the calls.
+        device: the device synchronised around each call (``cpu``: none).
+        times_ms: every timed call, in the order they ran.
+    """
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    repeats: int
+    threads: int
+    device: str
+    times_ms: tuple[float, ...]
+
+    @classmethod
+    def of(cls, times_ms: list[float], *, threads: int, device: str) -> Timing:
+        """Summarise ``times_ms`` (at least one time)."""
+        if not times_ms:
+            raise ValueError("no timed calls: repeats must be >= 1")
+        ordered = sorted(times_ms)
+        rank = 0.9 * (len(ordered) - 1)
+        lo = math.floor(rank)
+        hi = min(lo + 1, len(ordered) - 1)
+        p90 = ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+        return cls(median_ms=statistics.median(ordered), p90_ms=p90,
+                   mean_ms=statistics.fmean(ordered), min_ms=ordered[0], repeats=len(ordered),
+                   threads=threads, device=device, times_ms=tuple(times_ms))
+
+
+def time_fns(fns: Mapping[str, Callable[[], object]], *, repeats: int | Mapping[str, int],
+             warmup: int = 1, device: torch.device | str | None = None,
+             threads: int | None = None) -> dict[str, Timing]:
+    """Time several functions round-robin (one call of each per round), so that load from other
+    processes on a shared machine hits them alike.
+
+    Args:
+        fns: name -> a function called without arguments; its result is discarded.
+        repeats: timed calls of each function (or name -> its own count); a function with fewer
+            repeats than another sits out the later rounds.
+        warmup: untimed calls of each function first (kernel selection, allocator caches,
+            lazy initialisation).
+        device: with a CUDA device, ``torch.cuda.synchronize`` runs before and after every call
+            (warm-up included), so a call's time includes its queued kernels; None or CPU: no
+            synchronisation.
+        threads: torch's CPU thread count during the calls (``torch.set_num_threads``), restored
+            afterwards, also when a function raises; None keeps the current count.
+
+    Returns:
+        name -> :class:`Timing`, in the order of ``fns``.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    counts = {name: int(repeats[name] if isinstance(repeats, Mapping) else repeats)
+              for name in fns}
+    bad = {name: n for name, n in counts.items() if n < 1}
+    if bad or warmup < 0:
+        raise ConfigError(f"repeats {bad or repeats}, warmup {warmup}: need repeats >= 1 and "
+                         "warmup >= 0")
+    if device.type == "cuda":
+        def sync() -> None:
+            torch.cuda.synchronize(device)
+    else:
+        def sync() -> None:
+            pass
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads or before))
+    try:
+        used = torch.get_num_threads()
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        sync()
+        for round_ in range(max(counts.values(), default=0)):
+            for name, fn in fns.items():
+                if round_ < counts[name]:
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name].append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        torch.set_num_threads(before)
+    return {name: Timing.of(t, threads=used, device=str(device)) for name, t in times.items()}
+
+
+def time_fn(fn: Callable[[], object], *, repeats: int, warmup: int = 1,
+            device: torch.device | str | None = None, threads: int | None = None) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    The arguments are those of :func:`time_fns` for a single function.
+    """
+    return time_fns({"fn": fn}, repeats=repeats, warmup=warmup, device=device,
+                    threads=threads)["fn"]
+
+
+def profile_model(model: nn.Module, input_shape: tuple[int, int, int, int], *,
+                  device: torch.device | str = "cpu", repeats: int = 10, warmup: int = 2,
+                  threads: int | None = None) -> dict:
+    """Params, MACs, CPU (and CUDA) latency and peak forward memory of ``model`` on a random
+    input of ``input_shape`` (the latency columns of results.csv; batch 1 there).
+
+    Args:
+        model: the network; it is moved to the CPU and put in eval mode (and left there).
+        input_shape: (B, C, H, W) of the random input (seed 0).
+        device: with a CUDA device, the GPU columns are measured too (otherwise NaN).
+        repeats: timed forward passes per latency.
+        warmup: untimed forward passes before them (at least 3 on CUDA).
+        threads: torch's CPU thread count for the CPU latency (restored afterwards); None: the
+            current count.
+
+    Returns:
+        ``params``, ``macs`` (:func:`count_params`, :func:`count_macs`), ``input_shape`` (list),
+        ``threads``, ``latency_ms`` and ``latency_p90_ms`` (median and p90 of the CPU forward
+        passes, eval mode, ``torch.inference_mode``), ``peak_mem_mb`` (:func:`peak_cpu_memory`
+        of one CPU forward, MiB), ``gpu_latency_ms`` (median, CUDA synchronised) and
+        ``gpu_peak_mem_mb`` (``max_memory_allocated`` during one forward minus the memory
+        allocated before it, MiB); the GPU values are NaN without CUDA.
+    """
+    device = torch.device(device)
+    model = model.cpu().eval()
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+    out = {"params": count_params(model), "macs": count_macs(model, input_shape),
+           "input_shape": list(input_shape)}
+    with torch.inference_mode():
+        cpu = time_fn(lambda: model(x), repeats=repeats, warmup=warmup, threads=threads)
+        out.update(threads=cpu.threads, latency_ms=cpu.median_ms, latency_p90_ms=cpu.p90_ms)
+        out["peak_mem_mb"] = peak_cpu_memory(lambda: model(x)) / 2**20
+    out["gpu_latency_ms"] = out["gpu_peak_mem_mb"] = math.nan
+    if device.type == "cuda":
+        model, xg = model.to(device), x.to(device)
+        with torch.inference_mode():
+            out["gpu_latency_ms"] = time_fn(lambda: model(xg), repeats=repeats,
+                                            warmup=max(warmup, 3), device=device).median_ms
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            model(xg)
+            torch.cuda.synchronize(device)
+            out["gpu_peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        model.cpu()
+    return out
