@@ -1,8 +1,11 @@
 """Tables and plots of a reproduction: results.csv/json, report.md and the figures.
 
-Everything here is a pure function of result rows (one dict per model and seed, see
-:data:`RESULT_COLUMNS`) plus, for the figures, the runs' ``metrics.csv`` files and the sample
-predictions; :func:`kvseg.reproduce.reproduce` gathers those and calls :func:`write_report`.
+Everything here is a pure function of result rows (one :class:`kvseg.results.ResultRow` per
+model and seed, or a mapping that :meth:`~kvseg.results.ResultRow.from_dict` accepts) plus, for
+the figures, the runs' ``metrics.csv`` files and the sample predictions;
+:func:`kvseg.reproduce.reproduce` gathers those and calls :func:`write_report`. The files
+results.csv/json are written and read by :mod:`kvseg.results` (``write_results`` and
+``RESULT_COLUMNS`` are re-exported here).
 
 Conventions: ``mean ± std`` is over seeds with the sample standard deviation (ddof = 1); with one
 seed only the mean is shown. KV / KV-pos deltas against QKV are paired by seed: Δ Jaccard is the
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,19 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from kvseg.layers.attention import MODE_LABELS
+from kvseg.results import (  # noqa: F401  (RESULT_COLUMNS, write_results: re-exported)
+    METRIC_COLUMNS,
+    RESULT_COLUMNS,
+    ResultRow,
+    as_rows,
+    write_results,
+)
 from kvseg.utils import atomic_write_bytes, atomic_write_text
 
-#: Columns of results.csv, in order (results.json holds the same rows).
-RESULT_COLUMNS = (
-    "model", "family", "attention", "seed", "params", "macs", "jaccard", "weighted_jaccard",
-    "dice", "hd95", "kaggle_score", "latency_ms", "gpu_latency_ms", "peak_mem_mb",
-    "gpu_peak_mem_mb", "train_seconds", "epochs", "steps", "img_size", "size",
-)
-#: Metrics averaged over seeds in the report.
-METRICS = ("jaccard", "weighted_jaccard", "dice", "hd95", "kaggle_score", "latency_ms",
-           "gpu_latency_ms", "peak_mem_mb", "gpu_peak_mem_mb", "train_seconds")
-MODES = ("qkv", "kv", "kv_pos")
-MODE_LABELS = {"qkv": "QKV", "kv": "KV", "kv_pos": "KV-pos"}
+#: Metrics averaged over seeds in the report: the float columns of results.csv.
+METRICS = METRIC_COLUMNS
 _MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^"}
 _LINESTYLES = {"qkv": "-", "kv": "--", "kv_pos": ":"}
 
@@ -51,11 +52,6 @@ def _finite(values: Iterable) -> list[float]:
     return out
 
 
-def _float(v) -> float:
-    """None / empty (not measured, e.g. a diverged run) -> NaN."""
-    return math.nan if v is None or v == "" else float(v)
-
-
 def mean_std(values: Iterable) -> tuple[float, float, int]:
     """(mean, sample std, n) of the finite values; NaN for what is undefined (std needs n ≥ 2)."""
     vals = _finite(values)
@@ -65,36 +61,31 @@ def mean_std(values: Iterable) -> tuple[float, float, int]:
     return statistics.fmean(vals), std, len(vals)
 
 
-def _order_key(row: Mapping) -> tuple:
-    mode = row.get("attention", "")
-    return (row.get("family", ""), MODES.index(mode) if mode in MODES else 9, row.get("model", ""))
-
-
-def aggregate(rows: Sequence[Mapping]) -> list[dict]:
+def aggregate(rows: Sequence[ResultRow | Mapping]) -> list[dict]:
     """One dict per model: identity columns, ``seeds`` (n), and ``<metric>_mean/_std``."""
-    by_model: dict[str, list[Mapping]] = {}
-    for row in rows:
-        by_model.setdefault(row["model"], []).append(row)
+    by_model: dict[str, list[ResultRow]] = {}
+    for row in as_rows(rows):
+        by_model.setdefault(row.model, []).append(row)
     out = []
-    for model, group in by_model.items():
+    for model, group in sorted(by_model.items(), key=lambda kv: kv[1][0].order_key()[:3]):
         first = group[0]
-        agg = {"model": model, "family": first["family"], "attention": first["attention"],
-               "params": first["params"], "macs": first["macs"], "seeds": len(group)}
+        agg = {"model": model, "family": first.family, "attention": first.attention,
+               "params": first.params, "macs": first.macs, "seeds": len(group)}
         for key in METRICS:
-            agg[f"{key}_mean"], agg[f"{key}_std"], _ = mean_std(r.get(key) for r in group)
+            agg[f"{key}_mean"], agg[f"{key}_std"], _ = mean_std(getattr(r, key) for r in group)
         out.append(agg)
-    return sorted(out, key=_order_key)
+    return out
 
 
-def family_deltas(rows: Sequence[Mapping]) -> list[dict]:
+def family_deltas(rows: Sequence[ResultRow | Mapping]) -> list[dict]:
     """KV and KV-pos against QKV, per family (see the module docstring for the conventions).
 
     Keys: family, attention, params_pct, macs_pct, jaccard_pts, jaccard_pts_std,
     weighted_jaccard_pts, weighted_jaccard_pts_std, qkv_jaccard_std, seeds (paired).
     """
-    index = {(r["family"], r["attention"], int(r["seed"])): r for r in rows}
+    index = {(r.family, r.attention, r.seed): r for r in as_rows(rows)}
     out = []
-    for family in sorted({r["family"] for r in rows}):
+    for family in sorted({f for f, _, _ in index}):
         base = {seed: r for (f, m, seed), r in index.items() if f == family and m == "qkv"}
         if not base:
             continue
@@ -105,13 +96,12 @@ def family_deltas(rows: Sequence[Mapping]) -> list[dict]:
                 continue
             q0, r0 = pairs[0]
             d = {"family": family, "attention": mode, "seeds": len(pairs),
-                 "params_pct": 100.0 * (float(r0["params"]) - float(q0["params"]))
-                 / float(q0["params"]),
-                 "macs_pct": 100.0 * (float(r0["macs"]) - float(q0["macs"])) / float(q0["macs"])}
+                 "params_pct": 100.0 * (r0.params - q0.params) / q0.params,
+                 "macs_pct": 100.0 * (r0.macs - q0.macs) / q0.macs}
             for key in ("jaccard", "weighted_jaccard"):
-                diffs = [100.0 * (_float(r.get(key)) - _float(q.get(key))) for q, r in pairs]
+                diffs = [100.0 * (getattr(r, key) - getattr(q, key)) for q, r in pairs]
                 d[f"{key}_pts"], d[f"{key}_pts_std"], _ = mean_std(diffs)
-            d["qkv_jaccard_std"] = 100.0 * mean_std(b["jaccard"] for b in base.values())[1]
+            d["qkv_jaccard_std"] = 100.0 * mean_std(b.jaccard for b in base.values())[1]
             out.append(d)
     return out
 
@@ -131,7 +121,7 @@ def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def results_table(rows: Sequence[Mapping]) -> str:
+def results_table(rows: Sequence[ResultRow | Mapping]) -> str:
     """The paper-style table (markdown), one line per model, mean ± std over seeds."""
     agg = aggregate(rows)
     show_gpu = any(math.isfinite(a["gpu_latency_ms_mean"]) for a in agg)
@@ -157,7 +147,7 @@ def results_table(rows: Sequence[Mapping]) -> str:
     return _md_table(header, body)
 
 
-def deltas_table(rows: Sequence[Mapping]) -> str:
+def deltas_table(rows: Sequence[ResultRow | Mapping]) -> str:
     """Per family, KV and KV-pos against QKV (markdown)."""
     header = ["family", "vs QKV", "params", "MACs", "Δ Jaccard (pts)", "Δ weighted Jaccard (pts)",
               "QKV Jaccard seed std (pts)", "seeds", "reading"]
@@ -180,35 +170,7 @@ def deltas_table(rows: Sequence[Mapping]) -> str:
     return _md_table(header, body)
 
 
-def write_results(rows: Sequence[Mapping], out_dir: str | Path) -> tuple[Path, Path]:
-    """results.csv (columns :data:`RESULT_COLUMNS`, then any extra keys) and results.json."""
-    out_dir = Path(out_dir)
-    rows = sorted(rows, key=lambda r: (*_order_key(r), int(r["seed"])))
-    extra = sorted({k for r in rows for k in r} - set(RESULT_COLUMNS))
-    columns = list(RESULT_COLUMNS) + extra
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: _csv_value(r.get(k)) for k in columns})
-    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
-    atomic_write_text(csv_path, buf.getvalue())
-    atomic_write_text(json_path, json.dumps([_json_row(r) for r in rows], indent=2) + "\n")
-    return csv_path, json_path
-
-
-def _csv_value(v):
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return v
-
-
-def _json_row(row: Mapping) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in row.items()}
-
-
-def write_report(out_dir: str | Path, rows: Sequence[Mapping], *, title: str,
+def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, title: str,
                  settings: Mapping[str, object], measured: Sequence[str],
                  figures: Sequence[tuple[str, str]]) -> Path:
     """report.md: settings, the results table, the KV deltas, what is measured, the figures.
@@ -252,7 +214,7 @@ def _family_colors(families: Iterable[str]) -> dict[str, str]:
     return {f: palette[i % len(palette)] for i, f in enumerate(sorted(set(families)))}
 
 
-def plot_jaccard_vs_macs(rows: Sequence[Mapping], path: str | Path) -> Path:
+def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) -> Path:
     """Each variant a point (mean Jaccard over seeds, error bar = std) against GMACs;
     families by colour, attention modes by marker."""
     import matplotlib
