@@ -1,0 +1,467 @@
+"""Run options in one place: :class:`TrainConfig`, YAML loading, presets, CLI flags.
+
+- :class:`TrainConfig` holds every training option (its fields are the YAML keys and, with
+  dashes, the ``kvseg train`` flags: :func:`add_config_flags` generates the flags from the fields,
+  so no option is listed by hand twice). Values are validated at construction; a bad value raises
+  :class:`~kvseg.errors.ConfigError` naming the option.
+- :func:`load_config` layers the packaged defaults, a YAML file and overrides (flags).
+- Packaged configs (``kvseg/configs/*.yaml``): ``default`` (every option, documented), the
+  reproduce presets ``smoke`` and ``paper``, and example training configs ``train_micro`` and
+  ``train_paper``. Each exists once, in the package; ``kvseg config show NAME`` prints one for
+  editing. Anywhere a config is asked for, a packaged name or a YAML file path is accepted.
+- :class:`Preset` is a ``kvseg reproduce`` preset (models, seeds, profiling settings and the
+  training options shared by every run), read by the same YAML reader.
+- :func:`check_number` is the one check of numeric options, used by the dataclasses here and by
+  the command-line flags of every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from kvseg.errors import ConfigError
+
+#: Keys written to config.yaml that the data decides; accepted and ignored when read back.
+DERIVED_KEYS = ("in_channels", "num_classes", "classes")
+#: Options that may differ between the original run and a ``--resume``.
+RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out")
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+def _opt(default, help: str, **kw):
+    """A dataclass field with its ``--help`` text (a mutable default goes through a factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help},
+                     **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# --------------------------------------------------------------------------- numbers
+def check_number(name: str, value, *, integer: bool = False, minimum: float | None = None,
+                 maximum: float | None = None, min_open: bool = False, max_open: bool = False,
+                 optional: bool = False):
+    """Validate one numeric option and return it (an int or a finite float).
+
+    ``minimum``/``maximum`` bound it (exclusive with ``min_open``/``max_open``); NaN and
+    infinities are always refused; ``optional`` lets ``None`` through. Raises
+    :class:`ConfigError` naming the option, e.g. ``img_size=0: must be >= 1``.
+    """
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: must not be empty (null)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name}={value!r}: expected {kind}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value}: must be a finite number")
+    if minimum is not None and (value <= minimum if min_open else value < minimum):
+        raise ConfigError(f"{name}={value}: must be {'>' if min_open else '>='} {minimum:g}")
+    if maximum is not None and (value >= maximum if max_open else value > maximum):
+        raise ConfigError(f"{name}={value}: must be {'<' if max_open else '<='} {maximum:g}")
+    return value
+
+
+def _check_type(name: str, value, hint) -> None:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{name}: must not be empty (null)")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+        dict: isinstance(value, dict),
+    }.get(base, True)
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: expected {getattr(base, '__name__', base)}")
+
+
+def _base_type(hint) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _validate_types(obj) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_type(f.name, getattr(obj, f.name), hints[f.name])
+
+
+# --------------------------------------------------------------------------- training options
+@dataclass
+class TrainConfig:
+    """Every training option (YAML keys; ``kvseg train --option-name`` flags)."""
+
+    # model
+    model: str = _opt("setr_kv", "variant name (see `kvseg models`)")
+    size: str = _opt("base", "size preset: micro, small, base, large")
+    img_size: int = _opt(256, "slices are resized to img_size x img_size")
+    head: str | None = _opt(None, "SETR decoder head: naive, pup, mla (none = the preset's)")
+    model_overrides: dict = _opt({}, "preset fields, e.g. depth=6 pos_dim=10")
+    pretrained: str | None = _opt(None, "local weights file (.safetensors/.pt) to initialise "
+                                        "from; never downloaded")
+    # data
+    data: str | None = _opt(None, "dataset root (UW-Madison layout; required)")
+    context: int = _opt(0, "neighbouring slices per side stacked as channels (2.5D)")
+    fold: int = _opt(0, "validation fold (split by case)")
+    n_folds: int = _opt(5, "number of folds")
+    augment: bool = _opt(True, "training-time augmentation")
+    cache: bool = _opt(True, "cache prepared slices on disk")
+    cache_dir: str | None = _opt(None, "where to cache (none = the dataset's .kvseg_cache)")
+    exclude: list = _opt([], "case-day ids to drop, e.g. case7_day0 (bad = the 12 known bad "
+                             "scans)")
+    workers: int = _opt(0, "DataLoader worker processes")
+    # optimisation
+    epochs: int = _opt(20, "training epochs")
+    batch_size: int = _opt(8, "batch per process (under torchrun the effective batch is x "
+                              "world size)")
+    lr: float = _opt(3e-4, "AdamW peak learning rate")
+    weight_decay: float = _opt(0.05, "AdamW weight decay")
+    warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay")
+    min_lr_ratio: float = _opt(0.01, "the cosine ends at lr * min_lr_ratio")
+    grad_clip: float = _opt(1.0, "max gradient norm (0 = off)")
+    bce_weight: float = _opt(1.0, "loss = bce_weight * BCE + dice_weight * soft Dice")
+    dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
+    amp: str = _opt("auto", "mixed precision: auto (bf16, else fp16, on CUDA; off on CPU), "
+                            "bf16, fp16, none")
+    max_steps_per_epoch: int | None = _opt(None, "cap the optimiser steps per epoch")
+    time_budget_s: float | None = _opt(None, "end training at the step passing this many "
+                                             "seconds, then validate")
+    # evaluation and bookkeeping
+    val_every: int = _opt(1, "validate every N epochs (and always after the last)")
+    threshold: float = _opt(0.5, "sigmoid threshold for the metrics")
+    seed: int = _opt(0, "random seed (weights, data order, augmentation)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    out: str | None = _opt(None, "RUN_DIR: the run folder (required)")
+    resume: bool = _opt(False, "continue from RUN_DIR/last.ckpt")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad option."""
+        _validate_types(self)
+        from kvseg.models.registry import SIZES, list_models
+
+        if self.model not in list_models():
+            raise ConfigError(f"model={self.model!r}: expected one of {', '.join(list_models())}")
+        if self.size not in SIZES:
+            raise ConfigError(f"size={self.size!r}: expected one of {', '.join(SIZES)}")
+        for name in ("img_size", "epochs", "batch_size", "n_folds", "val_every"):
+            check_number(name, getattr(self, name), integer=True, minimum=1)
+        for name in ("context", "workers", "fold"):
+            check_number(name, getattr(self, name), integer=True, minimum=0)
+        check_number("seed", self.seed, integer=True)
+        for name in ("weight_decay", "warmup_epochs", "grad_clip", "bce_weight", "dice_weight"):
+            check_number(name, getattr(self, name), minimum=0)
+        if not self.fold < self.n_folds:
+            raise ConfigError(f"fold={self.fold}: must be in [0, n_folds={self.n_folds})")
+        check_number("lr", self.lr, minimum=0, min_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+        if self.bce_weight + self.dice_weight == 0:
+            raise ConfigError("bce_weight and dice_weight: at least one must be > 0")
+        if self.amp not in AMP_CHOICES:
+            raise ConfigError(f"amp={self.amp!r}: expected {', '.join(AMP_CHOICES)}")
+        check_number("max_steps_per_epoch", self.max_steps_per_epoch, integer=True, minimum=1,
+                     optional=True)
+        check_number("time_budget_s", self.time_budget_s, minimum=0, min_open=True,
+                     optional=True)
+        check_number("threshold", self.threshold, minimum=0, maximum=1, min_open=True,
+                     max_open=True)
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if not all(isinstance(e, str) for e in self.exclude):
+            raise ConfigError(f"exclude={self.exclude!r}: expected a list of case-day ids")
+        if "head" in self.model_overrides:
+            raise ConfigError("model_overrides.head: use the head option instead")
+        if self.model_overrides or self.head is not None:
+            _check_model_overrides(self.model, self.size, self.head, self.model_overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_model_overrides(model: str, size: str, head: str | None, overrides: dict) -> None:
+    """Unknown preset fields, or values the model cannot be built with, name the option."""
+    from kvseg.profile import build_on_meta
+
+    kw = dict(overrides)
+    if head is not None:
+        kw["head"] = head
+    try:  # on the meta device: shapes only, no memory, no arithmetic
+        build_on_meta(model, size=size, img_size=64, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"model_overrides: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model_overrides {overrides!r}: {e}") from None
+
+
+def config_defaults() -> dict:
+    """``{option: default}`` of :class:`TrainConfig`."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
+
+
+# --------------------------------------------------------------------------- files
+CONFIG_DIR = "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``default``, ``smoke``, ``paper``, ...)."""
+    folder = resources.files("kvseg") / CONFIG_DIR
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+#: The packaged configs that are ``kvseg reproduce`` presets.
+PRESET_NAMES = ("smoke", "paper")
+#: The packaged configs that are ``kvseg train`` configs.
+TRAIN_CONFIG_NAMES = ("default", "train_micro", "train_paper")
+
+
+def config_path(name_or_path: str | os.PathLike, *, option: str = "--config",
+                names: tuple[str, ...] | None = None) -> Path:
+    """A packaged config name (``smoke``) or a YAML file path -> the file's path.
+
+    ``names`` limits the packaged names accepted (default: all of them).
+    """
+    text = str(name_or_path)
+    names = tuple(packaged_configs()) if names is None else names
+    if text in names:
+        return Path(str(resources.files("kvseg") / CONFIG_DIR / f"{text}.yaml"))
+    path = Path(text)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"{option} {text!r}: expected {', '.join(names)} or a .yaml file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {text}: no such file")
+    return path
+
+
+def default_config_path() -> Path:
+    """The packaged ``kvseg/configs/default.yaml`` (documents every option and its default)."""
+    return config_path("default")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """One YAML file as a mapping (``yaml.safe_load``: a file never executes).
+
+    Raises FileNotFoundError, or :class:`ConfigError` naming the file when it is not UTF-8,
+    not YAML, or not a mapping at the top level.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, *,
+                source: str = "overrides") -> TrainConfig:
+    """Defaults <- YAML file ``path`` (a packaged name or a file) <- ``overrides``, validated.
+
+    Unknown keys raise :class:`ConfigError` naming the key and its source (the file, or
+    ``source`` for the overrides); bad values name the option. Integers are accepted where
+    floats are expected; YAML 1.1 reads ``3e-4`` as a string, so numeric strings are converted
+    for float options.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    sources = [(default_config_path(), read_yaml(default_config_path()))]
+    if path is not None:
+        p = config_path(path, names=TRAIN_CONFIG_NAMES)
+        sources.append((p, read_yaml(p)))
+    sources.append((source, dict(overrides or {})))
+    merged: dict = {}
+    for src, values in sources:
+        for key, value in values.items():
+            if key in DERIVED_KEYS:
+                continue
+            if key not in names:
+                raise ConfigError(f"{src}: unknown option {key!r}")
+            merged[key] = value
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in merged.items():
+        if _base_type(hints[key]) is float and isinstance(value, str):
+            try:
+                merged[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
+    try:
+        return TrainConfig(**merged)
+    except ConfigError as e:
+        where = next((str(s) for s, v in reversed(sources) if _names_key(e, v)), None)
+        if where is not None and where != source:
+            raise ConfigError(f"{where}: {e}") from None
+        raise
+
+
+def _names_key(error: Exception, values: dict) -> bool:
+    text = str(error)
+    return any(text.startswith((f"{k}=", f"{k}:", f"{k} ")) for k in values)
+
+
+# --------------------------------------------------------------------------- presets
+@dataclass
+class Preset:
+    """A ``kvseg reproduce`` preset: what to run and how to measure it.
+
+    ``train`` holds :class:`TrainConfig` options shared by every run (validated on load; the
+    per-run options ``model``, ``seed``, ``out``, ``data``, ``resume`` and ``device`` are set by
+    reproduce and may not appear).
+    """
+
+    description: str = _opt("", "one line shown in the report")
+    models: list = _opt(["all"], "variants to run ('all' or names)")
+    seeds: list = _opt([0], "seeds (every variant runs every seed)")
+    latency_repeats: int = _opt(10, "timed batch-1 forward passes (median reported)")
+    latency_warmup: int = _opt(2, "untimed forward passes first")
+    latency_threads: int | None = _opt(None, "torch threads for CPU latency (none = all)")
+    num_samples: int = _opt(4, "validation slices in samples.png")
+    notes: str = _opt("", "free text (not used)")
+    train: dict = _opt({}, "TrainConfig options shared by every run")
+    name: str = field(default="", metadata={"derived": True})
+    path: str = field(default="", metadata={"derived": True})
+
+    #: Training options reproduce sets per run.
+    RUN_KEYS: typing.ClassVar[tuple[str, ...]] = ("model", "seed", "out", "data", "resume",
+                                                  "device")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):
+            self.models = [self.models]
+        _validate_types(self)
+        for s in self.seeds:
+            check_number("seeds", s, integer=True)
+        check_number("latency_repeats", self.latency_repeats, integer=True, minimum=1)
+        check_number("latency_warmup", self.latency_warmup, integer=True, minimum=0)
+        check_number("latency_threads", self.latency_threads, integer=True, minimum=1,
+                     optional=True)
+        check_number("num_samples", self.num_samples, integer=True, minimum=0)
+        for key in self.RUN_KEYS:
+            if key in self.train:
+                raise ConfigError(f"train.{key} is set per run by kvseg reproduce; remove it")
+        load_config(None, self.train, source="train")  # every training option, validated now
+
+
+def load_preset(preset: str | os.PathLike) -> Preset:
+    """Read and validate a preset: a packaged name (``smoke``, ``paper``) or a YAML file."""
+    path = config_path(preset, option="--preset", names=PRESET_NAMES)
+    data = read_yaml(path)
+    keys = [f.name for f in dataclasses.fields(Preset) if not f.metadata.get("derived")]
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ConfigError(f"{path}: unknown preset key {unknown[0]!r}; valid: "
+                          f"{', '.join(sorted(keys))}")
+    name = str(preset) if str(preset) in PRESET_NAMES else path.stem
+    try:
+        return Preset(**data, name=name, path=str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- CLI flags
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar(base: type, optional: bool, name: str):
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if base is str:
+            return text
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if base is int else 'a number'}, got {text!r}") from None
+        return value
+
+    parse.__name__ = base.__name__  # argparse names the type in its error
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, *,
+                     skip: tuple[str, ...] = ()) -> None:
+    """One ``--option-name`` flag per field of the dataclass ``cls`` (default: TrainConfig).
+
+    Every flag defaults to ``None`` (= not given: the YAML file or the default applies). Booleans
+    get ``--x/--no-x``, optional values accept ``none``, lists take several values and dicts
+    take ``KEY=VALUE`` pairs (values parsed as YAML, e.g. ``depth=6``).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("derived"):
+            continue
+        hint = hints[f.name]
+        base, optional = _base_type(hint), type(None) in typing.get_args(hint)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kw: dict = {"dest": f.name, "default": None, "help": help_text}
+        if base is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif base is list:
+            parser.add_argument(_flag(f.name), nargs="*", metavar="VALUE", **kw)
+        elif base is dict:
+            parser.add_argument(_flag(f.name), nargs="*", type=_key_value, metavar="KEY=VALUE",
+                                **kw)
+        else:
+            metavar = {int: "N", float: "X"}.get(base, "VALUE")
+            parser.add_argument(_flag(f.name), type=_scalar(base, optional, f.name),
+                                metavar=metavar, **kw)
+
+
+def overrides_from_args(args: argparse.Namespace, cls=TrainConfig) -> dict:
+    """The options given on the command line (flags made by :func:`add_config_flags`)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], tuple):
+            value = dict(value)
+        elif f.name == "model_overrides" and value == []:
+            value = {}
+        out[f.name] = value
+    return out
+
+
+__all__ = ["AMP_CHOICES", "DERIVED_KEYS", "PRESET_NAMES", "RESUME_MAY_CHANGE", "TRAIN_CONFIG_NAMES",
+           "Preset", "TrainConfig",
+           "add_config_flags", "check_number", "config_defaults", "config_path",
+           "default_config_path", "load_config", "load_preset", "overrides_from_args",
+           "packaged_configs", "read_yaml"]

@@ -1,0 +1,147 @@
+"""One job runner for the commands that train many runs (``reproduce``; a sweep later).
+
+A command builds a list of :class:`Job` (one training run each: its folder, its
+:class:`~kvseg.config.TrainConfig` and the settings that define it) and a ``work`` function that
+trains, evaluates and profiles one job and returns its result row. :func:`run_jobs` then:
+
+- skips a job whose folder holds ``done.json`` with the same settings (its stored row is used);
+- refuses one whose ``done.json`` holds other settings (:class:`~kvseg.errors.RunDirError`):
+  an output folder never mixes settings;
+- continues an interrupted job from its ``last.ckpt`` (``config.resume``);
+- writes ``done.json`` (settings, fingerprint, row) last, atomically, when ``work`` returns.
+
+Settings are compared key by key (:func:`same_settings`), not by hash, so a training option
+added to kvseg later counts as equal at its default and finished runs stay valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kvseg.config import TrainConfig, config_defaults
+from kvseg.errors import RunDirError
+from kvseg.results import jsonable
+from kvseg.rundir import LAST
+from kvseg.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+#: Training options that may differ when a run is continued (not part of its settings).
+FREE_KEYS = ("out", "device", "resume", "workers", "cache_dir", "cache")
+
+
+@dataclass
+class Job:
+    """One training run of a multi-run command.
+
+    Attributes:
+        key: what identifies it in the command (e.g. ``("setr_kv", 0)`` for model and seed).
+        run_dir: its folder (RUN_DIR of ``kvseg train``, plus ``done.json``).
+        config: its training options.
+        settings: what a finished run must match to be reused: by default the config without
+            :data:`FREE_KEYS`; commands add their own (e.g. profiling settings).
+    """
+
+    key: tuple
+    run_dir: Path
+    config: TrainConfig
+    settings: dict
+
+    @classmethod
+    def make(cls, key: tuple, run_dir: Path, config: TrainConfig, **extra) -> Job:
+        settings = {k: v for k, v in vars(config).items() if k not in FREE_KEYS}
+        settings.update(extra)
+        return cls(key, Path(run_dir), config, settings)
+
+    @property
+    def label(self) -> str:
+        return " ".join(str(k) if not isinstance(k, int) else f"seed {k}" for k in self.key)
+
+
+@dataclass
+class JobResult:
+    job: Job
+    row: dict
+    skipped: bool
+
+
+def fingerprint(settings: dict) -> str:
+    """A short hash of the settings (recorded in done.json; not used to compare)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_settings(stored: dict | None, current: dict) -> bool:
+    """Whether a finished run's settings equal the current ones. A training option the stored
+    run does not list (added to kvseg since) counts as equal when the current value is that
+    option's default, so upgrading kvseg does not invalidate finished runs."""
+    if not isinstance(stored, dict):
+        return False
+    defaults = config_defaults()
+    missing = object()
+    for key in set(stored) | set(current):
+        a, b = stored.get(key, missing), current.get(key, missing)
+        a = defaults.get(key, missing) if a is missing else a
+        b = defaults.get(key, missing) if b is missing else b
+        if a != b:
+            return False
+    return True
+
+
+def read_done(path: Path) -> dict | None:
+    """A job's ``done.json`` (None when absent or unreadable: the job is then redone)."""
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is unreadable; the run will be redone", path)
+        return None
+    return done if isinstance(done, dict) and isinstance(done.get("row"), dict) else None
+
+
+def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], *, progress: bool = True,
+             desc: str = "runs") -> list[JobResult]:
+    """Run every job not finished yet (see the module docstring); results in job order.
+
+    Args:
+        jobs: the runs, in the order to run them.
+        work: trains, evaluates and profiles one job; returns its result row (a dict of plain
+            values; NaN allowed, stored as null).
+        progress: one overall tqdm bar (one run per step).
+        desc: the bar's label.
+    """
+    from tqdm.auto import tqdm
+
+    for job in jobs:  # refuse mixed settings before anything trains
+        done = read_done(job.run_dir / DONE)
+        if done is not None and not same_settings(done.get("settings"), job.settings):
+            raise RunDirError(f"{job.run_dir} holds a run with other settings (preset, data or "
+                              "epochs differ); use another --out")
+    results = []
+    bar = tqdm(jobs, desc=desc, unit="run", disable=not progress, dynamic_ncols=True)
+    for job in bar:
+        bar.set_postfix_str(job.label)
+        done = read_done(job.run_dir / DONE)
+        if done is not None:
+            results.append(JobResult(job, done["row"], skipped=True))
+            log.info("%s: complete in %s, skipped", job.label, job.run_dir)
+            continue
+        job.config.resume = (job.run_dir / LAST).is_file()
+        row = jsonable(work(job))
+        record = {"fingerprint": fingerprint(job.settings), "settings": job.settings, "row": row,
+                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write_text(job.run_dir / DONE, json.dumps(record, indent=2) + "\n")
+        results.append(JobResult(job, row, skipped=False))
+    bar.close()
+    return results
+
+
+__all__ = ["DONE", "FREE_KEYS", "Job", "JobResult", "fingerprint", "read_done", "run_jobs",
+           "same_settings"]
