@@ -15,15 +15,9 @@ from torch import nn
 
 from kvseg import cli
 from kvseg.data.synth import generate
+from kvseg.profile import profile_model
 from kvseg.report import aggregate, family_deltas, mean_std, results_table, write_results
-from kvseg.reproduce import (
-    choose_samples,
-    load_preset,
-    preset_path,
-    profile_model,
-    reproduce,
-    resolve_models,
-)
+from kvseg.reproduce import choose_samples, reproduce, resolve_models
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"seeds": [0], "latency_repeats": 2, "latency_warmup": 1, "num_samples": 2,
@@ -91,30 +85,6 @@ def test_smoke_reproduction_writes_every_file_and_a_rerun_skips(tiny, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         reproduce(data, out, preset=str(preset), models=["setr_kv"], epochs=2,
                   device="cpu", progress=False)
-
-
-def test_packaged_presets_match_the_repository_copies_and_load():
-    for name in ("smoke", "paper"):
-        packaged = preset_path(name)
-        assert packaged.read_text() == (ROOT / "configs" / f"{name}.yaml").read_text()
-        cfg = load_preset(name)
-        assert resolve_models(cfg["models"]) and cfg["seeds"]
-    assert load_preset("smoke")["train"]["size"] == "micro"
-    paper = load_preset("paper")["train"]
-    assert paper["size"] == "base" and paper["img_size"] == 256
-
-
-@pytest.mark.parametrize("content, message", [
-    ({"seeds": [0], "bogus": 1}, "unknown preset key 'bogus'"),
-    ({"train": {"model": "setr_kv"}}, "train.model is set per run"),
-    ({"train": {"epochs": 0}}, "epochs=0"),
-    ({"train": {"not_an_option": 1}}, "unknown option 'not_an_option'"),
-])
-def test_bad_presets_are_rejected(tmp_path, content, message):
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(content))
-    with pytest.raises(ValueError, match=message):
-        load_preset(str(path))
 
 
 def test_resolve_models():
@@ -245,7 +215,7 @@ def test_a_diverged_variant_is_recorded_and_the_others_reported(tiny, tmp_path, 
 
 
 def test_runs_stay_valid_when_kvseg_gains_an_option_at_its_default():
-    from kvseg.reproduce import _same_settings
+    from kvseg.runner import same_settings as _same_settings
 
     stored = {"model": "setr_kv", "epochs": 2, "profile": {"latency_repeats": 2}}
     assert _same_settings(stored, {**stored, "pretrained": None})  # new option, default value

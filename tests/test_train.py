@@ -48,40 +48,6 @@ def _without_seconds(rows: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- config
-def test_packaged_defaults_equal_the_dataclass():
-    assert T.load_config() == T.TrainConfig()
-    documented = yaml.safe_load(T.default_config_path().read_text())
-    assert set(documented) == {f for f in T.TrainConfig.__dataclass_fields__}
-
-
-def test_yaml_then_overrides_take_precedence(tmp_path):
-    p = tmp_path / "c.yaml"
-    p.write_text("epochs: 7\nlr: 3e-4\nbatch_size: 2\nexclude: [case7_day0]\n")
-    c = T.load_config(p, {"batch_size": 5})
-    assert (c.epochs, c.lr, c.batch_size, c.exclude) == (7, 3e-4, 5, ["case7_day0"])
-    assert c.img_size == T.TrainConfig().img_size
-
-
-def test_unknown_yaml_key_names_key_and_file(tmp_path):
-    p = tmp_path / "c.yaml"
-    p.write_text("epochs: 2\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"c\.yaml.*learning_rate"):
-        T.load_config(p)
-    with pytest.raises(ValueError, match="bogus"):
-        T.load_config(None, {"bogus": 1})
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("epochs", 2.5), ("batch_size", -1), ("lr", 0.0), ("lr", "fast"),
-    ("amp", "fp8"), ("model", "unet"), ("size", "huge"), ("fold", 5), ("threshold", 1.0),
-    ("augment", "yes"), ("max_steps_per_epoch", 0), ("time_budget_s", -3.0),
-    ("device", "tpu"), ("exclude", "case7_day0"), ("min_lr_ratio", 2.0), ("img_size", None),
-])
-def test_bad_values_name_the_option(key, value):
-    with pytest.raises(ValueError, match=key):
-        T.load_config(None, {key: value})
-
-
 def test_amp_on_cpu_is_refused(synth, tmp_path):
     c = T.load_config(None, _opts(synth, tmp_path / "r", amp="bf16"))
     with pytest.raises(ValueError, match="amp"):
@@ -148,18 +114,33 @@ def _cli_args(opts: dict) -> list[str]:
     return args
 
 
+KILL_AFTER_EPOCH_1 = """
+import os, signal, sys
+from kvseg.config import load_config
+from kvseg.train import train
+
+def kill(epoch, row):  # SIGKILL right after epoch 1's files are written
+    if epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_config(sys.argv[1]), callbacks=[kill])
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_straight_run(synth, straight, tmp_path):
     out = tmp_path / "killed"
     opts = _opts(synth, out)
-    cfg = tmp_path / "warm.yaml"
-    cfg.write_text("warmup_epochs: 0.5\n")
-    cmd = [sys.executable, "-m", "kvseg", *_cli_args(opts), "--config", str(cfg)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", T._KILL_HOOK: "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(opts))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_EPOCH_1, str(cfg)], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len(_rows(out / "metrics.csv")) == 1
-    env.pop(T._KILL_HOOK)
+    warm = tmp_path / "warm.yaml"
+    warm.write_text("warmup_epochs: 0.5\n")
+    cmd = [sys.executable, "-m", "kvseg", *_cli_args(opts), "--config", str(warm)]
     proc = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -235,8 +216,109 @@ def test_time_budget_stops_after_validating(synth, tmp_path):
     assert row["jaccard"] != "" and (out / "best.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", ["train_micro.yaml", "train_paper.yaml"])
-def test_shipped_train_configs_are_valid(name):
-    path = Path(__file__).resolve().parents[1] / "configs" / name
-    config = T.load_config(path)
-    assert config.model == "setr_kv"
+def test_lr_column_follows_the_schedule_over_the_whole_run(straight):
+    # 2 epochs x 2 steps, warm-up 0.5 epoch = 1 step: the schedule spans all 4 steps (a schedule
+    # one epoch long would already sit at the floor after epoch 1)
+    c = T.load_config(straight / "config.yaml")
+    rows = _rows(straight / "metrics.csv")
+    total, warm = 4, 1
+    for r in rows:
+        step = int(r["steps"])
+        expected = c.lr * T.lr_lambda(step, warm, total, c.min_lr_ratio)
+        assert float(r["lr"]) == pytest.approx(expected, rel=1e-6), r
+    assert float(rows[0]["lr"]) > 2 * c.lr * c.min_lr_ratio
+    assert float(rows[-1]["lr"]) == pytest.approx(c.lr * c.min_lr_ratio)
+
+
+# --------------------------------------------------------------------------- faults
+def _checksums(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".kvseg.lock"}
+
+
+def test_a_run_folder_owned_by_another_process_is_refused(synth, tmp_path):
+    from kvseg.errors import RunDirError
+    from kvseg.rundir import FolderLock
+
+    out = tmp_path / "owned"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kvseg.rundir import FolderLock; "
+         "l = FolderLock(sys.argv[1], 'kvseg train (test)').acquire(); print('ok', flush=True); "
+         "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with pytest.raises(RunDirError, match=rf"in use by another kvseg process \(pid "
+                                              rf"{holder.pid} .*kvseg train \(test\)"):
+            T.train(T.load_config(None, _opts(synth, out)))
+        assert not (out / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without cleaning up: its lock file does not block anybody
+    assert (out / ".kvseg.lock").exists()
+    with FolderLock(out, "again"):
+        pass
+
+
+def test_a_partial_run_is_not_overwritten(synth, straight, tmp_path):
+    import shutil
+
+    from kvseg.errors import RunDirError
+
+    out = tmp_path / "partial"
+    out.mkdir()
+    shutil.copy(straight / "best.safetensors", out)
+    (out / "eval_val.json").write_text("{}")
+    before = _checksums(out)
+    with pytest.raises(RunDirError, match="best.safetensors.*no last.ckpt"):
+        T.train(T.load_config(None, _opts(synth, out)))
+    assert _checksums(out) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"PK\x03\x04truncated zip"])
+def test_a_corrupt_last_ckpt_is_one_line_and_kept(synth, straight, tmp_path, content, capsys):
+    import shutil
+
+    out = tmp_path / "corrupt"
+    shutil.copytree(straight, out)
+    (out / "last.ckpt").write_bytes(content)
+    before = _checksums(out)
+    rc = cli.main(_cli_args(_opts(synth, out)) + ["--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "last.ckpt" in err and "weights_only=False" not in err
+    assert _checksums(out) == before
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(synth, tmp_path,
+                                                                        monkeypatch, capsys):
+    import errno
+
+    import kvseg.utils as U
+
+    out = tmp_path / "full"
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("last.ckpt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(U.os, "replace", replace)
+    rc = cli.main(_cli_args(_opts(synth, out, epochs=1)))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "last.ckpt" in err and "No space left on device" in err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_unexpected_exception_is_reported_as_a_bug(monkeypatch, capsys):
+    def boom(args):
+        raise KeyError("internal")
+
+    monkeypatch.setitem(cli.COMMANDS, "models", (cli.COMMANDS["models"][0], boom))
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "this is a bug in kvseg" in err.strip().splitlines()[-1]

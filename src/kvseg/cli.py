@@ -1,8 +1,11 @@
 """Command-line interface: argument parsing only; every command calls a library function.
 
-User mistakes (bad paths, bad values, malformed data) surface as ``ValueError`` /
-``FileNotFoundError`` / ``OSError`` from the library and become one line on stderr with exit
-code 2, no traceback.
+Error handling is total: a user mistake or an input fault (a :class:`kvseg.errors.KvsegError`,
+an ``OSError`` from the file system such as a missing file, a permission problem or a full disk)
+is one line on stderr naming the option, file or row, with exit code 2 and no traceback; a bad
+flag value is the same (the numeric checks are :func:`kvseg.config.check_number`, shared with the
+config files). A diverged training is one line with exit code 1. Anything else is a bug in
+kvseg: its traceback is shown, followed by a line saying so (exit code 1).
 """
 
 from __future__ import annotations
@@ -11,15 +14,48 @@ import argparse
 import logging
 import sys
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+from kvseg.config import check_number
+from kvseg.errors import KvsegError
+
+USER_ERRORS = (KvsegError, OSError)
+
+
+def _number(integer: bool = False, **bounds):
+    """An argparse ``type`` checking a numeric flag with :func:`kvseg.config.check_number`."""
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
+        try:
+            return check_number("value", value, integer=integer, **bounds)
+        except KvsegError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value=")) from None
+
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+POSITIVE_INT = _number(True, minimum=1)
+NONNEG_INT = _number(True, minimum=0)
+ANY_INT = _number(True)
+POSITIVE = _number(minimum=0, min_open=True)
+PROBABILITY = _number(minimum=0, maximum=1, min_open=True, max_open=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``kvseg CMD: error: ...``, exit code 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- models / profile
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered variants with family, mode, params")
     p.add_argument("--size", default="base", help="size preset for the parameter count")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=POSITIVE_INT, default=224)
 
 
 def _run_models(args) -> int:
@@ -33,9 +69,9 @@ def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="params, MACs and KV-vs-QKV reduction (the paper's table)")
     p.add_argument("--models", nargs="+", default=["all"], help="'all' or variant names")
     p.add_argument("--size", default="base")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=3)
+    p.add_argument("--img-size", type=POSITIVE_INT, default=224)
+    p.add_argument("--in-channels", type=POSITIVE_INT, default=3)
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=3)
     p.add_argument("--format", choices=["md", "csv", "json"], default="md")
 
 
@@ -52,10 +88,10 @@ def _run_profile(args) -> int:
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic dataset in the UW-Madison layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--days", type=int, default=2)
-    p.add_argument("--slices", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", type=POSITIVE_INT, default=8)
+    p.add_argument("--days", type=POSITIVE_INT, default=2)
+    p.add_argument("--slices", type=POSITIVE_INT, default=32)
+    p.add_argument("--seed", type=ANY_INT, default=0)
 
 
 def _run_synth(args) -> int:
@@ -69,42 +105,23 @@ def _run_synth(args) -> int:
 
 # --------------------------------------------------------------------------- train / evaluate
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train one variant (torchrun-aware)")
-    p.add_argument("--config", help="YAML file with any training option; flags override it")
-    p.add_argument("--model")
-    p.add_argument("--data")
-    p.add_argument("--out")
-    p.add_argument("--size")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--pretrained", help="local weights file to initialise from (matching tensors)")
-    p.add_argument("--context", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--fold", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--cache-dir")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--n-folds", type=int)
-    p.add_argument("--head", help="SETR decoder head: naive, pup, mla")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--time-budget-s", type=float,
-                   help="end training once it took this long, then validate")
-    p.add_argument("--val-every", type=int)
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from RUN_DIR/last.ckpt")
+    from kvseg.config import add_config_flags
+
+    p = sub.add_parser("train", help="train one variant (torchrun-aware)",
+                       description="Train one variant. Every option of kvseg.config.TrainConfig "
+                                   "is a flag; `kvseg config show default` lists them in YAML.")
+    p.add_argument("--config", help="a YAML file or a packaged config name (see `kvseg config "
+                                    "list`); flags override it")
+    add_config_flags(p)
 
 
 def _run_train(args) -> int:
     import os
 
-    from kvseg.train import load_config, train
+    from kvseg.config import load_config, overrides_from_args
+    from kvseg.train import train
 
-    overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "config", "func", "verbose") and v is not None}
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides_from_args(args), source="command line")
     try:
         summary = train(config)
     except FloatingPointError as e:  # NaN/inf loss: one line, last good checkpoint kept
@@ -116,6 +133,30 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="list the packaged configs or print one for editing")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?", help="with show: a packaged config (default, smoke, ...)")
+
+
+def _run_config(args) -> int:
+    from kvseg.config import config_path, packaged_configs, read_yaml
+
+    if args.action == "list":
+        for name in packaged_configs():
+            desc = read_yaml(config_path(name)).get("description", "")
+            print(f"{name:<14}{desc}")
+        return 0
+    if not args.name:
+        raise KvsegError("config show: name a config (one of "
+                         f"{', '.join(packaged_configs())})")
+    if args.name not in packaged_configs():
+        raise KvsegError(f"config show {args.name!r}: not a packaged config; expected one of "
+                         f"{', '.join(packaged_configs())}")
+    print(config_path(args.name).read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run's best model")
     p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
@@ -123,8 +164,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
     p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--slice-thickness", type=float, default=3.0,
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    p.add_argument("--slice-thickness", type=POSITIVE, default=3.0,
                    help="mm between slices for the 3D metrics")
 
 
@@ -144,18 +185,22 @@ def _add_predict(sub) -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--input", required=True, help="a PNG, a folder of PNGs or a UW-Madison root")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float,
+    p.add_argument("--threshold", type=PROBABILITY,
                    help="sigmoid threshold (default: the run's own, 0.5 unless trained otherwise)")
     p.add_argument("--tta", choices=["none", "flip"], default="none")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an OUT used by an earlier predict (its old outputs are "
+                        "removed; files predict did not write are kept)")
 
 
 def _run_predict(args) -> int:
     from kvseg.predict import predict
 
     summary = predict(args.run, args.input, args.out, threshold=args.threshold, tta=args.tta,
-                      device=args.device, batch_size=args.batch_size)
+                      device=args.device, batch_size=args.batch_size,
+                      **({"overwrite": True} if args.overwrite else {}))
     print(summary)
     return 0
 
@@ -164,7 +209,8 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a run's model to ONNX, checked with onnxruntime")
     p.add_argument("--run", required=True)
     p.add_argument("--onnx", required=True, help="output .onnx file")
-    p.add_argument("--img-size", type=int, help="input size (default: the run's img_size)")
+    p.add_argument("--img-size", type=POSITIVE_INT,
+                   help="input size (default: the run's img_size)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="auto: torch.export (dynamo), the TorchScript exporter if that fails")
@@ -183,11 +229,12 @@ def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="train, evaluate and profile every variant; report")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--preset", default="smoke", help="smoke, paper, or a YAML file")
+    p.add_argument("--preset", default="smoke",
+                   help="smoke, paper, or a YAML file (`kvseg config show smoke` prints one)")
     p.add_argument("--models", nargs="+", default=["all"])
-    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--seeds", nargs="+", type=ANY_INT)
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's epochs")
 
 
 def _run_reproduce(args) -> int:
@@ -204,6 +251,7 @@ COMMANDS = {
     "profile": (_add_profile, _run_profile),
     "synth": (_add_synth, _run_synth),
     "train": (_add_train, _run_train),
+    "config": (_add_config, _run_config),
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
@@ -214,13 +262,14 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from kvseg import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvseg",
         description="QKV vs KV attention in pure and hybrid Transformers, 2D medical segmentation",
     )
     parser.add_argument("--version", action="version", version=f"kvseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
     for add, _ in COMMANDS.values():
         add(sub)
     return parser
@@ -237,12 +286,32 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.verbose:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"kvseg {args.command}: error: {msg}", file=sys.stderr)
+        print(f"kvseg {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kvseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"kvseg {args.command}: internal error: this is a bug in kvseg, not in your input; "
+              "please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an error's message; an OSError names its file and what went wrong."""
+    if isinstance(e, OSError) and not isinstance(e, KvsegError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        text = f"{where}{e.strerror}"
+        if e.filename2:
+            text += f" ({e.filename2})"
+        if not e.filename and str(e).strip():
+            text = str(e)
+    else:
+        text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kvseg.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,7 +40,7 @@ def env_info() -> DistInfo:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as e:
-        raise ValueError(f"bad torchrun environment variable: {e}") from None
+        raise ConfigError(f"bad torchrun environment variable: {e}") from None
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
@@ -74,6 +76,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         out = out.cuda()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (the flag itself in one process).
+
+    Used for decisions only rank 0 can make (it owns the output folder), so that the other ranks
+    follow it instead of checking files they may not see (node-local storage).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return bool(t.item() > 0)
 
 
 def barrier() -> None:

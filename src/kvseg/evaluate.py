@@ -11,45 +11,30 @@ is its original spacing scaled by the resize (``spacing · height / img_size`` f
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kvseg.checkpoint import load_run
+from kvseg.config import check_number
+from kvseg.errors import ConfigError, DataError
 from kvseg.metrics import CaseMetricsAccumulator, SegmentationMetrics
+from kvseg.results import jsonable
 from kvseg.utils import atomic_write_text, resolve_device
 
 SPLITS = ("train", "val", "all")
 
 
-def _clean(obj):
-    # strict JSON: NaN/inf -> null, tuples -> lists, numpy scalars -> Python
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def _dataset(config: dict, data: str | None, split: str):
-    from kvseg.data import UWMadison
+    from kvseg.data import build_dataset
 
     root = data or config.get("data")
     if not root:
-        raise ValueError("--data: the run's config names no dataset; pass --data DIR")
+        raise ConfigError("--data: the run's config names no dataset; pass --data DIR")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: dataset root not found")
-    return UWMadison(root, split=split, fold=config["fold"], n_folds=config["n_folds"],
-                     img_size=config["img_size"], context=config["context"], augment=False,
-                     cache=config.get("cache", True), cache_dir=config.get("cache_dir"),
-                     exclude=list(config.get("exclude") or []))
+    return build_dataset({**config, "data": str(root)}, split, augment=False)
 
 
 @torch.no_grad()
@@ -68,16 +53,16 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     empty mask) are ``null``.
     """
     if split not in SPLITS:
-        raise ValueError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    check_number("batch_size", batch_size, integer=True, minimum=1)
+    check_number("slice_thickness_mm", slice_thickness_mm, minimum=0, min_open=True)
     dev = resolve_device(device)
     model, config = load_run(run, map_location=dev)
     threshold = config.get("threshold", 0.5) if threshold is None else threshold
     classes = list(config.get("classes") or [f"class_{i}" for i in range(config["num_classes"])])
     ds = _dataset(config, data, split)
     if len(ds) == 0:
-        raise ValueError(f"split {split!r} of {data or config.get('data')} is empty")
+        raise DataError(f"split {split!r} of {data or config.get('data')} is empty")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     metrics = SegmentationMetrics(len(classes), threshold)
     cases = CaseMetricsAccumulator(classes, slice_thickness_mm)
@@ -131,7 +116,7 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
             for c in per_case["cases"]
         ],
     }
-    results = _clean(results)
+    results = jsonable(results)
     out = Path(out) if out is not None else Path(run) / f"eval_{split}.json"
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     results["out"] = str(out)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvseg.errors import ConfigError, KvsegError
 from kvseg.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,11 @@ _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")
 OPSET = 18
 
 
-class ExportCheckError(ValueError):
+class ExportError(KvsegError, ValueError):
+    """An exporter failed on this model (the message names the root cause)."""
+
+
+class ExportCheckError(ExportError):
     """The exported graph's output differs from PyTorch's by more than the tolerance."""
 
 
@@ -96,7 +101,7 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
     model, config = load_run(run_dir, map_location="cpu")
     size = int(img_size or config["img_size"])
     if size < 16:
-        raise ValueError(f"--img-size {size}: expected at least 16")
+        raise ConfigError(f"--img-size {size}: expected at least 16")
     in_channels = int(config.get("in_channels") or 2 * int(config.get("context", 0) or 0) + 1)
     return export_model(model, onnx_path, input_shape=(1, in_channels, size, size),
                         dynamic=dynamic, exporter=exporter, tolerance=tolerance,
@@ -114,10 +119,10 @@ def export_model(model: torch.nn.Module, onnx_path: str | Path, *,
     by ``tolerance`` or more, and ``ValueError`` when the exporter(s) fail.
     """
     if exporter not in EXPORTERS:
-        raise ValueError(f"--exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
+        raise ConfigError(f"--exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
     onnx_path = Path(onnx_path)
     if onnx_path.suffix.lower() != ".onnx":
-        raise ValueError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
+        raise ConfigError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
     model = model.eval()
     gen = torch.Generator().manual_seed(0)
     b, c, h, w = input_shape
@@ -130,7 +135,7 @@ def export_model(model: torch.nn.Module, onnx_path: str | Path, *,
         # the graph needs height and width divisible by it.
         m = int(getattr(model, "input_multiple", 16))
         if h % m or w % m:
-            raise ValueError(f"--img-size {h}x{w}: a dynamic export needs multiples of {m}")
+            raise ConfigError(f"--img-size {h}x{w}: a dynamic export needs multiples of {m}")
         example = torch.randn(1, c, h + m, w, generator=gen)
         inputs.append(torch.randn(b + 1, c, h + 2 * m, max(w - m, m), generator=gen))
         notes.append(f"dynamic graph: height and width must be multiples of {m}")
@@ -159,7 +164,7 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, *, dynami
         except Exception as e:  # the dynamo exporter raises many types; report, then fall back
             reason = _reason(e)
             if exporter == "dynamo":
-                raise ValueError(f"dynamo ONNX export failed: {reason}") from e
+                raise ExportError(f"dynamo ONNX export failed: {reason}") from e
             log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", reason)
             note = f"dynamo exporter failed ({reason}); used the TorchScript exporter"
     else:
@@ -167,7 +172,7 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, *, dynami
     try:
         _export_torchscript(model, example, path, dynamic=dynamic, opset=opset)
     except Exception as e:
-        raise ValueError(f"TorchScript ONNX export failed: {e}") from e
+        raise ExportError(f"TorchScript ONNX export failed: {e}") from e
     return "torchscript", note
 
 
@@ -225,7 +230,7 @@ def _max_abs_diff(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise ValueError("the ONNX check needs onnxruntime: pip install 'kvseg[onnx]'") from e
+        raise KvsegError("the ONNX check needs onnxruntime: pip install 'kvseg[onnx]'") from e
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -1,17 +1,12 @@
-"""Training: ``TrainConfig`` (every option, validated), ``load_config`` (YAML + flags), ``train``.
+"""Training: ``train(config)`` runs one :class:`~kvseg.config.TrainConfig` into its RUN_DIR.
 
-``train(config)`` writes into ``config.out`` (RUN_DIR), from rank 0 only and always atomically:
-
-- ``config.yaml``       the resolved config (plus ``in_channels``/``num_classes``/``classes``,
-                        which the data decides and which are ignored when read back);
-- ``metrics.csv``       one row per epoch: epoch, train_loss, val_loss, jaccard,
-                        weighted_jaccard, dice, lr, seconds, steps (val cells empty in epochs
-                        without validation);
-- ``best.safetensors``  the weights with the best validation Jaccard, config in the metadata;
-- ``last.ckpt``         model, optimiser, scheduler, AMP scaler, RNG states (Python, NumPy,
-                        torch CPU/CUDA, the DataLoader generator; one set per rank), epoch, step,
-                        best score and the metrics history: ``resume=True`` continues from it;
-- ``curves.png``        losses and metrics per epoch.
+``train(config)`` writes into ``config.out`` (RUN_DIR), from rank 0 only and always atomically
+(the files are listed in :mod:`kvseg.rundir`): ``config.yaml``, ``metrics.csv``,
+``best.safetensors`` (weights with the best validation Jaccard, config in the metadata),
+``last.ckpt`` (model, optimiser, scheduler, AMP scaler and its precision, RNG states, epoch, step,
+best score and history: ``resume=True`` continues from it) and ``curves.png``. The run folder is
+owned by one process while it trains (:class:`kvseg.rundir.FolderLock`); a fresh run refuses a
+folder that holds any part of another run.
 
 Reproducibility: the same seed and config on CPU give the same metrics.csv (apart from the
 wall-clock ``seconds`` column). A run killed at any moment and resumed ends with the same
@@ -25,26 +20,23 @@ Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataP
 ``DistributedSampler`` (the effective batch is ``batch_size × world_size``) and a disjoint
 shard of the validation set; the metric counts are summed across ranks, so validation metrics
 equal a single-process evaluation of the same weights.
+
+``callbacks``: callables ``fn(epoch, row)`` run on rank 0 after each epoch's files are written
+(``row`` is that epoch's metrics.csv row), e.g. to log elsewhere or stop a job from outside.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
-import io
 import itertools
 import json
 import logging
 import math
-import os
 import random
-import signal
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -53,199 +45,55 @@ import yaml
 from torch import nn
 
 from kvseg import distributed as D
-from kvseg.checkpoint import build_model, save_model
+from kvseg.checkpoint import (
+    build_model,
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    save_model,
+    save_training_state,
+)
+from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig stays public
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    default_config_path,
+    load_config,
+)
+from kvseg.errors import ConfigError
 from kvseg.losses import BCEDiceLoss
 from kvseg.metrics import SegmentationMetrics
-from kvseg.utils import atomic_path, atomic_write_text, resolve_device, seed_everything
+from kvseg.rundir import (
+    BEST,
+    CONFIG,
+    CURVES,
+    LAST,
+    METRIC_COLUMNS,
+    METRICS,
+    FolderLock,
+    check_new_run,
+    command_line,
+    plot_curves,
+    write_metrics_csv,
+)
+from kvseg.utils import atomic_write_text, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "jaccard", "weighted_jaccard", "dice",
-                  "lr", "seconds", "steps")
-# keys written to config.yaml that the data decides; accepted and ignored when read back
-DERIVED_KEYS = ("in_channels", "num_classes", "classes")
-# keys that may differ between the original run and a --resume
-_RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out")
-_KILL_HOOK = "KVSEG_TEST_KILL_AFTER_EPOCH"  # test-only: SIGKILL after this epoch's checkpoint
+__all__ = ["METRIC_COLUMNS", "NonFiniteLossError", "TrainConfig", "build_datasets",
+           "load_config", "lr_lambda", "train"]
+
+EpochCallback = Callable[[int, dict], None]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite (message names epoch and step)."""
 
 
-@dataclass
-class TrainConfig:
-    """Every training option (YAML keys and ``kvseg train`` flags use these names)."""
-
-    # model
-    model: str = "setr_kv"
-    size: str = "base"
-    img_size: int = 256
-    head: str | None = None  # SETR decoder head (naive, pup, mla); None = the preset's
-    model_overrides: dict = field(default_factory=dict)  # preset fields, e.g. {depth: 6}
-    pretrained: str | None = None  # local weights file to initialise from (matching tensors)
-    # data
-    data: str | None = None  # dataset root (UW-Madison layout)
-    context: int = 0  # neighbouring slices on each side stacked as channels (2.5D)
-    fold: int = 0
-    n_folds: int = 5
-    augment: bool = True
-    cache: bool = True
-    cache_dir: str | None = None
-    exclude: list = field(default_factory=list)  # case-day ids such as "case7_day0"
-    workers: int = 0
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    bce_weight: float = 1.0
-    dice_weight: float = 1.0
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, none
-    max_steps_per_epoch: int | None = None
-    time_budget_s: float | None = None  # stop (after validating) once training took this long
-    # evaluation and bookkeeping
-    val_every: int = 1
-    threshold: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None  # RUN_DIR
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad option."""
-        hints = typing.get_type_hints(TrainConfig)
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        from kvseg.models.registry import SIZES, list_models
-
-        if self.model not in list_models():
-            raise ValueError(f"model={self.model!r}: expected one of {', '.join(list_models())}")
-        if self.size not in SIZES:
-            raise ValueError(f"size={self.size!r}: expected one of {', '.join(SIZES)}")
-        positive = ("img_size", "epochs", "batch_size", "n_folds", "val_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("context", "workers", "weight_decay", "warmup_epochs", "grad_clip",
-                     "bce_weight", "dice_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if not 0 <= self.fold < self.n_folds:
-            raise ValueError(f"fold={self.fold}: must be in [0, n_folds={self.n_folds})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr}: must be a positive finite number")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
-        if self.bce_weight + self.dice_weight == 0:
-            raise ValueError("bce_weight and dice_weight: at least one must be > 0")
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
-            raise ValueError(f"amp={self.amp!r}: expected auto, bf16, fp16 or none")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch={self.max_steps_per_epoch}: must be >= 1")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ValueError(f"time_budget_s={self.time_budget_s}: must be > 0")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold={self.threshold}: must be in (0, 1)")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
-        if not all(isinstance(e, str) for e in self.exclude):
-            raise ValueError(f"exclude={self.exclude!r}: expected a list of case-day ids")
-        if "head" in self.model_overrides:
-            raise ValueError("model_overrides.head: use the head option instead")
-
-
-def _check_type(name: str, value, hint) -> None:
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None:
-        if optional:
-            return
-        raise ValueError(f"{name}: must not be empty (null)")
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        list: isinstance(value, list),
-        dict: isinstance(value, dict),
-    }.get(base, True)
-    if not ok:
-        raise ValueError(f"{name}={value!r}: expected {getattr(base, '__name__', base)}")
-
-
-def default_config_path() -> Path:
-    """The packaged ``kvseg/configs/default.yaml`` (documents every option and its default)."""
-    return Path(str(resources.files("kvseg") / "configs" / "default.yaml"))
-
-
-def _read_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value at the top level")
-    return data
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None
-                ) -> TrainConfig:
-    """Defaults <- YAML file ``path`` <- ``overrides`` (e.g. command-line flags), validated.
-
-    Unknown keys raise ValueError naming the key (and the file); bad values raise ValueError
-    naming the option. Integers are accepted where floats are expected; YAML reads ``3e-4``
-    as a string, so numeric strings are converted for float options.
-    """
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged: dict = {}
-    sources = [(default_config_path(), _read_yaml(default_config_path()))]
-    if path is not None:
-        sources.append((Path(path), _read_yaml(path)))
-    sources.append(("overrides", dict(overrides or {})))
-    for src, values in sources:
-        for key, value in values.items():
-            if key in DERIVED_KEYS:
-                continue
-            if key not in names:
-                raise ValueError(f"{src}: unknown option {key!r}")
-            merged[key] = value
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in merged.items():
-        base = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
-        if base[0] is float and isinstance(value, str):
-            try:
-                merged[key] = float(value)
-            except ValueError:
-                raise ValueError(f"{key}={value!r}: expected a number") from None
-    return TrainConfig(**merged)
-
-
-# --------------------------------------------------------------------------- data
 def build_datasets(config: TrainConfig):
-    """``(train_dataset, val_dataset)`` of :class:`kvseg.data.UWMadison` for this config."""
-    from kvseg.data import UWMadison
+    """``(train_dataset, val_dataset)`` for this config (:func:`kvseg.data.build_dataset`)."""
+    from kvseg.data import build_dataset
 
-    if config.data is None:
-        raise ValueError("data: the dataset root is required (--data DIR)")
-    common = dict(fold=config.fold, n_folds=config.n_folds, img_size=config.img_size,
-                  context=config.context, cache=config.cache, cache_dir=config.cache_dir,
-                  exclude=list(config.exclude))
-    train_ds = UWMadison(config.data, split="train", augment=config.augment, **common)
-    val_ds = UWMadison(config.data, split="val", augment=False, **common)
-    return train_ds, val_ds
+    return build_dataset(config, "train"), build_dataset(config, "val")
 
 
 def _worker_init(worker_id: int) -> None:
@@ -256,36 +104,6 @@ def _worker_init(worker_id: int) -> None:
     random.seed(s)
 
 
-# --------------------------------------------------------------------------- RNG states
-def _rng_state(gen: torch.Generator) -> dict:
-    # plain Python values (no tensors): all_gather_object and weights_only loading accept them
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state().tolist(),
-        "loader": gen.get_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
-    def byte_tensor(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.uint8)
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(byte_tensor(state["torch"]))
-    gen.set_state(byte_tensor(state["loader"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([byte_tensor(s) for s in state["cuda"]])
-
-
-# --------------------------------------------------------------------------- schedule
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (0-based): linear warmup over
     ``warmup_steps`` then cosine from 1 to ``min_lr_ratio`` at ``total_steps``."""
@@ -295,49 +113,15 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# --------------------------------------------------------------------------- outputs
-def write_metrics_csv(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(METRIC_COLUMNS)
-    for row in history:
-        w.writerow(["" if row.get(k) is None else row[k] for k in METRIC_COLUMNS])
-    atomic_write_text(path, buf.getvalue())
-
-
-def plot_curves(path: Path, history: list[dict]) -> None:
-    """Loss (train, val) and validation metrics per epoch -> PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
-    ax1, ax2 = fig.subplots(1, 2)
-    ep = [r["epoch"] for r in history]
-    ax1.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
-    val = [(r["epoch"], r["val_loss"]) for r in history if r["val_loss"] is not None]
-    if val:
-        ax1.plot(*zip(*val, strict=True), "s-", label="val")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax1.legend()
-    for key in ("jaccard", "weighted_jaccard", "dice"):
-        pts = [(r["epoch"], r[key]) for r in history if r[key] is not None]
-        if pts:
-            ax2.plot(*zip(*pts, strict=True), "o-", label=key)
-    ax2.set(xlabel="epoch", ylabel="score", title="validation", ylim=(0, 1))
-    ax2.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-
-
-# --------------------------------------------------------------------------- training
 class _Trainer:
-    def __init__(self, config: TrainConfig, info: D.DistInfo, device: torch.device) -> None:
+    """One training run (set-up, epochs, checkpoints); used through :func:`train`."""
+
+    def __init__(self, config: TrainConfig, info: D.DistInfo, device: torch.device,
+                 callbacks: Sequence[EpochCallback] = ()) -> None:
         self.config, self.info, self.device = config, info, device
         self.out = Path(config.out)
         self.main = info.is_main
+        self.callbacks = list(callbacks)
 
     # ---- set-up
     def setup(self) -> None:
@@ -348,13 +132,15 @@ class _Trainer:
         seed_everything(c.seed)
         self.train_ds, self.val_ds = build_datasets(c)
         if len(self.train_ds) == 0 or len(self.val_ds) == 0:
-            raise ValueError(f"{c.data}: empty train ({len(self.train_ds)}) or val "
+            raise ConfigError(f"{c.data}: empty train ({len(self.train_ds)}) or val "
                              f"({len(self.val_ds)}) split for fold {c.fold}/{c.n_folds}")
-        from kvseg.data import CLASSES
-
         first = self.train_ds[0]
+        classes = getattr(self.train_ds, "classes", None)
+        if classes is None:
+            from kvseg.data import CLASSES as classes
         self.model_config = {**asdict(c), "in_channels": int(first["image"].shape[0]),
-                             "num_classes": int(first["mask"].shape[0]), "classes": list(CLASSES)}
+                             "num_classes": int(first["mask"].shape[0]),
+                             "classes": list(classes)}
         self.model_config["data"] = str(Path(c.data).resolve())
         self.model_config["out"] = str(self.out)
         seed_everything(c.seed)  # the same weights whatever the dataset did above
@@ -402,7 +188,7 @@ class _Trainer:
         amp = self.config.amp
         if self.device.type != "cuda":
             if amp in ("bf16", "fp16"):
-                raise ValueError(f"amp={amp}: mixed precision needs a CUDA device "
+                raise ConfigError(f"amp={amp}: mixed precision needs a CUDA device "
                                  f"(device is {self.device}); use amp: none or auto")
             return None
         if amp == "none":
@@ -443,7 +229,7 @@ class _Trainer:
 
     # ---- checkpoints
     def _ckpt_state(self) -> dict:
-        rng = _rng_state(self.gen)
+        rng = capture_rng_state(self.gen, self.device)
         if self.info.enabled:
             gathered: list = [None] * self.info.world_size
             torch.distributed.all_gather_object(gathered, rng)
@@ -462,19 +248,26 @@ class _Trainer:
             "history": self.history,
             "train_seconds": self.train_seconds,
             "config_json": json.dumps(asdict(self.config), sort_keys=True),
+            "precision": _precision_name(self.amp_dtype),
         }
 
     def resume(self) -> None:
-        path = self.out / "last.ckpt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: nothing to resume from")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        path = self.out / LAST
+        state = load_training_state(path, required=(
+            "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best",
+            "history", "config_json"))
         saved = json.loads(state["config_json"])
         now = asdict(self.config)
         for key in now:
-            if key not in _RESUME_MAY_CHANGE and saved.get(key) != now[key]:
-                raise ValueError(f"--resume: option {key} was {saved.get(key)!r} in {path}, "
-                                 f"now {now[key]!r}")
+            if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key]:
+                raise ConfigError(f"--resume: option {key} was {saved.get(key)!r} in {path}, "
+                                  f"now {now[key]!r}")
+        saved_precision = state.get("precision", "fp32")
+        if saved_precision != _precision_name(self.amp_dtype):
+            raise ConfigError(
+                f"--resume: {path} trained in {saved_precision}, this device resolves amp="
+                f"{self.config.amp} to {_precision_name(self.amp_dtype)}; resume on a device "
+                f"that gives {saved_precision} (or set --amp accordingly)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -485,7 +278,7 @@ class _Trainer:
         self.train_seconds = float(state["train_seconds"])
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
-            _set_rng_state(rngs[self.info.rank], self.gen)
+            restore_rng_state(rngs[self.info.rank], self.gen, self.device)
         else:
             log.warning("resuming with %d processes from a %d-process checkpoint: RNG streams "
                         "restart from the seed, so the run will not be bit-identical",
@@ -506,7 +299,7 @@ class _Trainer:
             raise NonFiniteLossError(
                 f"non-finite training loss ({float(loss.detach()):g}) at epoch {epoch} step "
                 f"{step_in_epoch} (global step {self.step + 1}); stopped; last good checkpoint: "
-                f"{self.out / 'last.ckpt'}")
+                f"{self.out / LAST}")
         return over
 
     def train_epoch(self, epoch: int) -> tuple[float, bool]:
@@ -576,12 +369,8 @@ class _Trainer:
         c = self.config
         if c.resume:
             self.resume()
-        elif (self.out / "last.ckpt").exists():  # checked on every rank: all of them stop
-            raise ValueError(f"{self.out}: already holds a run (last.ckpt); pass --resume "
-                             "to continue it or choose another --out")
         elif self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.yaml",
+            atomic_write_text(self.out / CONFIG,
                               yaml.safe_dump(self.model_config, sort_keys=False))
         stopped_early = False
         while self.epoch < c.epochs and not stopped_early:
@@ -607,8 +396,9 @@ class _Trainer:
                 log.info("epoch %d/%d train_loss %.4f val_loss %s jaccard %s (%.1fs)", epoch,
                          c.epochs, train_loss, _fmt(row["val_loss"]), _fmt(row["jaccard"]),
                          row["seconds"])
-            if os.environ.get(_KILL_HOOK) == str(epoch) and self.main:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.main:
+                for callback in self.callbacks:
+                    callback(epoch, row)
         if stopped_early and self.main:
             log.info("time budget of %.0f s spent after epoch %d", c.time_budget_s, self.epoch)
         return {"run_dir": str(self.out), "epochs": self.epoch, "steps": self.step,
@@ -624,37 +414,67 @@ class _Trainer:
         if not self.main:
             return
         if improved:
-            save_model(self.out / "best.safetensors", self.model, self.model_config)
-        with atomic_path(self.out / "last.ckpt") as tmp:
-            torch.save(state, tmp)
-        write_metrics_csv(self.out / "metrics.csv", self.history)
-        plot_curves(self.out / "curves.png", self.history)
+            save_model(self.out / BEST, self.model, self.model_config)
+        save_training_state(self.out / LAST, state)
+        write_metrics_csv(self.out / METRICS, self.history)
+        plot_curves(self.out / CURVES, self.history)
 
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def train(config: TrainConfig) -> dict:
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = ()) -> dict:
     """Train ``config.model`` on ``config.data`` into ``config.out`` (see the module docstring).
+
+    Args:
+        config: the run's options.
+        callbacks: ``fn(epoch, row)`` called on rank 0 after each epoch's files are written.
 
     Returns a summary: ``run_dir``, ``epochs`` (completed), ``steps``, ``best_jaccard``,
     ``best_epoch``, ``stopped_early`` (time budget), ``train_seconds``, ``history``.
-    Raises :class:`NonFiniteLossError` on a NaN/inf loss, ValueError on bad options.
+    Raises :class:`NonFiniteLossError` on a NaN/inf loss, :class:`~kvseg.errors.ConfigError`
+    on bad options, :class:`~kvseg.errors.RunDirError` when RUN_DIR is owned by another process
+    or holds another run, :class:`~kvseg.errors.CheckpointError` for an unreadable last.ckpt.
     """
     if config.out is None:
-        raise ValueError("out: the run directory is required (--out RUN_DIR)")
-    if config.resume and not (Path(config.out) / "last.ckpt").is_file():
-        raise FileNotFoundError(f"{Path(config.out) / 'last.ckpt'}: nothing to resume from")
+        raise ConfigError("out: the run directory is required (--out RUN_DIR)")
+    out = Path(config.out)
     device = resolve_device(config.device)
     info = D.setup(device.type)
     owns_group = info.enabled
     try:
-        trainer = _Trainer(config, info, device)
-        trainer.setup()
-        summary = trainer.run()
-        D.barrier()
-        return summary
+        # rank 0 owns the folder and decides whether the run may start; the others follow its
+        # decision, so a refused start never leaves a rank waiting in a collective
+        lock = FolderLock(out, command_line()) if info.is_main else None
+        error = None
+        if lock is not None:
+            try:
+                if config.resume and not (out / LAST).is_file():
+                    raise FileNotFoundError(f"{out / LAST}: nothing to resume from")
+                lock.acquire()
+                if not config.resume:
+                    check_new_run(out)
+            except Exception as e:
+                lock.release()
+                error = e
+        if D.broadcast_flag(error is not None):
+            if error is not None:
+                raise error
+            raise ConfigError(f"{out}: rank 0 refused to start the run (see its error)")
+        try:
+            trainer = _Trainer(config, info, device, callbacks)
+            trainer.setup()
+            summary = trainer.run()
+            D.barrier()
+            return summary
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         if owns_group:
             D.cleanup()

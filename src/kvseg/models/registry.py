@@ -7,6 +7,7 @@ overrides go through ``dataclasses.replace`` after a check that names any unknow
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -85,7 +86,48 @@ def resolve_config(name: str, size: str = "base", **overrides):
             raise ConfigError(f"unknown override {key!r} for {name}; valid keys: "
                               f"{', '.join(sorted(fields))}")
     clean = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    for key, value in clean.items():
+        _check_field(key, value, getattr(preset, key))
     return dataclasses.replace(preset, **clean)
+
+
+#: Preset fields that are rates in [0, 1); padding may be 0; every other number must be > 0.
+_RATES = ("drop", "attn_drop", "drop_path")
+
+
+def _check_field(key: str, value, default) -> None:
+    """An override's value has the preset field's kind and a usable range (ConfigError)."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r}: {why}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
+        return
+    if isinstance(default, tuple):
+        if not isinstance(value, tuple) or not value:
+            raise bad("expected a list of integers, one per stage")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad("expected a list of integers")
+            if v < (0 if "padding" in key else 1):
+                raise bad(f"every value must be >= {0 if 'padding' in key else 1}")
+        return
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("expected a string")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad("expected a number")
+    if isinstance(default, int) and not isinstance(value, int):
+        raise bad("expected an integer")
+    if not math.isfinite(value):
+        raise bad("must be finite")
+    if key in _RATES:
+        if not 0 <= value < 1:
+            raise bad("expected a rate in [0, 1)")
+    elif value <= 0:
+        raise bad("must be > 0")
 
 
 def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_size: int = 256,
