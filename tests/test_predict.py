@@ -14,7 +14,9 @@ from torch import nn
 from kvseg import cli, create_model
 from kvseg.checkpoint import save_model
 from kvseg.data import CLASSES
+from kvseg.errors import RunDirError
 from kvseg.predict import (
+    MANIFEST,
     decode_mask_png,
     discover_inputs,
     encode_mask_png,
@@ -148,7 +150,7 @@ def test_corrupt_png_is_skipped_and_the_rest_written(tmp_path, capsys):
     assert ids == {"good1", "sub/good2"}
 
 
-def test_neighbour_stacking_steps_over_unreadable_slices(tmp_path, monkeypatch):
+def test_neighbour_stacking_steps_over_unreadable_slices(tmp_path, monkeypatch, caplog):
     """context=1 stacks the previous and next readable slice of the same scan (edges repeat)."""
     scans = tmp_path / "uw" / "train" / "case1" / "case1_day0" / "scans"
     for k, level in ((1, 10), (2, 20), (4, 40)):
@@ -170,6 +172,13 @@ def test_neighbour_stacking_steps_over_unreadable_slices(tmp_path, monkeypatch):
     assert summary.slices == 3 and len(summary.skipped) == 1
     levels = [tuple(int(s[c, 0, 0]) for c in range(3)) for s in seen]
     assert levels == [(10, 10, 20), (10, 20, 40), (20, 40, 40)]
+    # ... and says so: slices 2 and 4 wanted slice 3 as a neighbour
+    broken = str(scans / "slice_0003_16_16_1.50_1.50.png")
+    assert summary.neighbours_replaced == [
+        ("case1_day0_slice_0002", broken, "case1_day0_slice_0004"),
+        ("case1_day0_slice_0004", broken, "case1_day0_slice_0002")]
+    assert "replaced 2 2.5D neighbour(s)" in str(summary)
+    assert "cannot be used" in caplog.text and "case1_day0_slice_0002" in caplog.text
 
 
 def test_discover_prefers_the_test_folder_of_a_uw_root(tmp_path):
@@ -229,7 +238,10 @@ def test_cli_errors_exit_2_with_one_line(run_dir, tmp_path, capsys, argv, messag
     paths = {"missing": str(tmp_path / "nope"), "png": str(png), "run": str(run_dir),
              "bad": str(bad), "txt": str(txt)}
     argv = [a.format(**paths) for a in argv]
-    rc = cli.main(["predict", *argv, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    try:
+        rc = cli.main(["predict", *argv, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    except SystemExit as e:  # a bad flag value is refused by argparse itself
+        rc = e.code
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and message in err, err
@@ -252,3 +264,74 @@ def test_default_threshold_is_the_runs_own(tmp_path):
     default, at_045, at_05 = masks("d"), masks("a", threshold=0.45), masks("b", threshold=0.5)
     np.testing.assert_array_equal(default, at_045)
     assert not np.array_equal(at_045, at_05)  # the threshold matters for this model
+
+
+def test_a_slice_with_non_finite_pixels_is_skipped_naming_the_file(tmp_path):
+    folder = tmp_path / "in"
+    _write_png(folder / "good.png", _phantom(20, 24, 3000).astype(np.uint16))
+    data = _phantom(20, 24, 1.0).astype(np.float32)
+    data[5, 5] = np.nan
+    Image.fromarray(data).save(folder / "nan.png", format="TIFF")  # float pixels, .png name
+    summary = predict_with_model(ThresholdModel(), discover_inputs(folder), tmp_path / "out",
+                                 img_size=32)
+    assert summary.slices == 1
+    assert summary.skipped == [(str(folder / "nan.png"),
+                                "1 non-finite pixel value(s) (NaN or inf); expected finite "
+                                "intensities")]
+    assert not (tmp_path / "out" / "masks" / "nan.png").exists()  # no blank mask written
+
+
+def _predict_into(out, folder, **kw):
+    return predict_with_model(ThresholdModel(), discover_inputs(folder), out, img_size=32, **kw)
+
+
+def test_a_used_output_folder_is_refused_unless_overwrite(tmp_path):
+    first, second = tmp_path / "in1", tmp_path / "in2"
+    for name in ("a", "b", "c"):
+        _write_png(first / f"{name}.png", _phantom(20, 24, 3000).astype(np.uint16))
+    _write_png(second / "a.png", _phantom(20, 24, 900, seed=5).astype(np.uint16))
+    out = tmp_path / "out"
+    _predict_into(out, first)
+    assert (out / MANIFEST).is_file()
+    with pytest.raises(RunDirError, match="not empty.*--overwrite"):
+        _predict_into(out, second)
+    assert len(_read_submission(out / "submission.csv")) == 9  # untouched
+    summary = _predict_into(out, second, overwrite=True)
+    # the earlier prediction's 3 masks, 3 overlays and submission.csv are gone, not mixed in
+    assert summary.removed == 7 and "removed 7 file(s) of an earlier prediction" in str(summary)
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["a.png"]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png"]
+    assert {r["id"] for r in _read_submission(out / "submission.csv")} == {"a"}
+
+
+def test_overwrite_never_deletes_or_overwrites_files_predict_did_not_write(tmp_path):
+    folder = tmp_path / "in"
+    _write_png(folder / "a.png", _phantom(20, 24, 3000).astype(np.uint16))
+    out = tmp_path / "out"
+    _predict_into(out, folder)
+    notes = out / "notes.txt"
+    notes.write_text("keep me")
+    mine = out / "masks" / "mine.png"
+    mine.write_bytes(b"a user's mask")
+    summary = _predict_into(out, folder, overwrite=True)
+    assert summary.removed == 3
+    assert notes.read_text() == "keep me" and mine.read_bytes() == b"a user's mask"
+    # a file predict would write but did not write before: refused, nothing touched
+    _write_png(folder / "mine.png", _phantom(20, 24, 3000).astype(np.uint16))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RunDirError, match="masks/mine.png exists and was not written by kvseg"):
+        _predict_into(out, folder, overwrite=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_cli_predict_refuses_a_used_output_folder(run_dir, tmp_path, capsys):
+    src = tmp_path / "x.png"
+    _write_png(src, _phantom(30, 40, 15000).astype(np.uint16))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.txt").write_text("not from predict")
+    rc = cli.main(["predict", "--run", str(run_dir), "--input", str(src), "--out", str(out),
+                   "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "report.txt" in err, err
+    assert [p.name for p in out.iterdir()] == ["report.txt"]

@@ -7,12 +7,13 @@ Inputs (:func:`discover_inputs`):
 - a UW-Madison-layout root: a folder holding ``test/`` and/or ``train/`` with
   ``case*/case*_day*/scans/slice_*.png``. ``test/`` is used when it holds PNGs (the Kaggle test
   set), otherwise ``train/``. Slices of one scan are stacked with their neighbours when the run
-  was trained with ``context > 0`` (edges repeat the border slice, as in training).
+  was trained with ``context > 0`` (:func:`kvseg.data.context.neighbour_table`: edges repeat
+  the border slice, as in training).
 
-Any size and bit depth: 16-bit (``I;16``/``I``) and 8-bit grayscale PNGs are read as raw
-intensities; colour PNGs are converted to luminance. The run's own preprocessing
-(:func:`kvseg.data.transforms.prepare_slices`) normalises and resizes them, and the predicted
-probabilities are resized back to the slice's original height × width before thresholding.
+Images are read by :func:`kvseg.data.load_png`, the reader the dataset uses (16-bit and 8-bit
+grayscale as stored, colour as luminance), and prepared by the run's own preprocessing
+(:func:`kvseg.data.transforms.prepare_slices`); the predicted probabilities are resized back to
+the slice's original height × width before thresholding.
 
 Outputs in ``OUT``:
 
@@ -26,11 +27,18 @@ Outputs in ``OUT``:
 - ``submission.csv``: the Kaggle format ``id,class,predicted``, one row per slice and class in
   class order, the RLE 1-indexed and row-major over (height, width) like ``train.csv``; an empty
   mask is an empty string.
+- ``.kvseg_predict.json``: the list of files this prediction wrote (its manifest).
 
-``<id>`` is the Kaggle id ``case{C}_day{D}_slice_{SSSS}`` for UW-Madison files, otherwise the
-file's path relative to the input folder without ``.png`` (sub-folders are kept).
-An unreadable file is logged with a one-line reason, listed in the summary and skipped; the
-others are written. No readable file at all is an error.
+``<id>`` is the Kaggle id ``case{C}_day{D}_slice_{SSSS}`` for files named and placed as in
+UW-Madison (:func:`kvseg.data.parse_slice_path`), otherwise the file's path relative to the
+input folder without ``.png`` (sub-folders are kept).
+
+Faults: an unreadable file, or one with NaN / infinite pixels, is logged with a one-line
+reason, listed in the summary and skipped; the others are written (no readable file at all is
+an error). A 2.5D neighbour that was skipped is replaced by the next readable slice of the scan,
+with a warning naming both, listed in the summary. ``OUT`` must be empty or absent unless
+``overwrite=True``; then the files of the earlier prediction (its manifest) are removed first,
+and a file predict did not write is never deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -38,15 +46,19 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from kvseg.data.context import neighbour_table
+from kvseg.data.manifest import read_manifest, remove_files, write_manifest
+from kvseg.data.names import parse_slice_path
+from kvseg.data.png import load_png, read_slice
+from kvseg.errors import ConfigError, DataError, RunDirError
 from kvseg.utils import atomic_path, atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
@@ -61,8 +73,7 @@ CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
     (40, 210, 210),
 )
 
-_SLICE_RE = re.compile(r"^slice_(\d+)(?:_.*)?$")
-_SCAN_RE = re.compile(r"^case(\d+)_day(\d+)$")
+MANIFEST = ".kvseg_predict.json"
 
 
 @dataclass(frozen=True)
@@ -81,20 +92,33 @@ class SliceInput:
 
 @dataclass
 class PredictSummary:
-    """What :func:`predict` wrote: counts, paths and the skipped files with their reasons."""
+    """What :func:`predict` wrote: counts, paths, skipped files and replaced neighbours.
+
+    ``skipped``: (file, reason) of each file not segmented. ``neighbours_replaced``: (slice id,
+    neighbour file, what was stacked instead) for each 2.5D neighbour that could not be used.
+    ``removed``: files of an earlier prediction deleted from ``out`` (``overwrite=True``).
+    """
 
     out: Path
     slices: int = 0
     positive_slices: int = 0
     submission: Path | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    neighbours_replaced: list[tuple[str, str, str]] = field(default_factory=list)
+    removed: int = 0
 
     def __str__(self) -> str:
         lines = [f"predicted {self.slices} slices ({self.positive_slices} with a mask) -> "
                  f"{self.out}/masks, {self.out}/overlays, {self.submission}"]
+        if self.removed:
+            lines.append(f"removed {self.removed} file(s) of an earlier prediction in {self.out}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unreadable file(s):")
             lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        if self.neighbours_replaced:
+            lines.append(f"replaced {len(self.neighbours_replaced)} 2.5D neighbour(s):")
+            lines += [f"  {sid}: {path} -> {used}" for sid, path, used in
+                      self.neighbours_replaced]
         return "\n".join(lines)
 
 
@@ -103,14 +127,17 @@ def discover_inputs(path: str | Path) -> list[SliceInput]:
     """Find the slices under ``path`` (a PNG, a folder of PNGs or a UW-Madison root).
 
     Returns them sorted by scan and slice index (UW-Madison) or by relative path (folders).
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` when no PNG is found.
+    Raises ``FileNotFoundError`` for a missing path, :class:`~kvseg.errors.ConfigError` when
+    ``path`` is not a PNG or holds none, :class:`~kvseg.errors.DataError` when two files map to
+    the same id.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--input {path}: no such file or folder")
     if path.is_file():
         if path.suffix.lower() != ".png":
-            raise ValueError(f"--input {path}: expected a .png file, a folder or a UW-Madison root")
+            raise ConfigError(f"--input {path}: expected a .png file, a folder or a UW-Madison "
+                              "root")
         return [_slice_input(path, path.parent)]
     root = path
     for split in ("test", "train"):
@@ -119,23 +146,23 @@ def discover_inputs(path: str | Path) -> list[SliceInput]:
             break
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
     if not files:
-        raise ValueError(f"--input {path}: no .png files found")
+        raise ConfigError(f"--input {path}: no .png files found")
     items = [_slice_input(f, root) for f in files]
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"--input {path}: two files map to the same slice id {dup!r}")
+        raise DataError(f"--input {path}: two files map to the same slice id {dup!r}")
     return sorted(items, key=lambda it: (it.scan or "", it.index, it.id))
 
 
 def _slice_input(file: Path, root: Path) -> SliceInput:
-    """Kaggle id and scan for ``.../caseC/caseC_dayD/scans/slice_SSSS_*.png``, else a path id."""
-    m_slice = _SLICE_RE.match(file.stem)
-    m_scan = _SCAN_RE.match(file.parent.parent.name) if file.parent.name == "scans" else None
-    if m_slice and m_scan:
-        scan = file.parent.parent.name
-        index = int(m_slice.group(1))
-        return SliceInput(file, f"{scan}_slice_{index:04d}", scan, index)
+    """Kaggle id and scan for a UW-Madison slice file, else an id from the relative path."""
+    try:
+        info = parse_slice_path(file)
+    except DataError:
+        info = None
+    if info is not None:
+        return SliceInput(file, info.id, info.scan_id, info.slice)
     try:
         rel = file.relative_to(root)
     except ValueError:
@@ -144,25 +171,12 @@ def _slice_input(file: Path, root: Path) -> SliceInput:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read a PNG as raw intensities, float32 (height, width).
+    """Read an image as raw intensities, float32 (height, width): :func:`kvseg.data.load_png`
+    (16-bit and 8-bit grayscale as stored, colour as luminance) as float32.
 
-    16-bit grayscale keeps its values (0..65535), 8-bit grayscale its 0..255, colour images are
-    converted to luminance (``L``), alpha is dropped. Raises ``ValueError`` naming the file when
-    it cannot be decoded.
+    Raises :class:`~kvseg.errors.DataError` naming the file when it cannot be decoded.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F", "L"):
-                arr = np.asarray(img)
-            else:
-                arr = np.asarray(img.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read PNG ({e})") from e
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"{path}: expected a 2-D image, got shape {arr.shape}")
-    return arr.astype(np.float32)
+    return load_png(path).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- model
@@ -174,7 +188,7 @@ def predict_probs(model: torch.nn.Module, batch: torch.Tensor, tta: str = "none"
     back), the flip used by training augmentation.
     """
     if tta not in ("none", "flip"):
-        raise ValueError(f"--tta {tta!r}: expected none or flip")
+        raise ConfigError(f"--tta {tta!r}: expected none or flip")
     probs = torch.sigmoid(model(batch).float())
     if tta == "flip":
         flipped = torch.sigmoid(model(batch.flip(-1)).float()).flip(-1)
@@ -185,7 +199,7 @@ def predict_probs(model: torch.nn.Module, batch: torch.Tensor, tta: str = "none"
 def encode_mask_png(mask: np.ndarray) -> np.ndarray:
     """(classes, H, W) binary -> (H, W) uint8 with bit ``c`` set where class ``c`` is on."""
     if mask.shape[0] > 8:
-        raise ValueError(f"a bit-packed mask PNG holds at most 8 classes, got {mask.shape[0]}")
+        raise ConfigError(f"a bit-packed mask PNG holds at most 8 classes, got {mask.shape[0]}")
     bits = (mask.astype(np.uint8) << np.arange(mask.shape[0], dtype=np.uint8)[:, None, None])
     return bits.sum(axis=0, dtype=np.uint8)
 
@@ -215,15 +229,64 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
 
 
+# --------------------------------------------------------------------------- output folder
+def _planned_files(items: Sequence[SliceInput]) -> set[str]:
+    """Every file a prediction of ``items`` may write, relative to OUT."""
+    return ({"submission.csv"} | {f"masks/{it.id}.png" for it in items}
+            | {f"overlays/{it.id}.png" for it in items})
+
+
+def _check_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> set[str]:
+    """The files of an earlier prediction in ``out`` (empty if there is none); raises
+    :class:`~kvseg.errors.RunDirError` if ``out`` cannot be used. Changes nothing."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out}: exists and is not a folder")
+    first = next(iter(sorted(out.iterdir())), None) if out.is_dir() else None
+    if first is None:
+        return set()
+    if not overwrite:
+        raise RunDirError(f"--out {out}: folder is not empty (it holds {first.name}); choose "
+                          "another folder, or pass overwrite=True (--overwrite) to replace an "
+                          "earlier prediction there")
+    meta = read_manifest(out / MANIFEST)
+    own = set(meta["files"]) if meta else set()
+    for rel in sorted(_planned_files(items) - own):
+        if (out / rel).exists() or (out / rel).is_symlink():
+            raise RunDirError(f"--out {out}: {rel} exists and was not written by kvseg predict; "
+                              "refusing to overwrite it (move it or choose another folder)")
+    return own
+
+
+def _prepare_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> int:
+    """Check ``out``, list what this prediction may write, remove the earlier prediction's
+    files; return how many were removed."""
+    own = _check_out(out, items, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    # listed before anything is deleted or written: an interrupted run leaves a manifest
+    # that covers every file it may have left behind
+    write_manifest(out / MANIFEST, own | _planned_files(items), generator="kvseg.predict",
+                   complete=False)
+    return remove_files(out, own - {MANIFEST})
+
+
 # --------------------------------------------------------------------------- pipeline
 def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
             threshold: float | None = None, tta: str = "none", device: str = "auto",
-            batch_size: int = 8) -> PredictSummary:
+            batch_size: int = 8, overwrite: bool = False) -> PredictSummary:
     """Load ``RUN_DIR``'s best model and segment every slice found under ``source``.
 
-    ``threshold`` None takes the run's own (the one its validation metrics used; 0.5 by
-    default), so ``kvseg predict`` and ``kvseg evaluate`` agree. See the module docstring for the
-    inputs and the files written to ``out``.
+    Args:
+        run_dir: the training run folder (its ``best.safetensors`` and config).
+        source: a PNG, a folder of PNGs or a UW-Madison root (see the module docstring).
+        out: the output folder; it must be absent or empty unless ``overwrite``.
+        threshold: sigmoid threshold; ``None`` takes the run's own (the one its validation
+            metrics used; 0.5 by default), so ``kvseg predict`` and ``kvseg evaluate`` agree.
+        tta: ``"none"`` or ``"flip"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        batch_size: slices per forward pass.
+        overwrite: replace an earlier prediction in ``out``: its files (as listed in its
+            ``.kvseg_predict.json``) are removed first; other files are kept, and one that this
+            prediction would overwrite is an error.
     """
     from kvseg.checkpoint import load_run
 
@@ -231,7 +294,8 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir}: no such run folder")
     _check_args(0.5 if threshold is None else threshold, tta, batch_size)
-    items = discover_inputs(source)  # before loading the model: a bad --input fails fast
+    items = _outside(discover_inputs(source), Path(out))  # a bad --input fails fast
+    _check_out(Path(out), items, overwrite)  # ... and so does a used --out
     dev = resolve_device(device)
     model, config = load_run(run_dir, map_location="cpu")
     if threshold is None:
@@ -240,28 +304,43 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
                               img_size=int(config["img_size"]),
                               context=int(config.get("context", 0) or 0),
                               classes=tuple(config.get("classes") or _default_classes()),
-                              threshold=threshold, tta=tta, device=dev, batch_size=batch_size)
+                              threshold=threshold, tta=tta, device=dev, batch_size=batch_size,
+                              overwrite=overwrite)
+
+
+def _outside(items: list[SliceInput], out: Path) -> list[SliceInput]:
+    """``items`` without the files under ``out`` (an earlier prediction's own PNGs)."""
+    out = out.resolve()
+    kept = [it for it in items if out not in it.path.resolve().parents]
+    if len(kept) < len(items):
+        log.info("ignoring %d PNG(s) inside --out %s", len(items) - len(kept), out)
+    if not kept:
+        raise ConfigError(f"--input: every PNG found is inside --out {out}")
+    return kept
 
 
 def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out: str | Path, *,
                        img_size: int, context: int = 0, classes: Sequence[str] | None = None,
                        threshold: float = 0.5, tta: str = "none",
                        device: torch.device | str = "cpu", batch_size: int = 8,
-                       ) -> PredictSummary:
+                       overwrite: bool = False) -> PredictSummary:
     """Segment ``items`` with ``model`` (in eval mode, on ``device``) and write the outputs.
 
     ``img_size`` and ``context`` must be those the model was trained with: each slice becomes a
-    (2·context + 1, img_size, img_size) input through ``prepare_slices``.
+    (2·context + 1, img_size, img_size) input through ``prepare_slices``. ``overwrite`` as in
+    :func:`predict`.
     """
     from kvseg.data import rle_encode
-    from kvseg.data.transforms import prepare_slices, resize_to_original
+    from kvseg.data.transforms import resize_to_original
 
     classes = tuple(classes or _default_classes())
     _check_args(threshold, tta, batch_size)
     device = torch.device(device)
     out = Path(out)
     summary = PredictSummary(out=out)
+    summary.removed = _prepare_out(out, items, overwrite)
     rows: list[tuple[str, str, str]] = []
+    written: list[str] = []
 
     def flush(batch: list[tuple[SliceInput, np.ndarray, torch.Tensor]]) -> None:
         x = torch.stack([t for _, _, t in batch]).to(device)
@@ -270,41 +349,84 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
             h, w = image.shape
             full = resize_to_original(p, h, w)
             mask = (full >= threshold).numpy().astype(np.uint8)  # (classes, H, W)
-            _save_png(out / "masks" / f"{item.id}.png", encode_mask_png(mask))
-            _save_png(out / "overlays" / f"{item.id}.png", overlay(image, mask))
+            for kind, array in (("masks", encode_mask_png(mask)),
+                                ("overlays", overlay(image, mask))):
+                _save_png(out / kind / f"{item.id}.png", array)
+                written.append(f"{kind}/{item.id}.png")
             rows.extend((item.id, name, rle_encode(mask[c])) for c, name in enumerate(classes))
             summary.slices += 1
             summary.positive_slices += int(mask.any())
 
+    batch: list[tuple[SliceInput, np.ndarray, torch.Tensor]] = []
     for group in _group_by_scan(items):
-        images: dict[int, np.ndarray] = {}
-        for i, item in enumerate(group):
-            try:
-                images[i] = read_image(item.path)
-            except ValueError as e:
-                summary.skipped.append((str(item.path), str(e).split(": ", 1)[-1]))
-                log.warning("skipped %s", e)
-        readable = sorted(images)
-        batch: list[tuple[SliceInput, np.ndarray, torch.Tensor]] = []
-        for i in readable:
-            stack = np.stack([images[j] for j in _neighbours(i, readable, context, images)])
-            batch.append((group[i], images[i], prepare_slices(stack, img_size)))
+        for entry in _stacks(group, img_size, context, summary):
+            batch.append(entry)
             if len(batch) == batch_size:
                 flush(batch)
                 batch = []
-        if batch:
-            flush(batch)
+    if batch:
+        flush(batch)
 
-    if summary.slices == 0:
+    if summary.slices == 0:  # nothing written: leave no manifest (nor an empty folder) behind
+        (out / MANIFEST).unlink(missing_ok=True)
+        if not any(out.iterdir()):
+            out.rmdir()
         first = summary.skipped[0] if summary.skipped else ("input", "no slices")
-        raise ValueError(f"no readable image: {first[0]}: {first[1]}")
+        raise DataError(f"no readable image: {first[0]}: {first[1]}")
     summary.submission = out / "submission.csv"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("id", "class", "predicted"))
     writer.writerows(rows)
     atomic_write_text(summary.submission, buf.getvalue())
+    write_manifest(out / MANIFEST, [*written, "submission.csv"], generator="kvseg.predict",
+                   complete=True)
     return summary
+
+
+def _stacks(group: Sequence[SliceInput], img_size: int, context: int,
+            summary: PredictSummary) -> list[tuple[SliceInput, np.ndarray, torch.Tensor]]:
+    """``(item, raw image (H, W) float32, model input (2·context + 1, S, S))`` for each
+    readable slice of one scan (sorted by index).
+
+    Unreadable slices are listed in ``summary.skipped``. Neighbours come from the one stacker
+    (:func:`~kvseg.data.context.neighbour_table`) over the readable slices, so a skipped
+    neighbour is replaced by the next readable one; a neighbour of a different size (not one
+    scan after all) by the slice itself. Both are warned about and listed in
+    ``summary.neighbours_replaced``.
+    """
+    raws: dict[int, np.ndarray] = {}
+    prepared: dict[int, torch.Tensor] = {}
+    for i, item in enumerate(group):
+        try:
+            raw, prepared[i] = read_slice(item.path, img_size)
+        except (DataError, FileNotFoundError) as e:
+            summary.skipped.append((str(item.path), str(e).removeprefix(f"{item.path}: ")))
+            log.warning("skipped %s", e)
+            continue
+        raws[i] = raw.astype(np.float32)
+    readable = sorted(raws)
+    wanted = neighbour_table([0] * len(group), context)  # positions in the scan
+    got = neighbour_table([0] * len(readable), context)  # positions among the readable
+    entries = []
+    for pos, i in enumerate(readable):
+        picks = []
+        for want, j in zip(wanted[i].tolist(), (readable[k] for k in got[pos]), strict=True):
+            if raws[j].shape != raws[i].shape:
+                _replaced(summary, group[i], group[j], f"{group[i].id} (different size)")
+                j = i
+            elif want not in raws:
+                _replaced(summary, group[i], group[want], group[j].id)
+            picks.append(j)
+        entries.append((group[i], raws[i], torch.cat([prepared[j] for j in picks])))
+    return entries
+
+
+def _replaced(summary: PredictSummary, item: SliceInput, neighbour: SliceInput,
+              used: str) -> None:
+    summary.neighbours_replaced.append((item.id, str(neighbour.path), used))
+    log.warning("%s: 2.5D neighbour %s cannot be used; stacked %s in its place", item.id,
+                neighbour.path, used)
 
 
 def _group_by_scan(items: Sequence[SliceInput]) -> list[list[SliceInput]]:
@@ -319,26 +441,13 @@ def _group_by_scan(items: Sequence[SliceInput]) -> list[list[SliceInput]]:
     return [sorted(g, key=lambda it: it.index) for g in groups.values()] + alone
 
 
-def _neighbours(i: int, readable: list[int], context: int,
-                images: dict[int, np.ndarray]) -> list[int]:
-    """Indices of the 2·context + 1 slices stacked around readable slice ``i``.
-
-    Neighbours step over unreadable slices and repeat the border slice at the scan's edges; a
-    neighbour of a different size (not one scan after all) is replaced by the slice itself.
-    """
-    pos = readable.index(i)
-    last = len(readable) - 1
-    picks = [readable[min(max(pos + k, 0), last)] for k in range(-context, context + 1)]
-    return [j if images[j].shape == images[i].shape else i for j in picks]
-
-
 def _check_args(threshold: float, tta: str, batch_size: int) -> None:
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"--threshold {threshold}: expected a probability in (0, 1)")
+        raise ConfigError(f"--threshold {threshold}: expected a probability in (0, 1)")
     if tta not in ("none", "flip"):
-        raise ValueError(f"--tta {tta!r}: expected none or flip")
+        raise ConfigError(f"--tta {tta!r}: expected none or flip")
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: expected >= 1")
+        raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
 
 
 def _default_classes() -> tuple[str, ...]:

@@ -1,13 +1,18 @@
-"""The synthetic twin: layout, sizes, determinism, empty slices, CLI."""
+"""The synthetic twin: layout, sizes, determinism, empty slices, CLI, --out safety."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 
 import numpy as np
+import pytest
 
 from kvseg.cli import main
-from kvseg.data.synth import generate, render_scan, scan_layout
+from kvseg.data.synth import MARKER, generate, render_scan, scan_layout
+from kvseg.errors import RunDirError
 
 
 def _files(root):
@@ -75,3 +80,71 @@ def test_cli_synth_prints_a_summary(tmp_path, capsys):
                  "--slices", "4", "--seed", "2"]) == 0
     out = capsys.readouterr().out
     assert "4 slices" in out and (tmp_path / "s" / "train.csv").exists()
+
+
+# --------------------------------------------------------------------------- --out safety
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_synth_never_deletes_files_it_did_not_write(tmp_path):
+    params = dict(cases=1, days=1, slices=3, seed=0)
+    out = tmp_path / "s"
+    generate(out, **params)
+    synth_files = _files(out)
+    notes = out / "notes.txt"
+    run = out / "runs" / "r1" / "best.safetensors"
+    for stray, content in ((notes, b"my notes"), (run, b"weights")):  # a user's file, a run
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        stray.write_bytes(content)
+        digest = _sha(stray)
+        name = stray.relative_to(out).parts[0]
+        with pytest.raises(RunDirError, match=f"{out}: holds {name}, which kvseg synth did "
+                                              "not write"):
+            generate(out, **{**params, "seed": 1})
+        assert _sha(stray) == digest
+        assert {k: v for k, v in _files(out).items() if k in synth_files} == synth_files
+        os.replace(out / name, tmp_path / name)  # the user moves it out; synth then proceeds
+    generate(out, **{**params, "seed": 1})
+    assert (tmp_path / "notes.txt").read_bytes() == b"my notes"
+    assert (tmp_path / "runs" / "r1" / "best.safetensors").read_bytes() == b"weights"
+    assert _files(out)["train.csv"] != synth_files["train.csv"]
+
+
+def test_a_folder_that_is_not_a_synth_output_is_refused_untouched(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "data.csv").write_text("a,b\n")
+    digest = _sha(out / "data.csv")
+    with pytest.raises(RunDirError, match="not a kvseg synth dataset"):
+        generate(out, cases=1, days=1, slices=3)
+    assert [p.name for p in out.iterdir()] == ["data.csv"] and _sha(out / "data.csv") == digest
+
+
+def test_rerunning_synth_over_its_output_keeps_the_reader_cache(tmp_path):
+    from kvseg.data import UWMadison
+
+    out = tmp_path / "s"
+    generate(out, cases=2, days=1, slices=3, seed=0)
+    UWMadison(out, split="all", img_size=8)  # writes out/.kvseg_cache
+    assert (out / ".kvseg_cache").is_dir()
+    generate(out, cases=2, days=1, slices=3, seed=2)
+    fresh = tmp_path / "fresh"
+    generate(fresh, cases=2, days=1, slices=3, seed=2)
+    assert {k: v for k, v in _files(out).items() if not k.startswith(".kvseg_cache/")} == \
+        _files(fresh)
+    assert (out / ".kvseg_cache").is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.")]  # no leftovers
+    ds = UWMadison(out, split="all", img_size=8)  # the stale cache is noticed and rebuilt
+    assert ds.cache.built
+
+
+def test_a_version_1_marker_without_a_file_list_is_still_replaced(tmp_path):
+    out = tmp_path / "s"
+    generate(out, cases=1, days=1, slices=3, seed=0)
+    meta = json.loads((out / MARKER).read_text())
+    assert meta["files"] and "train.csv" in meta["files"]
+    del meta["files"]
+    (out / MARKER).write_text(json.dumps(meta))
+    generate(out, cases=1, days=1, slices=3, seed=4)
+    assert json.loads((out / MARKER).read_text())["seed"] == 4

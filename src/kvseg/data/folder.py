@@ -1,6 +1,7 @@
 """A generic two-folder segmentation dataset, so other modalities work with the same models.
 
-Layouts (``NAME`` is the image's file stem; images are grayscale PNGs, 8 or 16 bit)::
+Layouts (``NAME`` is the image's file stem; images are read by :func:`kvseg.data.load_png`:
+8/16-bit grayscale as stored, colour as luminance; masks are grayscale or palette PNGs)::
 
     labels:     images_dir/NAME.png   masks_dir/NAME.png          pixel value k = class k (1-based),
                                                                  0 = background (no overlap)
@@ -22,9 +23,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from kvseg.data.names import CLASSES
+from kvseg.data.png import load_png, read_slice
 from kvseg.data.transforms import augment as augment_fn
-from kvseg.data.transforms import prepare_slices, resize_mask
-from kvseg.data.uwmadison import CLASSES, load_png
+from kvseg.data.transforms import resize_mask
+from kvseg.errors import ConfigError, DataError
 
 
 class FolderDataset(Dataset):
@@ -39,13 +42,13 @@ class FolderDataset(Dataset):
             raise FileNotFoundError(f"{self.images_dir}: images folder not found")
         self.classes = tuple(classes)
         if not self.classes:
-            raise ValueError("classes must name at least one class")
+            raise ConfigError("classes must name at least one class")
         self.img_size = int(img_size)
         self.augment = bool(augment)
         self.in_channels = 1
         self.images = sorted(self.images_dir.glob("*.png"))
         if not self.images:
-            raise ValueError(f"{self.images_dir}: no .png images")
+            raise DataError(f"{self.images_dir}: no .png images")
         self.masks_dir = Path(masks_dir) if masks_dir is not None else None
         self.mask_mode = mask_mode
         if self.masks_dir is not None:
@@ -55,7 +58,8 @@ class FolderDataset(Dataset):
                 per_class = all((self.masks_dir / c).is_dir() for c in self.classes)
                 self.mask_mode = "per_class" if per_class else "labels"
             if self.mask_mode not in ("labels", "per_class"):
-                raise ValueError(f"mask_mode {mask_mode!r}: expected auto, labels or per_class")
+                raise ConfigError(f"mask_mode {mask_mode!r}: expected auto, labels or "
+                                  "per_class")
             for img in self.images:
                 for m in self._mask_paths(img):
                     if not m.is_file():
@@ -77,23 +81,23 @@ class FolderDataset(Dataset):
     def _full_mask(self, index: int, shape: tuple[int, ...]) -> np.ndarray:
         img_path = self.images[index]
         paths = self._mask_paths(img_path)
-        planes = [load_png(p) for p in paths]
+        planes = [load_png(p, labels=True) for p in paths]
         for p, m in zip(paths, planes, strict=True):
             if m.shape != shape:
-                raise ValueError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but image {img_path} "
+                raise DataError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but image {img_path} "
                                  f"is {shape[1]}x{shape[0]} (width x height)")
         if self.mask_mode == "per_class":
             return np.stack([(m > 0).astype(np.uint8) for m in planes])
         labels = planes[0]
         if labels.max(initial=0) > len(self.classes):
-            raise ValueError(f"{paths[0]}: label value {int(labels.max())} > number of classes "
+            raise DataError(f"{paths[0]}: label value {int(labels.max())} > number of classes "
                              f"{len(self.classes)} ({', '.join(self.classes)})")
         return np.stack([(labels == k + 1).astype(np.uint8) for k in range(len(self.classes))])
 
     def __getitem__(self, index: int) -> dict:
         path = self.images[index]
-        raw = load_png(path)
-        item = dict(image=prepare_slices(raw[None], self.img_size), id=path.stem,
+        raw, image = read_slice(path, self.img_size)
+        item = dict(image=image, id=path.stem,
                     height=int(raw.shape[0]), width=int(raw.shape[1]), path=str(path))
         if self.masks_dir is not None:
             item["mask"] = resize_mask(self._full_mask(index, raw.shape), self.img_size)

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from kvseg.errors import DataError
+
 
 def _is_empty(rle: object) -> bool:
     if rle is None:
@@ -29,41 +31,46 @@ def _is_empty(rle: object) -> bool:
 def parse_runs(rle: str | float | None, num_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate an RLE string and return ``(starts, lengths)`` as int64 arrays, starts 0-based.
 
-    Raises ``ValueError`` for: an odd number of values, a value that is not an integer, a start
-    < 1, a length < 1, a run past the end of the ``num_pixels`` image, or runs that are unsorted
-    or overlap. The message says which pair is wrong; callers add the file / row.
+    Raises :class:`~kvseg.errors.DataError` (a ``ValueError``) for: an odd number of values, a
+    value that is not an integer, a start < 1, a length < 1, a run past the end of the
+    ``num_pixels`` image (however large the number), or runs that are unsorted or overlap. The
+    message says which pair is wrong; callers add the file / row.
     """
     if _is_empty(rle):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if not isinstance(rle, str):
-        raise ValueError(f"RLE must be a string, got {type(rle).__name__}")
+        raise DataError(f"RLE must be a string, got {type(rle).__name__}")
     tokens = rle.split()
     if len(tokens) % 2:
-        raise ValueError(f"RLE has an odd number of values ({len(tokens)}); expected "
-                         "'start length' pairs")
+        raise DataError(f"RLE has an odd number of values ({len(tokens)}); expected "
+                        "'start length' pairs")
     try:
-        values = np.array([int(t) for t in tokens], dtype=np.int64)
+        values = [int(t) for t in tokens]
     except ValueError:
         bad = next(t for t in tokens if not _is_int(t))
-        raise ValueError(f"RLE value {bad!r} is not an integer") from None
-    starts, lengths = values[0::2], values[1::2]
-    if (starts < 1).any():
-        i = int(np.argmax(starts < 1))
-        raise ValueError(f"RLE start {starts[i]} (pair {i + 1}) is < 1; starts are 1-indexed")
-    if (lengths < 1).any():
-        i = int(np.argmax(lengths < 1))
-        raise ValueError(f"RLE length {lengths[i]} (pair {i + 1}) is < 1")
-    starts = starts - 1
+        raise DataError(f"RLE value {bad!r} is not an integer") from None
+    if min(values) < 1 or max(values) > num_pixels:
+        # checked on Python ints: a number beyond int64 (99999999999999999999) is "too large"
+        # here, never an OverflowError from numpy
+        k = next(k for k, v in enumerate(values) if v < 1 or v > num_pixels)
+        what, v = ("start" if k % 2 == 0 else "length"), values[k]
+        if v < 1:
+            hint = "; starts are 1-indexed" if what == "start" else ""
+            raise DataError(f"RLE {what} {v} (pair {k // 2 + 1}) is < 1{hint}")
+        raise DataError(f"RLE {what} {v} (pair {k // 2 + 1}) runs past the end of the image "
+                        f"({num_pixels} pixels)")
+    arr = np.array(values, dtype=np.int64)
+    starts, lengths = arr[0::2] - 1, arr[1::2]
     ends = starts + lengths
     if (ends > num_pixels).any():
         i = int(np.argmax(ends > num_pixels))
-        raise ValueError(f"RLE run '{starts[i] + 1} {lengths[i]}' (pair {i + 1}) runs past the "
-                         f"end of the image ({num_pixels} pixels)")
+        raise DataError(f"RLE run '{starts[i] + 1} {lengths[i]}' (pair {i + 1}) runs past the "
+                        f"end of the image ({num_pixels} pixels)")
     if len(starts) > 1 and (starts[1:] < ends[:-1]).any():
         i = int(np.argmax(starts[1:] < ends[:-1])) + 1
         kind = "unsorted" if starts[i] < starts[i - 1] else "overlapping"
-        raise ValueError(f"RLE runs are {kind}: pair {i + 1} starts at {starts[i] + 1}, before "
-                         f"the end of pair {i} at {ends[i - 1]}")
+        raise DataError(f"RLE runs are {kind}: pair {i + 1} starts at {starts[i] + 1}, before "
+                        f"the end of pair {i} at {ends[i - 1]}")
     return starts, lengths
 
 

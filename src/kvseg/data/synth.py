@@ -4,7 +4,8 @@
 
     out/train.csv                                   id,class,segmentation (row-major RLE)
     out/train/case{C}/case{C}_day{D}/scans/slice_{SSSS}_{W}_{H}_{PW}_{PH}.png   16-bit grayscale
-    out/.kvseg_synth.json                           the generator's parameters
+    out/.kvseg_synth.json                           the generator's parameters and the list
+                                                    of files it wrote (its manifest)
 
 Each scan is a smooth 3D volume drawn in millimetres (pixel spacing in-plane, 3 mm slices):
 an abdomen with a fat ring, spine, liver and kidneys (distractors), a **stomach** (a deformed
@@ -24,7 +25,6 @@ decodes with what the generator drew.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,12 +38,13 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
+from kvseg.data.manifest import foreign_entry, read_manifest, remove_files, write_manifest
+from kvseg.data.names import CLASSES, scan_id, slice_filename, slice_id
 from kvseg.data.rle import rle_encode
+from kvseg.errors import ConfigError, RunDirError
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("large_bowel", "small_bowel", "stomach")
-SLICE_THICKNESS_MM = 3.0
 # The anatomy spans a fixed head-to-foot range whatever the number of slices, so a 32-slice scan
 # samples it coarsely (like every 4th-5th real slice) instead of squeezing organs flat.
 ANATOMY_DEPTH_MM = 300.0
@@ -66,20 +67,19 @@ class ScanSpec:
 
     @property
     def scan_id(self) -> str:
-        return f"case{self.case}_day{self.day}"
+        return scan_id(self.case, self.day)
 
     def slice_filename(self, slice_no: int) -> str:
         """``slice_{SSSS}_{W}_{H}_{PW}_{PH}.png`` with slice numbers starting at 1."""
-        sp = f"{self.spacing:.2f}"
-        return f"slice_{slice_no:04d}_{self.width}_{self.height}_{sp}_{sp}.png"
+        return slice_filename(slice_no, self.width, self.height, self.spacing)
 
 
 def scan_layout(cases: int = 8, days: int = 2, slices: int = 32, seed: int = 0) -> list[ScanSpec]:
     """The scans ``generate`` writes, in order: real-looking case/day numbers, cycled sizes."""
     if cases < 1 or days < 1:
-        raise ValueError(f"--cases and --days must be >= 1, got cases={cases} days={days}")
+        raise ConfigError(f"--cases and --days must be >= 1, got cases={cases} days={days}")
     if slices < 3:
-        raise ValueError(f"--slices must be >= 3, got {slices}")
+        raise ConfigError(f"--slices must be >= 3, got {slices}")
     rng = np.random.default_rng([seed, 7919])
     case_ids = np.sort(rng.choice(np.arange(1, max(160, 2 * cases)), size=cases, replace=False))
     specs = []
@@ -329,14 +329,79 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _prepare_out(out: Path) -> None:
-    """Refuse to overwrite anything but an empty folder or an earlier synthetic dataset."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--out {out}: exists and is not a folder")
-        if any(out.iterdir()) and not (out / MARKER).exists():
-            raise ValueError(f"--out {out}: folder is not empty and not a kvseg synth dataset; "
-                             "refusing to overwrite it")
+CACHE_DIR = ".kvseg_cache"  # the reader's slice cache of this dataset (kept on replacement)
+
+
+def dataset_files(specs: list[ScanSpec]) -> list[str]:
+    """The files :func:`generate` writes for ``specs`` (relative paths), besides its marker."""
+    return ["train.csv"] + [
+        f"train/case{spec.case}/{spec.scan_id}/scans/{spec.slice_filename(k + 1)}"
+        for spec in specs for k in range(spec.num_slices)]
+
+
+def _own_files(out: Path) -> set[str] | None:
+    """The files an earlier :func:`generate` wrote in ``out`` (its marker included), or
+    ``None`` if ``out`` holds no marker. Version-1 markers list the scans, not the files."""
+    meta = read_manifest(out / MARKER)
+    if meta is None:
+        return None
+    files = meta.get("files")
+    if not files:
+        try:
+            files = dataset_files([ScanSpec(**s) for s in meta.get("scans", [])])
+        except TypeError as e:
+            raise RunDirError(f"{out / MARKER}: malformed synth marker ({e})") from None
+    return set(files) | {MARKER}
+
+
+def _check_out(out: Path) -> set[str]:
+    """The files of an earlier synthetic dataset in ``out`` that may be replaced (empty if
+    ``out`` is absent or empty); :class:`~kvseg.errors.RunDirError` for anything else: a file,
+    a folder that is not a synth output, or a synth output holding files synth did not write."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise RunDirError(f"--out {out}: exists and is not a folder")
+    first = next(iter(sorted(out.iterdir())), None)
+    if first is None:
+        return set()
+    own = _own_files(out)
+    if own is None:
+        raise RunDirError(f"--out {out}: folder is not empty and not a kvseg synth dataset (it "
+                          f"holds {first.name}); refusing to overwrite it")
+    foreign = foreign_entry(out, own, skip=(CACHE_DIR,))
+    if foreign is not None:
+        raise RunDirError(f"--out {out}: holds {foreign}, which kvseg synth did not write; "
+                          "move it out of the folder or choose another --out (synth replaces "
+                          "only its own files)")
+    return own
+
+
+def _swap_in(tmp: Path, out: Path, own: set[str]) -> None:
+    """Put the finished dataset ``tmp`` at ``out``, replacing the earlier one (``own`` files).
+
+    The old folder is renamed aside, the new one renamed into place, the reader's cache moved
+    across (its keys notice the new files), and then only the old dataset's own files are
+    deleted; anything else found there (written meanwhile) is left in the renamed folder.
+    """
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not own:  # an empty folder
+        out.rmdir()
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / "d")
+    os.replace(tmp, out)
+    if (old / "d" / CACHE_DIR).is_dir():
+        os.replace(old / "d" / CACHE_DIR, out / CACHE_DIR)
+    remove_files(old / "d", own)
+    try:
+        (old / "d").rmdir()
+        old.rmdir()
+    except OSError:
+        log.warning("%s: files written during the replacement of %s were kept here", old, out)
 
 
 def generate(out: str | os.PathLike, *, cases: int = 8, days: int = 2, slices: int = 32,
@@ -345,13 +410,16 @@ def generate(out: str | os.PathLike, *, cases: int = 8, days: int = 2, slices: i
 
     The dataset is written into a temporary sibling folder and renamed into place at the end,
     so ``out`` never holds half a dataset. ``out`` must be absent, empty, or an earlier synthetic
-    dataset (which is replaced). ``generate(out, cases=2, days=1, slices=8)`` makes a tiny one
-    for tests (~16 slices, well under a second).
+    dataset holding only the files synth wrote (listed in its marker) and the reader's
+    ``.kvseg_cache``; it is then replaced (the cache is kept). Any other file in ``out`` is a
+    :class:`~kvseg.errors.RunDirError` naming it, and nothing is deleted.
+    ``generate(out, cases=2, days=1, slices=8)`` makes a tiny one for tests (~16 slices, well
+    under a second).
     """
     t0 = time.perf_counter()
     specs = scan_layout(cases, days, slices, seed)
     out = Path(out)
-    _prepare_out(out)
+    own = _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     rows = ["id,class,segmentation"]
@@ -369,20 +437,18 @@ def generate(out: str | os.PathLike, *, cases: int = 8, days: int = 2, slices: i
             folder.mkdir(parents=True)
             for k in range(spec.num_slices):
                 (folder / spec.slice_filename(k + 1)).write_bytes(_png_bytes(image[k]))
-                slice_id = f"{spec.scan_id}_slice_{k + 1:04d}"
+                sid = slice_id(spec.case, spec.day, k + 1)
                 for c, name in enumerate(CLASSES):
-                    rows.append(f"{slice_id},{name},{rle_encode(masks[k, c])}")
+                    rows.append(f"{sid},{name},{rle_encode(masks[k, c])}")
                 n_empty += int(not masks[k].any())
                 n_total += 1
             key = f"{spec.width}_{spec.height}"
             sizes[key] = sizes.get(key, 0) + spec.num_slices
         (tmp / "train.csv").write_text("\n".join(rows) + "\n")
-        meta = dict(generator="kvseg.data.synth", version=1, seed=seed, cases=cases, days=days,
-                    slices=slices, scans=[asdict(s) for s in specs])
-        (tmp / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        write_manifest(tmp / MARKER, dataset_files(specs), generator="kvseg.data.synth",
+                       version=2, seed=seed, cases=cases, days=days, slices=slices,
+                       scans=[asdict(s) for s in specs])
+        _swap_in(tmp, out, own)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,14 +22,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kvseg.errors import DataError
+
 P_LOW, P_HIGH = 0.5, 99.5
 
 
 def normalize_slices(stack: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Percentile-normalise each channel of a (C, H, W) stack to [0, 1] (float32)."""
+    """Percentile-normalise each channel of a (C, H, W) stack to [0, 1] (float32).
+
+    Raises :class:`~kvseg.errors.DataError` if a pixel is NaN or infinite (one such pixel would
+    make the percentiles NaN and the whole slice zeros); callers put the file name in front.
+    """
     arr = stack.float().cpu().numpy() if torch.is_tensor(stack) else np.asarray(stack, np.float32)
     if arr.ndim != 3:
         raise ValueError(f"expected a (C, H, W) stack, got shape {tuple(arr.shape)}")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = (~finite).reshape(arr.shape[0], -1).sum(axis=1)
+        c = int(np.flatnonzero(bad)[0])
+        where = f" in channel {c}" if arr.shape[0] > 1 else ""
+        raise DataError(f"{int(bad[c])} non-finite pixel value(s) (NaN or inf){where}; expected "
+                        "finite intensities")
     # numpy's partition-based percentile is ~4x faster than torch.quantile's sort
     q = np.percentile(arr.reshape(arr.shape[0], -1), (P_LOW, P_HIGH), axis=1)
     x = torch.from_numpy(np.ascontiguousarray(arr))
@@ -55,7 +68,8 @@ def prepare_slices(stack: np.ndarray, img_size: int) -> torch.Tensor:
     """Raw slices (C, H, W) (any numeric dtype, e.g. uint16) -> float32 (C, img_size, img_size).
 
     Per-slice percentile normalisation to [0, 1], then bilinear resize to a square (see module
-    docstring). Used by the dataset and by prediction alike.
+    docstring). Used by the dataset and by prediction alike. A NaN or infinite pixel is a
+    :class:`~kvseg.errors.DataError` (:func:`normalize_slices`).
     """
     if int(img_size) < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")

@@ -1,0 +1,138 @@
+"""The one way kvseg builds a dataset from run options: a detected layout -> a Dataset.
+
+``build_dataset(config, split)`` is what train, evaluate, predict and reproduce call. The
+layout is detected from the folder (:data:`LAYOUTS`, first match wins); a new layout is a row in
+that table, not a branch in every command.
+
+Every layout's items share one contract: ``image`` float32 (C, S, S) in [0, 1], ``mask``
+float32 (K, S, S) in {0, 1}, ``id`` str, ``height`` and ``width`` (original pixels), ``path``
+str; UW-Madison items add ``case``, ``day``, ``slice`` and ``spacing``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from kvseg.data.splits import check_split
+from kvseg.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The data fields of a run config (the ``TrainConfig`` names), resolved for one split."""
+
+    data: Path
+    split: str
+    fold: int = 0
+    n_folds: int = 5
+    img_size: int = 256
+    context: int = 0
+    cache: bool = True
+    cache_dir: str | None = None
+    exclude: tuple = ()
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A dataset layout: how to recognise its folder and how to build its Dataset."""
+
+    name: str
+    expects: str  # what the folder holds, for the "no layout matches" error
+    detect: Callable[[Path], bool]
+    build: Callable[[DataOptions], Dataset]
+
+
+def _build_uwmadison(o: DataOptions) -> Dataset:
+    from kvseg.data.uwmadison import UWMadison
+
+    return UWMadison(o.data, split=o.split, fold=o.fold, n_folds=o.n_folds, img_size=o.img_size,
+                     context=o.context, augment=o.augment, cache=o.cache, cache_dir=o.cache_dir,
+                     exclude=list(o.exclude))
+
+
+#: Known layouts, tried in order. A generic folder layout (kvseg.data.FolderDataset) plugs in
+#: as another row.
+LAYOUTS: dict[str, Layout] = {
+    "uwmadison": Layout("uwmadison", "train.csv and train/case*/case*_day*/scans/*.png",
+                        lambda root: (root / "train.csv").is_file(), _build_uwmadison),
+}
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """The name of the first :data:`LAYOUTS` entry that recognises ``root``.
+
+    Raises ``FileNotFoundError`` if ``root`` is not a folder and
+    :class:`~kvseg.errors.DataError` (one line naming the folder) if no layout matches.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset root not found")
+    for name, layout in LAYOUTS.items():
+        if layout.detect(root):
+            return name
+    expected = "; ".join(f"{n}: {lay.expects}" for n, lay in LAYOUTS.items())
+    raise DataError(f"{root}: not a dataset folder kvseg knows (expected {expected})")
+
+
+def _get(config: Mapping[str, Any] | object, name: str, default: Any) -> Any:
+    if isinstance(config, Mapping):
+        value = config.get(name, default)
+    else:
+        value = getattr(config, name, default)
+    return default if value is None and default is not None else value
+
+
+def data_options(config: Mapping[str, Any] | object, split: str, *,
+                 augment: bool | None = None) -> DataOptions:
+    """Resolve the data fields of ``config`` (a mapping or an object with attributes).
+
+    Missing fields take the ``TrainConfig`` defaults, except ``augment``, which is off unless
+    the config says so. Raises :class:`~kvseg.errors.ConfigError` when ``data`` is missing.
+    """
+    data = _get(config, "data", None)
+    if not data:
+        raise ConfigError("data: the dataset root is required (--data DIR)")
+    check_split(split)
+    if augment is None:
+        augment = bool(_get(config, "augment", False)) and split == "train"
+    exclude = _get(config, "exclude", ())
+    exclude = (exclude,) if isinstance(exclude, (str, int)) else tuple(exclude or ())
+    return DataOptions(data=Path(data), split=split, fold=int(_get(config, "fold", 0)),
+                       n_folds=int(_get(config, "n_folds", 5)),
+                       img_size=int(_get(config, "img_size", 256)),
+                       context=int(_get(config, "context", 0)),
+                       cache=bool(_get(config, "cache", True)),
+                       cache_dir=_get(config, "cache_dir", None), exclude=exclude,
+                       augment=bool(augment))
+
+
+def build_dataset(config: Mapping[str, Any] | object, split: str, *,
+                  augment: bool | None = None) -> Dataset:
+    """Build the ``split`` dataset of a run config, whatever the folder's layout.
+
+    Args:
+        config: a mapping or an object with the attributes ``data, fold, n_folds, img_size,
+            context, cache, cache_dir, exclude, augment`` (``TrainConfig``, or a run's saved
+            config dict); missing ones take their defaults.
+        split: ``"train"``, ``"val"`` or ``"all"``.
+        augment: ``None`` means ``config.augment`` for ``"train"`` and off otherwise.
+
+    Raises:
+        ConfigError: no ``data`` ("data: the dataset root is required (--data DIR)"), or a bad
+            split / fold / option.
+        FileNotFoundError: ``data`` is not a folder.
+        DataError: no known layout matches the folder, or its files are malformed.
+    """
+    options = data_options(config, split, augment=augment)
+    layout = LAYOUTS[detect_layout(options.data)]
+    return layout.build(options)
+
+
+__all__ = ["LAYOUTS", "DataOptions", "Layout", "build_dataset", "data_options", "detect_layout"]

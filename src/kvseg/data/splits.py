@@ -1,0 +1,71 @@
+"""Cross-validation splits grouped by case (patient): no case is in two folds.
+
+Folds are fixed by the dataset's full case list, before any exclusion, so excluding a scan or a
+case never moves the other cases between folds, and ``n_folds`` is checked against that same
+full list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from kvseg.errors import ConfigError
+
+T = TypeVar("T")
+SPLITS = ("train", "val", "all")
+
+
+def case_folds(cases: Iterable[int], n_folds: int) -> dict[int, int]:
+    """Assign each case a fold: sorted case ids, a fixed permutation (seed 0), round-robin.
+
+    Deterministic and grouped by case (no case in two folds); fold sizes differ by at most one.
+    """
+    unique = sorted(set(int(c) for c in cases))
+    order = np.random.default_rng(0).permutation(len(unique))
+    return {unique[j]: k % n_folds for k, j in enumerate(order.tolist())}
+
+
+def check_split(split: str, fold: int = 0, n_folds: int = 2, n_cases: int | None = None,
+                ) -> None:
+    """Raise :class:`~kvseg.errors.ConfigError` for a bad ``split``, ``n_folds`` or ``fold``.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"all"``.
+        fold: the validation fold, 0..n_folds-1 (ignored for ``"all"``).
+        n_folds: number of folds, 2..n_cases (ignored for ``"all"``).
+        n_cases: the number of cases the folds are built from (all of them, before exclusion);
+            ``None`` checks ``split`` alone.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r}: expected 'train', 'val' or 'all'")
+    if split == "all" or n_cases is None:
+        return
+    if not 2 <= n_folds <= max(n_cases, 2):
+        raise ConfigError(f"n_folds {n_folds}: expected 2..{n_cases} (number of cases)")
+    if not 0 <= fold < n_folds:
+        raise ConfigError(f"fold {fold}: expected 0..{n_folds - 1}")
+
+
+def select_split(items: Sequence[T], case_of: Callable[[T], int], all_cases: Iterable[int],
+                 split: str, fold: int, n_folds: int) -> list[T]:
+    """The items of ``split``: ``"val"`` is fold ``fold``, ``"train"`` the others, ``"all"`` all.
+
+    Args:
+        items: what to select from (possibly after exclusions).
+        case_of: an item's case id.
+        all_cases: every case of the dataset, before exclusions: the folds come from these.
+        split, fold, n_folds: as in :func:`check_split` (checked here).
+    """
+    all_cases = sorted(set(int(c) for c in all_cases))
+    check_split(split, fold, n_folds, len(all_cases))
+    if split == "all":
+        return list(items)
+    folds = case_folds(all_cases, n_folds)
+    want_val = split == "val"
+    return [it for it in items if (folds[case_of(it)] == fold) == want_val]
+
+
+__all__ = ["SPLITS", "case_folds", "check_split", "select_split"]
