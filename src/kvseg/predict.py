@@ -59,6 +59,7 @@ from kvseg.data.manifest import read_manifest, remove_files, write_manifest
 from kvseg.data.names import parse_slice_path
 from kvseg.data.png import load_png, read_slice
 from kvseg.errors import ConfigError, DataError, RunDirError
+from kvseg.rundir import LOCK, FolderLock, command_line
 from kvseg.utils import atomic_path, atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,8 @@ def _check_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> set[s
     :class:`~kvseg.errors.RunDirError` if ``out`` cannot be used. Changes nothing."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out}: exists and is not a folder")
-    first = next(iter(sorted(out.iterdir())), None) if out.is_dir() else None
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    first = next(iter(entries), None)
     if first is None:
         return set()
     if not overwrite:
@@ -330,13 +332,29 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
     (2·context + 1, img_size, img_size) input through ``prepare_slices``. ``overwrite`` as in
     :func:`predict`.
     """
+    classes = tuple(classes or _default_classes())
+    _check_args(threshold, tta, batch_size)
+    out = Path(out)
+    existed = out.exists()
+    try:
+        with FolderLock(out, command_line()):  # one kvseg process writes into OUT at a time
+            return _write_predictions(model, items, out, img_size=img_size, context=context,
+                                      classes=classes, threshold=threshold, tta=tta,
+                                      device=torch.device(device), batch_size=batch_size,
+                                      overwrite=overwrite)
+    finally:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing written: leave no empty folder behind
+
+
+def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out: Path, *,
+                       img_size: int, context: int, classes: tuple[str, ...], threshold: float,
+                       tta: str, device: torch.device, batch_size: int,
+                       overwrite: bool) -> PredictSummary:
+    """The body of :func:`predict_with_model`, run while holding OUT's lock."""
     from kvseg.data import rle_encode
     from kvseg.data.transforms import resize_to_original
 
-    classes = tuple(classes or _default_classes())
-    _check_args(threshold, tta, batch_size)
-    device = torch.device(device)
-    out = Path(out)
     summary = PredictSummary(out=out)
     summary.removed = _prepare_out(out, items, overwrite)
     rows: list[tuple[str, str, str]] = []
@@ -367,10 +385,8 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
     if batch:
         flush(batch)
 
-    if summary.slices == 0:  # nothing written: leave no manifest (nor an empty folder) behind
+    if summary.slices == 0:  # nothing written: leave no manifest behind
         (out / MANIFEST).unlink(missing_ok=True)
-        if not any(out.iterdir()):
-            out.rmdir()
         first = summary.skipped[0] if summary.skipped else ("input", "no slices")
         raise DataError(f"no readable image: {first[0]}: {first[1]}")
     summary.submission = out / "submission.csv"
