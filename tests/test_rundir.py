@@ -92,3 +92,32 @@ def test_reproduce_into_a_folder_owned_by_another_process_is_one_line(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "in use by another" in err and len(err.splitlines()) == 1, err
     assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, "truncate"])
+def test_a_corrupt_best_safetensors_is_one_line_for_every_reader(tmp_path, capsys, command,
+                                                                  content):
+    from kvseg import create_model
+    from kvseg.checkpoint import save_model
+
+    run = tmp_path / "run"
+    model = create_model("setr_kv", size="micro", img_size=32, in_channels=1)
+    save_model(run / "best.safetensors", model,
+               {"model": "setr_kv", "size": "micro", "img_size": 32, "in_channels": 1,
+                "num_classes": 3, "context": 0, "data": str(tmp_path)})
+    path = run / "best.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content == "truncate" else content)
+    before = _sha(run)
+    png = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(png)
+    argv = {"evaluate": ["evaluate", "--run", str(run)],
+            "predict": ["predict", "--run", str(run), "--input", str(png), "--out",
+                        str(tmp_path / "p")],
+            "export": ["export", "--run", str(run), "--onnx", str(tmp_path / "m.onnx")]}[command]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "best.safetensors" in err and "Traceback" not in err
+    assert _sha(run) == before
