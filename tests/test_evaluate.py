@@ -124,3 +124,43 @@ def test_cli_slice_thickness_reaches_the_3d_metrics(run, tmp_path):
 def test_evaluate_missing_run_is_a_user_error(tmp_path, capsys):
     assert cli.main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "best.safetensors" in capsys.readouterr().err
+
+
+def test_per_case_counts_add_up_to_the_set_and_count_missed_organs(run, tmp_path):
+    res = evaluate_run(run, out=str(tmp_path / "m.json"), device="cpu", batch_size=3)
+    items, pred, target = _predictions(run)
+    c = len(CLASSES)
+    for key, op in (("tp", lambda p, t: p & t), ("fp", lambda p, t: p & ~t),
+                    ("fn", lambda p, t: ~p & t)):
+        summed = [sum(e[key][k] for e in res["cases"]) for k in range(c)]
+        assert summed == [int(op(pred[:, k], target[:, k]).sum()) for k in range(c)], key
+    # set-level Jaccard from the summed per-case counts is the reported one
+    tp, fp, fn = (np.array([sum(e[k][j] for e in res["cases"]) for j in range(c)], float)
+                  for k in ("tp", "fp", "fn"))
+    jac = np.where(tp + fp + fn > 0, tp / np.maximum(tp + fp + fn, 1), 1.0)
+    assert res["mean"]["jaccard"] == pytest.approx(jac.mean(), abs=1e-6)
+    # missed organs / false alarms, by hand from the volumes; the penalised HD95 uses them
+    scans = {}
+    for i, it in enumerate(items):
+        scans.setdefault((it["case"], it["day"]), []).append(i)
+    for k, name in enumerate(CLASSES):
+        missed = sum(target[idx, k].any() and not pred[idx, k].any() for idx in scans.values())
+        alarms = sum(pred[idx, k].any() and not target[idx, k].any() for idx in scans.values())
+        assert res["per_class"][name]["missed"] == missed
+        assert res["per_class"][name]["false_alarms"] == alarms
+    for entry in res["cases"]:
+        for name in CLASSES:
+            hd, pen = entry["hd95_mm"][name], entry["hd95_penalized_mm"][name]
+            assert pen == hd or (hd is None and (pen is None or pen > 0))
+    assert res["mean"]["missed"] == sum(res["per_class"][n]["missed"] for n in CLASSES)
+
+
+def test_penalized_hd95_uses_the_volume_diagonal():
+    from kvseg.metrics import penalized, volume_diagonal_mm
+
+    diag = volume_diagonal_mm((4, 10, 20), (3.0, 1.5, 1.0))
+    assert diag == pytest.approx(math.sqrt(12**2 + 15**2 + 20**2))
+    assert penalized(7.0, True, True, diag) == 7.0
+    assert penalized(math.nan, False, True, diag) == diag  # missed organ
+    assert penalized(math.nan, True, False, diag) == diag  # false alarm
+    assert math.isnan(penalized(math.nan, False, False, diag))

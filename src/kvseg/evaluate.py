@@ -47,10 +47,15 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
 
     Returns a dict: ``run``, ``data``, ``split``, ``n_slices``, ``classes``, ``threshold``,
     ``slice_thickness_mm``, ``mean`` (jaccard, weighted_jaccard, dice, dice_3d, hd95_mm,
-    kaggle_score ...), ``per_class`` (name -> jaccard, dice, dice_3d, hd95_mm) and ``cases``
-    (one entry per case-day: ``case``, ``day``, ``n_slices``, ``dice_3d``, ``hd95_mm``,
-    ``kaggle_dice``, ``kaggle_hausdorff``, ``kaggle_score``). Undefined values (e.g. HD95 of an
-    empty mask) are ``null``.
+    hd95_penalized_mm, missed, false_alarms, kaggle_score ...), ``per_class`` (name -> jaccard,
+    dice, dice_3d, hd95_mm, hd95_penalized_mm, missed, false_alarms) and ``cases`` (one entry
+    per case-day: ``case``, ``day``, ``n_slices``, ``dice_3d``, ``hd95_mm``,
+    ``hd95_penalized_mm``, ``tp``/``fp``/``fn`` (pixel counts per class at ``img_size``; summed
+    over the cases they are the set-level counts behind ``jaccard``), ``kaggle_dice``,
+    ``kaggle_hausdorff``, ``kaggle_score``). ``missed``: case-days where a class is in the ground
+    truth and not predicted; ``false_alarms``: predicted and not in the ground truth;
+    ``hd95_penalized_mm`` counts both with the volume diagonal instead of skipping them.
+    Undefined values (e.g. HD95 of an empty mask) are ``null``.
     """
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -100,18 +105,26 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
             "dice": sets["dice"],
             "dice_3d": summary["dice_3d_mean"],
             "hd95_mm": summary["hd95_mm_mean"],
+            "hd95_penalized_mm": summary["hd95_penalized_mm_mean"],
+            "missed": sum(summary["missed"].values()),
+            "false_alarms": sum(summary["false_alarms"].values()),
             "kaggle_dice": summary["kaggle_dice"],
             "kaggle_hausdorff": summary["kaggle_hausdorff"],
             "kaggle_score": summary["kaggle_score"],
         },
         "per_class": {
             name: {"jaccard": sets["jaccard_per_class"][c], "dice": sets["dice_per_class"][c],
-                   "dice_3d": summary["dice_3d"][name], "hd95_mm": summary["hd95_mm"][name]}
+                   "dice_3d": summary["dice_3d"][name], "hd95_mm": summary["hd95_mm"][name],
+                   "hd95_penalized_mm": summary["hd95_penalized_mm"][name],
+                   "missed": summary["missed"][name],
+                   "false_alarms": summary["false_alarms"][name]}
             for c, name in enumerate(classes)
         },
         "cases": [
             {"case": c["key"][0], "day": c["key"][1], "n_slices": c["n_slices"],
-             "dice_3d": c["dice_3d"], "hd95_mm": c["hd95_mm"], "kaggle_dice": c["kaggle_dice"],
+             "dice_3d": c["dice_3d"], "hd95_mm": c["hd95_mm"],
+             "hd95_penalized_mm": c["hd95_penalized_mm"], "tp": c["tp"], "fp": c["fp"],
+             "fn": c["fn"], "kaggle_dice": c["kaggle_dice"],
              "kaggle_hausdorff": c["kaggle_hausdorff"], "kaggle_score": c["kaggle_score"]}
             for c in per_case["cases"]
         ],
@@ -138,6 +151,9 @@ def format_results(results: dict) -> str:
     m = results["mean"]
     lines.append(f"{'mean':<14}{f(m['jaccard']):>9}{f(m['dice']):>9}{f(m['dice_3d']):>9}"
                  f"{f(m['hd95_mm'], '.2f'):>9}")
+    lines.append(f"missed organs {m['missed']} and false alarms {m['false_alarms']} (case-days x "
+                 f"classes); hd95 with the volume-diagonal penalty for those "
+                 f"{f(m['hd95_penalized_mm'], '.2f')} mm")
     lines.append(f"weighted jaccard {f(m['weighted_jaccard'])}   kaggle score "
                  f"{f(m['kaggle_score'])} (dice {f(m['kaggle_dice'])}, normalised hausdorff "
                  f"{f(m['kaggle_hausdorff'])})")

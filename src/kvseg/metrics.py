@@ -245,6 +245,27 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> floa
     return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
 
 
+def volume_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """The diagonal of a volume of ``shape`` voxels of size ``spacing`` mm: the largest distance
+    two of its voxels can have, the HD95 penalty for a missed organ or a false alarm."""
+    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing, strict=True))))
+
+
+def penalized(hd95_mm: float, pred_any: bool, target_any: bool, penalty_mm: float) -> float:
+    """HD95 that counts missed organs and false alarms instead of skipping them.
+
+    Both present: ``hd95_mm``. Exactly one present (a missed organ: in the ground truth, not
+    predicted; or a false alarm: predicted, not there): ``penalty_mm`` (the volume diagonal, the
+    worst distance possible; the convention MONAI's docs and the Kaggle metric discuss for an
+    empty side). Both empty: NaN (nothing to measure; skipped in means).
+    """
+    if pred_any and target_any:
+        return hd95_mm
+    if pred_any or target_any:
+        return penalty_mm
+    return math.nan
+
+
 def kaggle_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:
     """Normalised 3D Hausdorff distance of the Kaggle UW-Madison score, in [0, 1].
 
@@ -288,17 +309,26 @@ def case_metrics(pred: np.ndarray, target: np.ndarray, spacing_mm: Sequence[floa
         classes: class names, length C.
 
     Returns:
-        dict with ``dice_3d`` and ``hd95_mm`` (class name -> float), ``kaggle_dice_rows``
+        dict with ``dice_3d``, ``hd95_mm`` and ``hd95_penalized_mm`` (class name -> float; see
+        :func:`penalized`), ``tp``/``fp``/``fn`` (voxel counts per class, list in class order:
+        the case's share of the set-level counts, enough to bootstrap over cases and to tell a
+        missed organ, ``tp + fn > 0 == tp + fp``, from a false alarm), ``kaggle_dice_rows``
         (the per-(slice, class) Dice values, NaN rows included, for pooling over cases),
         ``kaggle_dice`` (their nanmean), ``kaggle_hausdorff`` and ``kaggle_score`` for this case.
     """
     p, t = np.asarray(pred, bool), np.asarray(target, bool)
     if p.ndim != 4 or p.shape != t.shape or p.shape[1] != len(classes):
         raise ValueError(f"expected (D, {len(classes)}, H, W) volumes, got {p.shape} and {t.shape}")
-    out = {"dice_3d": {}, "hd95_mm": {}}
+    out = {"dice_3d": {}, "hd95_mm": {}, "hd95_penalized_mm": {}, "tp": [], "fp": [], "fn": []}
+    penalty = volume_diagonal_mm(p.shape[:1] + p.shape[2:], spacing_mm)
     for c, name in enumerate(classes):
         out["dice_3d"][name] = dice_3d(p[:, c], t[:, c])
         out["hd95_mm"][name] = hd95(p[:, c], t[:, c], spacing_mm)
+        out["hd95_penalized_mm"][name] = penalized(out["hd95_mm"][name], bool(p[:, c].any()),
+                                                   bool(t[:, c].any()), penalty)
+        out["tp"].append(int((p[:, c] & t[:, c]).sum()))
+        out["fp"].append(int((p[:, c] & ~t[:, c]).sum()))
+        out["fn"].append(int((~p[:, c] & t[:, c]).sum()))
     rows = kaggle_slice_dice(p, t).ravel()
     hd = kaggle_hausdorff(p.any(axis=1), t.any(axis=1))
     out["kaggle_dice_rows"] = rows
@@ -384,14 +414,23 @@ class CaseMetricsAccumulator:
 
     def finalize(self) -> dict:
         """Score the last case and return ``{"cases": [...], "summary": {...}}``; the summary has
-        the mean 3D Dice and HD95 per class (NaN skipped) and the Kaggle score over all cases."""
+        the mean 3D Dice, HD95 and penalised HD95 per class (NaN skipped), per class the number
+        of case-days where the organ was missed (in the ground truth, none predicted) and of
+        false alarms (predicted, not in the ground truth), and the Kaggle score over all cases."""
         self._flush()
-        summary = {"dice_3d": {}, "hd95_mm": {}}
-        for name in self.classes:
-            summary["dice_3d"][name] = _nanmean([c["dice_3d"][name] for c in self.cases])
-            summary["hd95_mm"][name] = _nanmean([c["hd95_mm"][name] for c in self.cases])
+        summary = {"dice_3d": {}, "hd95_mm": {}, "hd95_penalized_mm": {}, "missed": {},
+                   "false_alarms": {}}
+        for k, name in enumerate(self.classes):
+            for key in ("dice_3d", "hd95_mm", "hd95_penalized_mm"):
+                summary[key][name] = _nanmean([c[key][name] for c in self.cases])
+            summary["missed"][name] = sum(c["tp"][k] + c["fn"][k] > 0 and c["tp"][k] + c["fp"][k]
+                                          == 0 for c in self.cases)
+            summary["false_alarms"][name] = sum(c["tp"][k] + c["fn"][k] == 0
+                                                and c["tp"][k] + c["fp"][k] > 0
+                                                for c in self.cases)
         summary["dice_3d_mean"] = _nanmean(list(summary["dice_3d"].values()))
         summary["hd95_mm_mean"] = _nanmean(list(summary["hd95_mm"].values()))
+        summary["hd95_penalized_mm_mean"] = _nanmean(list(summary["hd95_penalized_mm"].values()))
         rows = np.concatenate([c["kaggle_dice_rows"] for c in self.cases]) if self.cases else []
         hds = [c["kaggle_hausdorff"] for c in self.cases]
         summary["kaggle_dice"] = _nanmean(rows)
