@@ -122,6 +122,7 @@ class _Trainer:
         self.out = Path(config.out)
         self.main = info.is_main
         self.callbacks = list(callbacks)
+        self.progress = sys.stderr.isatty()  # a tqdm bar per epoch (rank 0)
 
     # ---- set-up
     def setup(self) -> None:
@@ -310,7 +311,7 @@ class _Trainer:
         if self.info.enabled:
             self.sampler.set_epoch(epoch)
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{c.epochs}", leave=False,
-                   disable=not (self.main and sys.stderr.isatty()), dynamic_ncols=True)
+                   disable=not (self.main and self.progress), dynamic_ncols=True)
         loss_sum, n, slices, over = 0.0, 0, 0, False
         t0 = time.perf_counter()
         for i, batch in enumerate(itertools.islice(self.train_loader, self.steps_per_epoch)):
@@ -428,12 +429,14 @@ def _precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = ()) -> dict:
+def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
+          progress: bool | None = None) -> dict:
     """Train ``config.model`` on ``config.data`` into ``config.out`` (see the module docstring).
 
     Args:
         config: the run's options.
         callbacks: ``fn(epoch, row)`` called on rank 0 after each epoch's files are written.
+        progress: a tqdm bar per epoch (rank 0); None: only when stderr is a terminal.
 
     Returns a summary: ``run_dir``, ``epochs`` (completed), ``steps``, ``best_jaccard``,
     ``best_epoch``, ``stopped_early`` (time budget), ``train_seconds``, ``history``.
@@ -468,6 +471,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = ()) -> di
             raise ConfigError(f"{out}: rank 0 refused to start the run (see its error)")
         try:
             trainer = _Trainer(config, info, device, callbacks)
+            trainer.progress = sys.stderr.isatty() if progress is None else bool(progress)
             trainer.setup()
             summary = trainer.run()
             D.barrier()
