@@ -20,7 +20,7 @@ from kvseg.report import aggregate, family_deltas, mean_std, results_table, writ
 from kvseg.reproduce import choose_samples, reproduce, resolve_models
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"seeds": [0], "latency_repeats": 2, "latency_warmup": 1, "num_samples": 2,
+TINY = {"seeds": [0], "latency_repeats": 2, "latency_warmup": 1, "num_samples": 2, "threads": 1,
         "train": {"size": "micro", "img_size": 32, "n_folds": 3, "epochs": 1,
                   "max_steps_per_epoch": 2, "batch_size": 4, "lr": 2e-3}}
 
@@ -223,3 +223,66 @@ def test_runs_stay_valid_when_kvseg_gains_an_option_at_its_default():
     assert not _same_settings(stored, {**stored, "epochs": 3})
     assert not _same_settings({**stored, "bogus": 1}, stored)
     assert not _same_settings(None, stored)
+
+
+TIMING = ("latency_ms", "gpu_latency_ms", "peak_mem_mb", "gpu_peak_mem_mb", "train_seconds")
+
+
+def _scores(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as f:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_parallel_runs_give_the_sequential_results_and_resume_after_a_kill(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, preset = tiny
+    models, seeds = ["setr_qkv", "setr_kv"], [0, 1]
+    seq = reproduce(data, tmp_path / "seq", preset=str(preset), models=models, seeds=seeds,
+                    device="cpu", jobs=1, progress=False)
+    assert seq.trained == 4
+    # a parallel reproduction killed (with its workers) once a first run is done...
+    out = tmp_path / "par"
+    cmd = [sys.executable, "-m", "kvseg", "reproduce", "--data", str(data), "--out", str(out),
+           "--preset", str(preset), "--models", *models, "--seeds", "0", "1", "--device", "cpu",
+           "--jobs", "2"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("runs/*/seed*/done.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(out.glob("runs/*/seed*/done.json")))
+    # ...continues: finished runs are skipped, the rest trained two at a time
+    again = reproduce(data, out, preset=str(preset), models=models, seeds=seeds, device="cpu",
+                      jobs=2, progress=False)
+    assert again.skipped == finished and again.trained == 4 - finished
+    assert _scores(out) == _scores(tmp_path / "seq")
+    rows = json.loads((out / "results.json").read_text())
+    assert all(r["cases"] and set(r["cases"][0]) == {"case", "day", "tp", "fp", "fn"}
+               for r in rows)
+
+
+def test_the_report_states_intervals_verdicts_and_the_method(tmp_path):
+    from kvseg.report import deltas_table, statistics_text
+
+    rows = _rows()
+    table = deltas_table(rows, margin=2.0, resamples=200)
+    assert "[95% CI]" in table and "verdict" in table
+    # seeds only (these rows carry no per-case counts): a t interval over the 3 paired seeds.
+    # KV: differences +3, +1, +5 -> 3 ± t(2)·2/√3 = [-1.97, +7.97]: above -2, not worse
+    # KV-pos: -1, -4, -1 -> -2 ± t(2)·1 = [-6.30, +2.30]: inconclusive
+    lines = {line.split("|")[2].strip(): line for line in table.splitlines()[2:]}
+    assert "+3.00 [-1.97, +7.97]" in lines["KV"]
+    assert "KV not worse than QKV (non-inferior by the 2-point margin)" in lines["KV"]
+    assert "-2.00 [-6.30, +2.30]" in lines["KV-pos"] and "inconclusive" in lines["KV-pos"]
+    text = " ".join(statistics_text(2.0, 200))
+    assert "200 resamples" in text and "2-point" not in text and "margin of 2 points" in text

@@ -33,10 +33,12 @@ def test_columns_are_the_fields_in_the_published_order():
     assert RESULT_COLUMNS == (
         "model", "family", "attention", "seed", "params", "macs", "jaccard", "weighted_jaccard",
         "dice", "hd95", "kaggle_score", "latency_ms", "gpu_latency_ms", "peak_mem_mb",
-        "gpu_peak_mem_mb", "train_seconds", "epochs", "steps", "img_size", "size", "status")
+        "gpu_peak_mem_mb", "train_seconds", "epochs", "steps", "img_size", "size", "status",
+        # added for the verdict issue: missed organs count
+        "hd95_penalized", "missed", "false_alarms")
     assert METRIC_COLUMNS == ("jaccard", "weighted_jaccard", "dice", "hd95", "kaggle_score",
                               "latency_ms", "gpu_latency_ms", "peak_mem_mb", "gpu_peak_mem_mb",
-                              "train_seconds")
+                              "train_seconds", "hd95_penalized")
     assert list(ResultRow.from_dict(_row()).to_dict()) == list(RESULT_COLUMNS)
 
 
@@ -114,3 +116,15 @@ def test_report_takes_result_rows_and_dicts_alike():
     assert results_table(typed) == results_table(dicts)
     kv = family_deltas(typed)[0]
     assert kv["jaccard_pts"] == pytest.approx(1.5) and kv["params_pct"] == pytest.approx(-10.0)
+
+
+def test_per_case_counts_travel_in_json_only(tmp_path):
+    from kvseg.results import JSON_ONLY, ResultRow, read_results, write_results
+
+    cases = [{"case": 1, "day": 0, "tp": [1, 2, 3], "fp": [0, 0, 1], "fn": [2, 0, 0]}]
+    row = ResultRow(model="setr_kv", family="setr", attention="kv", seed=0, params=1, macs=2,
+                    jaccard=0.5, missed=1, false_alarms=0, cases=cases)
+    csv_path, json_path = write_results([row], tmp_path)
+    assert "cases" not in csv_path.read_text().splitlines()[0] and JSON_ONLY == ("cases",)
+    assert read_results(json_path)[0].cases == cases
+    assert read_results(csv_path)[0].cases is None and read_results(csv_path)[0].missed == 1

@@ -235,13 +235,20 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=ANY_INT)
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's epochs")
+    p.add_argument("--jobs", type=POSITIVE_INT,
+                   help="runs trained at once in separate processes (default: 1 on CUDA, "
+                        "else the cores divided by the preset's threads per run)")
+    p.add_argument("--margin", type=_number(minimum=0),
+                   help="non-inferiority margin of the verdicts in Jaccard points "
+                        "(default: the preset's, 2)")
 
 
 def _run_reproduce(args) -> int:
     from kvseg.reproduce import reproduce
 
     report = reproduce(args.data, args.out, preset=args.preset, models=args.models,
-                       seeds=args.seeds, device=args.device, epochs=args.epochs)
+                       seeds=args.seeds, device=args.device, epochs=args.epochs,
+                       jobs=args.jobs, margin=args.margin)
     print(report)
     return 0
 

@@ -31,7 +31,7 @@ import yaml
 from kvseg.errors import ConfigError
 
 #: Keys written to config.yaml that the data decides; accepted and ignored when read back.
-DERIVED_KEYS = ("in_channels", "num_classes", "classes")
+DERIVED_KEYS = ("in_channels", "num_classes", "classes", "precision")
 #: Options that may differ between the original run and a ``--resume``.
 RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out")
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
@@ -127,7 +127,8 @@ class TrainConfig:
     cache_dir: str | None = _opt(None, "where to cache (none = the dataset's .kvseg_cache)")
     exclude: list = _opt([], "case-day ids to drop, e.g. case7_day0 (bad = the 12 known bad "
                              "scans)")
-    workers: int = _opt(0, "DataLoader worker processes")
+    workers: int | None = _opt(None, "DataLoader worker processes per process (none = auto: 0 on "
+                                     "the CPU; on CUDA the cores per process - 1, at most 8)")
     # optimisation
     epochs: int = _opt(20, "training epochs")
     batch_size: int = _opt(8, "batch per process (under torchrun the effective batch is x "
@@ -139,8 +140,13 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)")
     bce_weight: float = _opt(1.0, "loss = bce_weight * BCE + dice_weight * soft Dice")
     dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
-    amp: str = _opt("auto", "mixed precision: auto (bf16, else fp16, on CUDA; off on CPU), "
-                            "bf16, fp16, none")
+    amp: str = _opt("auto", "mixed precision: auto (CUDA: bf16 from compute capability 8.0, "
+                            "else fp16; CPU: off), bf16 (also on CPU), fp16 (CUDA), none")
+    tf32: bool = _opt(True, "on CUDA, fp32 matmuls may use TF32 tensor cores (Ampere+)")
+    deterministic: bool = _opt(False, "deterministic algorithms (torch.use_deterministic_"
+                                      "algorithms); slower on CUDA, see docs/training.md")
+    sync_batchnorm: bool = _opt(False, "under torchrun on CUDA, BatchNorm statistics over all "
+                                       "ranks (SyncBatchNorm)")
     max_steps_per_epoch: int | None = _opt(None, "cap the optimiser steps per epoch")
     time_budget_s: float | None = _opt(None, "end training at the step passing this many "
                                              "seconds, then validate")
@@ -166,8 +172,9 @@ class TrainConfig:
             raise ConfigError(f"size={self.size!r}: expected one of {', '.join(SIZES)}")
         for name in ("img_size", "epochs", "batch_size", "n_folds", "val_every"):
             check_number(name, getattr(self, name), integer=True, minimum=1)
-        for name in ("context", "workers", "fold"):
+        for name in ("context", "fold"):
             check_number(name, getattr(self, name), integer=True, minimum=0)
+        check_number("workers", self.workers, integer=True, minimum=0, optional=True)
         check_number("seed", self.seed, integer=True)
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "bce_weight", "dice_weight"):
             check_number(name, getattr(self, name), minimum=0)
@@ -341,6 +348,10 @@ class Preset:
     latency_warmup: int = _opt(2, "untimed forward passes first")
     latency_threads: int | None = _opt(None, "torch threads for CPU latency (none = all)")
     num_samples: int = _opt(4, "validation slices in samples.png")
+    threads: int | None = _opt(None, "torch CPU threads per training run (none = the cores "
+                                     "divided by the runs trained at once)")
+    margin: float = _opt(2.0, "non-inferiority margin of the verdicts, in Jaccard points")
+    resamples: int = _opt(2000, "bootstrap resamples of the validation case-days")
     notes: str = _opt("", "free text (not used)")
     train: dict = _opt({}, "TrainConfig options shared by every run")
     name: str = field(default="", metadata={"derived": True})
@@ -361,6 +372,9 @@ class Preset:
         check_number("latency_threads", self.latency_threads, integer=True, minimum=1,
                      optional=True)
         check_number("num_samples", self.num_samples, integer=True, minimum=0)
+        check_number("threads", self.threads, integer=True, minimum=1, optional=True)
+        check_number("margin", self.margin, minimum=0)
+        check_number("resamples", self.resamples, integer=True, minimum=1)
         for key in self.RUN_KEYS:
             if key in self.train:
                 raise ConfigError(f"train.{key} is set per run by kvseg reproduce; remove it")

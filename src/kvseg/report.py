@@ -24,13 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.layers.attention import MODE_LABELS
+from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.results import (  # noqa: F401  (RESULT_COLUMNS, write_results: re-exported)
     METRIC_COLUMNS,
     RESULT_COLUMNS,
     ResultRow,
     as_rows,
     write_results,
+)
+from kvseg.stats import (
+    DEFAULT_MARGIN,
+    DEFAULT_RESAMPLES,
+    paired_difference,
+    verdict_sentence,
 )
 from kvseg.utils import atomic_write_bytes, atomic_write_text
 
@@ -77,11 +83,15 @@ def aggregate(rows: Sequence[ResultRow | Mapping]) -> list[dict]:
     return out
 
 
-def family_deltas(rows: Sequence[ResultRow | Mapping]) -> list[dict]:
-    """KV and KV-pos against QKV, per family (see the module docstring for the conventions).
+def family_deltas(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT_MARGIN,
+                  resamples: int = DEFAULT_RESAMPLES) -> list[dict]:
+    """Every other mode against QKV, per family (conventions: module docstring, :mod:`kvseg.stats`).
 
-    Keys: family, attention, params_pct, macs_pct, jaccard_pts, jaccard_pts_std,
-    weighted_jaccard_pts, weighted_jaccard_pts_std, qkv_jaccard_std, seeds (paired).
+    Keys: family, attention, params_pct, macs_pct, seeds (paired), cases (case-days in the
+    bootstrap; 0 without per-case data), qkv_jaccard_std, and for ``jaccard`` and
+    ``weighted_jaccard``: ``<key>_pts`` (Δ, points), ``<key>_pts_std`` (sample std of the
+    per-seed differences), ``<key>_low`` / ``<key>_high`` (95% interval) and ``<key>_verdict``
+    (better / not worse / worse / inconclusive against ``margin`` points).
     """
     index = {(r.family, r.attention, r.seed): r for r in as_rows(rows)}
     out = []
@@ -89,21 +99,37 @@ def family_deltas(rows: Sequence[ResultRow | Mapping]) -> list[dict]:
         base = {seed: r for (f, m, seed), r in index.items() if f == family and m == "qkv"}
         if not base:
             continue
-        for mode in ("kv", "kv_pos"):
-            pairs = [(base[s], r) for (f, m, s), r in index.items()
-                     if f == family and m == mode and s in base]
+        for mode in MODES:
+            pairs = sorted(((s, base[s], r) for (f, m, s), r in index.items()
+                            if f == family and m == mode != "qkv" and s in base),
+                           key=lambda t: t[0])
             if not pairs:
                 continue
-            q0, r0 = pairs[0]
+            _, q0, r0 = pairs[0]
             d = {"family": family, "attention": mode, "seeds": len(pairs),
                  "params_pct": 100.0 * (r0.params - q0.params) / q0.params,
-                 "macs_pct": 100.0 * (r0.macs - q0.macs) / q0.macs}
+                 "macs_pct": 100.0 * (r0.macs - q0.macs) / q0.macs, "cases": 0}
             for key in ("jaccard", "weighted_jaccard"):
-                diffs = [100.0 * (getattr(r, key) - getattr(q, key)) for q, r in pairs]
+                diffs = [100.0 * (getattr(r, key) - getattr(q, key)) for _, q, r in pairs]
                 d[f"{key}_pts"], d[f"{key}_pts_std"], _ = mean_std(diffs)
+                if not math.isfinite(d[f"{key}_pts"]):
+                    d[f"{key}_low"] = d[f"{key}_high"] = math.nan
+                    d[f"{key}_verdict"] = "no score (a run diverged)"
+                    continue
+                diff = paired_difference([_run_data(q, key) for _, q, _ in pairs],
+                                         [_run_data(r, key) for _, _, r in pairs],
+                                         metric=key, resamples=resamples)
+                d[f"{key}_low"], d[f"{key}_high"] = diff.low, diff.high
+                d[f"{key}_verdict"] = diff.verdict(margin)
+                d["cases"] = diff.cases
             d["qkv_jaccard_std"] = 100.0 * mean_std(b.jaccard for b in base.values())[1]
             out.append(d)
     return out
+
+
+def _run_data(row: ResultRow, key: str):
+    """A run's per-case counts for the bootstrap, or its score where it has none."""
+    return row.cases if row.cases else getattr(row, key)
 
 
 # --------------------------------------------------------------------------- text
@@ -147,32 +173,60 @@ def results_table(rows: Sequence[ResultRow | Mapping]) -> str:
     return _md_table(header, body)
 
 
-def deltas_table(rows: Sequence[ResultRow | Mapping]) -> str:
-    """Per family, KV and KV-pos against QKV (markdown)."""
-    header = ["family", "vs QKV", "params", "MACs", "Δ Jaccard (pts)", "Δ weighted Jaccard (pts)",
-              "QKV Jaccard seed std (pts)", "seeds", "reading"]
+def deltas_table(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT_MARGIN,
+                 resamples: int = DEFAULT_RESAMPLES) -> str:
+    """Per family, each mode against QKV with 95% intervals and verdicts (markdown)."""
+    header = ["family", "vs QKV", "params", "MACs", "Δ Jaccard (pts) [95% CI]",
+              "Δ weighted Jaccard (pts) [95% CI]", "QKV Jaccard seed std (pts)", "seeds",
+              "case-days", "verdict (Jaccard)"]
     body = []
-    for d in family_deltas(rows):
-        spread = d["jaccard_pts_std"]
-        if not math.isfinite(d["jaccard_pts"]):
-            reading = "no score (a run diverged)"
-        elif d["seeds"] < 2 or not math.isfinite(spread):
-            reading = "one seed: noise unknown"
-        elif abs(d["jaccard_pts"]) <= 2 * spread:
-            reading = "within seed noise"
-        else:
-            reading = "better" if d["jaccard_pts"] > 0 else "worse"
+    for d in family_deltas(rows, margin=margin, resamples=resamples):
+        verdict = d["jaccard_verdict"]
+        if verdict in ("better", "not worse", "worse", "inconclusive"):
+            verdict = verdict_sentence(verdict, margin, MODE_LABELS[d["attention"]])
+        if d["seeds"] < 2 and math.isfinite(d["jaccard_pts"]):
+            verdict += "; one seed: training noise not in the interval"
         body.append([d["family"], MODE_LABELS[d["attention"]], f"{d['params_pct']:+.2f} %",
-                     f"{d['macs_pct']:+.2f} %",
-                     _fmt(d["jaccard_pts"], d["jaccard_pts_std"], 2),
-                     _fmt(d["weighted_jaccard_pts"], d["weighted_jaccard_pts_std"], 2),
-                     _fmt(d["qkv_jaccard_std"], math.nan, 2), str(d["seeds"]), reading])
+                     f"{d['macs_pct']:+.2f} %", _ci(d, "jaccard"), _ci(d, "weighted_jaccard"),
+                     _fmt(d["qkv_jaccard_std"], math.nan, 2), str(d["seeds"]),
+                     str(d["cases"]) if d["cases"] else "–", verdict])
     return _md_table(header, body)
+
+
+def _ci(d: Mapping, key: str) -> str:
+    est, low, high = d[f"{key}_pts"], d[f"{key}_low"], d[f"{key}_high"]
+    if not math.isfinite(est):
+        return "–"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{est:+.2f}"
+    return f"{est:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def statistics_text(margin: float = DEFAULT_MARGIN,
+                    resamples: int = DEFAULT_RESAMPLES) -> list[str]:
+    """How the intervals and verdicts are made, in words (the report's method paragraph)."""
+    return [
+        "Parameters and MACs: relative change. Δ: the mode's score minus QKV's, in percentage "
+        "points, paired by seed (the same seed means the same data order and validation "
+        "cases), averaged over seeds.",
+        f"95% confidence interval: Δ ± t·√(V_cases + V_seeds). V_cases: a paired bootstrap over "
+        f"the validation case-days ({resamples} resamples of whole case-days, the same draw "
+        "for both variants and every seed; each resampled set is scored from its summed pixel "
+        "counts, as the reported Jaccard is). V_seeds: the variance of the per-seed differences "
+        "divided by the number of seeds. t: Student's t with Welch-Satterthwaite degrees of "
+        "freedom (`kvseg.stats`). With one seed the interval holds the case noise only.",
+        f"Verdict, with a non-inferiority margin of {margin:g} points: *better* if the whole "
+        f"interval is above 0; *not worse* (non-inferior) if it lies above −{margin:g}; *worse* "
+        "if the whole interval is below 0; otherwise *inconclusive* (more seeds or data are "
+        "needed to say). The interval speaks about this data and these training settings: "
+        "synthetic data or tiny models do not license a statement about the real task.",
+    ]
 
 
 def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, title: str,
                  settings: Mapping[str, object], measured: Sequence[str],
-                 figures: Sequence[tuple[str, str]]) -> Path:
+                 figures: Sequence[tuple[str, str]], margin: float = DEFAULT_MARGIN,
+                 resamples: int = DEFAULT_RESAMPLES) -> Path:
     """report.md: settings, the results table, the KV deltas, what is measured, the figures.
 
     ``settings`` are shown as a bullet list; ``measured`` are sentences defining each column;
@@ -182,11 +236,10 @@ def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, ti
     parts = [f"# {title}", ""]
     parts += [f"- **{k}**: {v}" for k, v in settings.items()]
     parts += ["", "## Results (mean ± std over seeds)", "", results_table(rows), "",
-              "## KV and KV-pos against QKV, per family", "",
-              "Parameters and MACs: relative change. Δ Jaccard: percentage points, paired by "
-              "seed (mean ± std of the per-seed differences); a difference within two standard "
-              "deviations is read as seed noise.", "", deltas_table(rows), "",
-              "## What is measured", ""]
+              "## Each mode against QKV, per family", "",
+              *statistics_text(margin, resamples), "", deltas_table(rows, margin=margin,
+                                                                     resamples=resamples), "",
+              *_missed_text(rows), "## What is measured", ""]
     parts += [f"- {m}" for m in measured]
     parts += ["", "## Figures", ""]
     for caption, name in figures:
@@ -197,6 +250,30 @@ def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, ti
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _missed_text(rows: Sequence[ResultRow | Mapping]) -> list[str]:
+    """Missed organs and false alarms per variant (summed over seeds), when measured."""
+    agg: dict[str, list[int]] = {}
+    for r in sorted(as_rows(rows), key=ResultRow.order_key):
+        if r.missed is None:
+            continue
+        m = agg.setdefault(r.model, [0, 0, 0, 0])
+        m[0] += r.missed
+        m[1] += r.false_alarms or 0
+        m[2] += len(r.cases or [])
+        m[3] += 1
+    if not agg:
+        return []
+    body = [[f"`{name}`", str(m[0]), str(m[1]), str(m[2]) if m[2] else "–", str(m[3])]
+            for name, m in agg.items()]
+    return ["### Missed organs and false alarms", "",
+            "Case-days × classes where an organ in the ground truth was not predicted at all "
+            "(missed) or an absent organ was predicted (false alarm), summed over seeds. Plain "
+            "HD95 skips them; the `hd95_penalized` column of results.csv counts each as the "
+            "volume diagonal.", "",
+            _md_table(["variant", "missed", "false alarms", "case-days (all seeds)", "seeds"],
+                      body), ""]
 
 
 # --------------------------------------------------------------------------- figures
@@ -215,33 +292,58 @@ def _family_colors(families: Iterable[str]) -> dict[str, str]:
 
 
 def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) -> Path:
-    """Each variant a point (mean Jaccard over seeds, error bar = std) against GMACs;
-    families by colour, attention modes by marker."""
+    """Validation Jaccard against GMACs, one panel per family (shared y axis).
+
+    Each seed is a faint point; the mean over seeds is a large marker with an error bar of one
+    standard deviation. Modes differ by colour and marker (legend); the modes of a family have
+    nearly the same MACs, so their points are spread apart by a small horizontal offset (1 % of
+    the family's MACs per mode, said in the axis label) instead of being labelled in place; the
+    seeds sit just left of their mean.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    agg = aggregate(rows)
-    colors = _family_colors(a["family"] for a in agg)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for a in agg:
-        std = a["jaccard_std"] if math.isfinite(a["jaccard_std"]) else 0.0
-        ax.errorbar(float(a["macs"]) / 1e9, a["jaccard_mean"], yerr=std, capsize=3,
-                    marker=_MARKERS.get(a["attention"], "x"), markersize=8, linestyle="none",
-                    color=colors[a["family"]])
-        ax.annotate(a["model"], (float(a["macs"]) / 1e9, a["jaccard_mean"]), fontsize=6,
-                    xytext=(4, 4), textcoords="offset points")
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, marker="o", linestyle="none", label=f)
-               for f, c in colors.items()]
-    handles += [Line2D([], [], color="gray", marker=m, linestyle="none", label=MODE_LABELS[k])
-                for k, m in _MARKERS.items()]
-    ax.legend(handles=handles, fontsize=8, loc="best")
-    ax.set_xlabel("GMACs per image (batch 1)")
-    ax.set_ylabel("validation Jaccard (mean over classes)")
-    ax.grid(alpha=0.3)
+    parsed = as_rows(rows)
+    agg = aggregate(parsed)
+    families = sorted({a["family"] for a in agg})
+    modes = [m for m in MODES if any(a["attention"] == m for a in agg)]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(modes)}
+    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(3.4 * max(1, len(families)), 3.8),
+                             sharey=True, squeeze=False)
+    for ax, family in zip(axes[0], families, strict=False):
+        fam = [a for a in agg if a["family"] == family]
+        ref = max(float(a["macs"]) for a in fam) / 1e9
+        for a in fam:
+            mode = a["attention"]
+            k = modes.index(mode) - (len(modes) - 1) / 2 if mode in modes else 0
+            x = float(a["macs"]) / 1e9 + 0.01 * ref * k
+            seeds = [r.jaccard for r in parsed if r.model == a["model"]
+                     and math.isfinite(r.jaccard)]
+            ax.scatter([x - 0.004 * ref] * len(seeds), seeds, s=14, alpha=0.35,
+                       color=colors.get(mode, "gray"), marker=_MARKERS.get(mode, "x"),
+                       linewidths=0)
+            std = a["jaccard_std"] if math.isfinite(a["jaccard_std"]) else 0.0
+            ax.errorbar(x, a["jaccard_mean"], yerr=std, capsize=3, markersize=8,
+                        marker=_MARKERS.get(mode, "x"), linestyle="none",
+                        color=colors.get(mode, "gray"))
+        ax.set_title(family, fontsize=9)
+        ax.set_xlabel("GMACs per image (batch 1)\n(modes offset by 1 % for visibility)",
+                      fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.set_xlim(min(float(a["macs"]) / 1e9 for a in fam) - 0.03 * ref, ref * 1.03)
+    axes[0][0].set_ylabel("validation Jaccard (mean over classes)", fontsize=8)
+    handles = [Line2D([], [], color=colors[m], marker=_MARKERS.get(m, "x"), linestyle="none",
+                      label=MODE_LABELS.get(m, m)) for m in modes]
+    handles.append(Line2D([], [], color="gray", marker="o", alpha=0.35, linestyle="none",
+                          label="one seed"))
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles),
+               frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = Path(path)
     _save_figure(fig, path)
     return path

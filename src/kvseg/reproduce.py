@@ -22,9 +22,11 @@ memory when the device is CUDA).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -33,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from kvseg.config import PRESET_NAMES, Preset, load_config, load_preset
+from kvseg.config import PRESET_NAMES, Preset, check_number, load_config, load_preset
 from kvseg.errors import ConfigError, DataError
 from kvseg.profile import profile_model
 from kvseg.results import ResultRow, jsonable
-from kvseg.rundir import CONFIG, FolderLock, command_line
+from kvseg.rundir import FolderLock, command_line
 from kvseg.runner import Job, fingerprint, run_jobs
 from kvseg.utils import atomic_write_text, resolve_device
 
@@ -121,10 +122,18 @@ def choose_samples(dataset, n: int, max_candidates: int = 400) -> list[int]:
 
 
 # --------------------------------------------------------------------------- main
+def default_jobs(device: torch.device, threads: int | None = None) -> int:
+    """How many runs to train at once: one per GPU process on CUDA (one device), otherwise the
+    cores divided by each run's threads (two single-thread runs on a 2-core machine)."""
+    if device.type == "cuda":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, threads or 1))
+
+
 def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
               models: list[str] | tuple[str, ...] = ("all",), seeds: list[int] | None = None,
-              device: str = "auto", epochs: int | None = None,
-              progress: bool = True) -> ReproduceSummary:
+              device: str = "auto", epochs: int | None = None, jobs: int | None = None,
+              margin: float | None = None, progress: bool = True) -> ReproduceSummary:
     """Train, evaluate and profile every selected variant; write the results and the report.
 
     Args:
@@ -135,9 +144,15 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         seeds: override the preset's seeds.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         epochs: override the preset's epochs.
+        jobs: runs trained at the same time in separate processes (None: :func:`default_jobs`);
+            each run uses the preset's ``threads`` torch threads, so results do not depend on it.
+        margin: the non-inferiority margin of the verdicts, in Jaccard points (None: the
+            preset's).
         progress: show the overall progress bar.
 
-    Returns a :class:`ReproduceSummary` (its ``str`` is the table and the report path).
+    Profiling runs first, once per model, while nothing else runs (clean latency); then the
+    runs train, ``jobs`` at a time. Returns a :class:`ReproduceSummary` (its ``str`` is the
+    table and the report path).
     """
     t_start = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -155,7 +170,10 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         raise ConfigError(f"--seeds {seeds}: repeated seed")
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs {epochs}: must be >= 1")
+    margin = cfg.margin if margin is None else check_number("--margin", margin, minimum=0)
     dev = resolve_device(device)
+    n_jobs = default_jobs(dev, cfg.threads) if jobs is None else int(jobs)
+    check_number("--jobs", n_jobs, integer=True, minimum=1)
     train_opts = dict(cfg.train)
     if epochs is not None:
         train_opts["epochs"] = int(epochs)
@@ -163,22 +181,25 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
     profile_settings = {"latency_repeats": cfg.latency_repeats,
                         "latency_warmup": cfg.latency_warmup,
                         "latency_threads": cfg.latency_threads}
-    jobs = []
+    job_list = []
     for name in names:
         for seed in seeds:
             run_dir = out / "runs" / name / f"seed{seed}"
             config = load_config(None, {**train_opts, "model": name, "seed": seed,
                                         "data": data_abs, "out": str(run_dir),
                                         "device": str(device)})
-            jobs.append(Job.make((name, seed), run_dir, config, profile=profile_settings))
+            job_list.append(Job.make((name, seed), run_dir, config, profile=profile_settings))
 
     with FolderLock(out, command_line()):
-        results = run_jobs(jobs, lambda job: _run_one(job, out, dev, cfg), progress=progress,
-                           desc="reproduce")
+        _profile_models(job_list, out, dev, cfg)
+        work = functools.partial(_train_and_evaluate, out=out, device=str(dev),
+                                 progress=progress and n_jobs == 1)
+        results = run_jobs(job_list, work, progress=progress, desc="reproduce", n_jobs=n_jobs,
+                           threads=cfg.threads, on_done=_log_finished)
         rows = [r.row for r in results]
         run_dirs = {r.job.key: r.job.run_dir for r in results}
         report = _write_outputs(out, rows, run_dirs, cfg=cfg, data=data, train_opts=train_opts,
-                                device=dev, seeds=seeds)
+                                device=dev, seeds=seeds, margin=margin, n_jobs=n_jobs)
     from kvseg.report import results_table
 
     trained = sum(not r.skipped for r in results)
@@ -187,8 +208,67 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
                             seconds=time.perf_counter() - t_start)
 
 
-def _run_one(job: Job, out: Path, device: torch.device, cfg: Preset) -> dict:
-    """Train, evaluate and profile one job; its result row. A diverged run is a result too."""
+def _profile_path(out: Path, name: str) -> Path:
+    return out / "runs" / name / "profile.json"
+
+
+def _profile_settings(job: Job) -> dict:
+    return {k: v for k, v in job.settings.items() if k != "seed"}
+
+
+def _profile_models(jobs: list[Job], out: Path, device: torch.device, cfg: Preset) -> None:
+    """Profile every model with a pending run, once per model and before any training, so that
+    latency is measured on a quiet machine (params/MACs/latency do not depend on the seed)."""
+    from kvseg.runner import DONE, read_done
+
+    first: dict[str, Job] = {}
+    for job in jobs:
+        if read_done(job.run_dir / DONE) is None:
+            first.setdefault(job.key[0], job)
+    shapes: dict[tuple, tuple[int, int]] = {}
+    for name, job in first.items():
+        path = _profile_path(out, name)
+        key = fingerprint(_profile_settings(job))
+        if _cached_profile(path, key) is not None:
+            continue
+        data_key = (job.config.data, job.config.context)
+        if data_key not in shapes:  # the data decides the input channels and classes
+            from kvseg.data import build_dataset
+
+            item = build_dataset(job.config, "val")[0]
+            shapes[data_key] = (int(item["image"].shape[0]), int(item["mask"].shape[0]))
+        in_channels, num_classes = shapes[data_key]
+        from kvseg.checkpoint import build_model
+
+        torch.manual_seed(0)
+        model = build_model({**job.config.to_dict(), "in_channels": in_channels,
+                             "num_classes": num_classes})
+        size = job.config.img_size
+        prof = profile_model(model, (1, in_channels, size, size), device=device,
+                             repeats=cfg.latency_repeats, warmup=cfg.latency_warmup,
+                             threads=cfg.latency_threads)
+        atomic_write_text(path, json.dumps({"fingerprint": key, "profile": jsonable(prof)},
+                                           indent=2) + "\n")
+        log.info("%s: %d params, %.3f GMACs, %.1f ms CPU latency", name, prof["params"],
+                 prof["macs"] / 1e9, prof["latency_ms"])
+
+
+def _cached_profile(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("fingerprint") == key:
+            return {k: (math.nan if v is None else v) if k.endswith(("_ms", "_mb")) else v
+                    for k, v in cached["profile"].items()}
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        pass
+    return None
+
+
+def _train_and_evaluate(job: Job, *, out: Path, device: str, progress: bool) -> dict:
+    """Train and evaluate one job (in this process or a worker); its result row, with the
+    model's profile from profile.json. A diverged run is a result too."""
     from kvseg import train as T
     from kvseg.evaluate import evaluate_run
     from kvseg.models.registry import model_info
@@ -197,17 +277,20 @@ def _run_one(job: Job, out: Path, device: torch.device, cfg: Preset) -> dict:
     config = job.config
     status = "ok"
     try:
-        summary = T.train(config)
-        mean = evaluate_run(job.run_dir, split="val", device=str(device))["mean"]
+        summary = T.train(config, progress=progress)
+        evaluation = evaluate_run(job.run_dir, split="val", device=device)
+        mean = evaluation["mean"]
+        cases = [{k: c[k] for k in ("case", "day", "tp", "fp", "fn")}
+                 for c in evaluation["cases"]]
     except T.NonFiniteLossError as e:  # a diverged variant is a result: record it, go on
         log.error("%s seed %d: %s", name, seed, e)
         status = f"diverged: {str(e).split(';')[0]}"
         summary = {"train_seconds": math.nan, "epochs": 0, "steps": 0}
-        mean = {}
+        mean, cases = {}, None
+    prof = _cached_profile(_profile_path(out, name), fingerprint(_profile_settings(job)))
+    if prof is None:
+        raise RuntimeError(f"{_profile_path(out, name)}: missing profile (profiled first)")
     info = model_info(name)
-    prof = _profile_once(out / "runs" / name / "profile.json", job.run_dir,
-                         settings={k: v for k, v in job.settings.items() if k != "seed"},
-                         device=device, cfg=cfg)
     row = ResultRow(
         model=name, family=info["family"], attention=info["mode"], seed=seed,
         params=prof["params"], macs=prof["macs"], jaccard=mean.get("jaccard"),
@@ -216,45 +299,22 @@ def _run_one(job: Job, out: Path, device: torch.device, cfg: Preset) -> dict:
         latency_ms=prof["latency_ms"], gpu_latency_ms=prof["gpu_latency_ms"],
         peak_mem_mb=prof["peak_mem_mb"], gpu_peak_mem_mb=prof["gpu_peak_mem_mb"],
         train_seconds=float(summary["train_seconds"]), epochs=int(summary["epochs"]),
-        steps=int(summary["steps"]), img_size=config.img_size, size=config.size, status=status)
-    log.info("%s seed %d: jaccard %.4f, %d params, %.3f GMACs, %.1f ms CPU latency "
-             "(trained %d steps in %.0f s; %s)", name, seed, row.jaccard, row.params,
-             row.macs / 1e9, row.latency_ms, row.steps, row.train_seconds, status)
+        steps=int(summary["steps"]), img_size=config.img_size, size=config.size, status=status,
+        hd95_penalized=mean.get("hd95_penalized_mm"), missed=mean.get("missed"),
+        false_alarms=mean.get("false_alarms"), cases=cases)
     return row.to_dict()
 
 
-def _profile_once(path: Path, run_dir: Path, *, settings: dict, device: torch.device,
-                  cfg: Preset) -> dict:
-    """Profile a model once per model folder (params/MACs/latency do not depend on the seed).
-
-    The network is rebuilt from the run's ``config.yaml`` (written before training starts), so
-    a run that diverged is profiled too; the weights do not change what is measured.
-    """
-    from kvseg.checkpoint import build_model
-
-    key = fingerprint(settings)
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("fingerprint") == key:
-                return {k: (math.nan if v is None else v) if k.endswith(("_ms", "_mb")) else v
-                        for k, v in cached["profile"].items()}
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            pass
-    config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
-    torch.manual_seed(0)
-    model = build_model(config)
-    shape = (1, int(config["in_channels"]), int(config["img_size"]), int(config["img_size"]))
-    prof = profile_model(model, shape, device=device, repeats=cfg.latency_repeats,
-                         warmup=cfg.latency_warmup, threads=cfg.latency_threads)
-    atomic_write_text(path, json.dumps({"fingerprint": key, "profile": jsonable(prof)},
-                                       indent=2) + "\n")
-    return prof
+def _log_finished(result) -> None:
+    r = result.row
+    log.info("%s seed %d: jaccard %s, missed %s (trained %s steps in %.0f s; %s)", r["model"],
+             r["seed"], "–" if r["jaccard"] is None else f"{r['jaccard']:.4f}", r["missed"],
+             r["steps"], r["train_seconds"] or 0.0, r["status"])
 
 
 def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], Path], *,
                    cfg: Preset, data: Path, train_opts: dict, device: torch.device,
-                   seeds: list[int]) -> Path:
+                   seeds: list[int], margin: float, n_jobs: int) -> Path:
     from kvseg.models.registry import model_info
     from kvseg.report import (
         plot_jaccard_vs_macs,
@@ -289,6 +349,8 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
         "data": f"{data.resolve()} (validation fold {train_opts.get('fold', 0)})",
         "training options (the same for every variant)": opts,
         "seeds": ", ".join(map(str, seeds)),
+        "runs in parallel": f"{n_jobs} process(es), {cfg.threads or 'default'} torch "
+                            "thread(s) each",
         "device": f"{device}" + (f" ({gpu})" if gpu else "") + f"; CPU latency with "
                   f"{threads} torch thread(s) on {platform.processor() or platform.machine()}",
         "torch": torch.__version__,
@@ -318,7 +380,7 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
     ]
     title = f"kvseg reproduction: QKV vs KV vs KV-pos attention ({cfg.name} preset)"
     return write_report(out, rows, title=title, settings=settings, measured=measured,
-                        figures=figures)
+                        figures=figures, margin=margin, resamples=cfg.resamples)
 
 
 def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,

@@ -72,6 +72,13 @@ class ResultRow:
         img_size: model input size (pixels, square).
         size: size preset (``micro``, ``base``, ...).
         status: ``ok``, or ``diverged: <reason>`` for a run stopped by a non-finite loss.
+        hd95_penalized: HD95 (mm) counting a missed organ or a false alarm as the volume
+            diagonal instead of skipping it (:func:`kvseg.metrics.penalized`).
+        missed: case-days x classes where the organ is in the ground truth and not predicted.
+        false_alarms: case-days x classes predicted where the organ is not.
+        cases: results.json only (not a CSV column): per validation case-day ``case``, ``day``
+            and the pixel counts ``tp``, ``fp``, ``fn`` per class, so the statistics of the
+            report (the bootstrap over cases) can be redone from the file.
 
     The float fields are NaN when not measured; construction converts None and empty strings
     to NaN there, numbers given as strings (a CSV cell) to their type, and raises
@@ -99,6 +106,10 @@ class ResultRow:
     img_size: int | None = None
     size: str | None = None
     status: str = "ok"
+    hd95_penalized: float = math.nan
+    missed: int | None = None
+    false_alarms: int | None = None
+    cases: list | None = dataclasses.field(default=None, metadata={"json_only": True})
 
     def __post_init__(self) -> None:
         for name, kind in _field_types().items():
@@ -112,7 +123,7 @@ class ResultRow:
         vanish), as do missing identity and cost columns (model, family, attention, seed,
         params, macs); a missing or None metric is NaN.
         """
-        unknown = sorted(set(row) - set(RESULT_COLUMNS))
+        unknown = sorted(set(row) - set(RESULT_COLUMNS) - set(JSON_ONLY))
         if unknown:
             raise DataError(f"result row {row.get('model', '?')!r}: unknown column(s) "
                             f"{', '.join(map(repr, unknown))}; valid: {', '.join(RESULT_COLUMNS)}")
@@ -123,8 +134,11 @@ class ResultRow:
         return cls(**row)
 
     def to_dict(self) -> dict:
-        """Column -> value in column order (NaN kept)."""
-        return {name: getattr(self, name) for name in RESULT_COLUMNS}
+        """Column -> value in column order (NaN kept), then ``cases`` when present."""
+        out = {name: getattr(self, name) for name in RESULT_COLUMNS}
+        if self.cases is not None:
+            out["cases"] = self.cases
+        return out
 
     def to_json(self) -> dict:
         """:meth:`to_dict` as strict JSON (NaN -> None)."""
@@ -141,8 +155,12 @@ def _field_types() -> dict[str, object]:
     return typing.get_type_hints(ResultRow)
 
 
-#: Columns of results.csv, in order (results.json holds the same keys).
-RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ResultRow))
+#: Columns of results.csv, in order (results.json holds the same keys, and :data:`JSON_ONLY`).
+RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ResultRow)
+                                        if not f.metadata.get("json_only"))
+#: Keys of a results.json row that are not results.csv columns.
+JSON_ONLY: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ResultRow)
+                                   if f.metadata.get("json_only"))
 #: The float columns: NaN when not measured; the report averages them over seeds.
 METRIC_COLUMNS: tuple[str, ...] = tuple(k for k, t in _field_types().items() if t is float)
 _REQUIRED = tuple(f.name for f in dataclasses.fields(ResultRow)
@@ -150,6 +168,10 @@ _REQUIRED = tuple(f.name for f in dataclasses.fields(ResultRow)
 
 
 def _convert(name: str, value, kind):
+    if kind == (list | None):
+        if value is not None and not isinstance(value, list):
+            raise DataError(f"result row: {name}: expected a list")
+        return value
     optional = kind in (int | None, str | None)
     if value is None or value == "":
         if kind is float:
@@ -193,7 +215,8 @@ def write_results(rows: Iterable[ResultRow | Mapping], out_dir: str | Path) -> t
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in ordered:
-        writer.writerow({k: "" if v is None else v for k, v in row.to_json().items()})
+        writer.writerow({k: "" if v is None else v for k, v in row.to_json().items()
+                         if k in RESULT_COLUMNS})
     csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
     atomic_write_text(csv_path, buf.getvalue())
     atomic_write_text(json_path, json.dumps([r.to_json() for r in ordered], indent=2) + "\n")

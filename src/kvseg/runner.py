@@ -8,7 +8,11 @@ trains, evaluates and profiles one job and returns its result row. :func:`run_jo
 - refuses one whose ``done.json`` holds other settings (:class:`~kvseg.errors.RunDirError`):
   an output folder never mixes settings;
 - continues an interrupted job from its ``last.ckpt`` (``config.resume``);
-- writes ``done.json`` (settings, fingerprint, row) last, atomically, when ``work`` returns.
+- writes ``done.json`` (settings, fingerprint, row) last, atomically, when ``work`` returns;
+- with ``n_jobs > 1`` runs the pending jobs in that many worker processes at once (one overall
+  progress bar; one ``on_done`` call per finished run). An interrupted parallel run resumes
+  like a sequential one: finished runs have ``done.json``, the others continue from
+  ``last.ckpt``.
 
 Settings are compared key by key (:func:`same_settings`), not by hash, so a training option
 added to kvseg later counts as equal at its default and finished runs stay valid.
@@ -19,10 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
 
 from kvseg.config import TrainConfig, config_defaults
 from kvseg.errors import RunDirError
@@ -107,15 +114,25 @@ def read_done(path: Path) -> dict | None:
 
 
 def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], *, progress: bool = True,
-             desc: str = "runs") -> list[JobResult]:
+             desc: str = "runs", n_jobs: int = 1, threads: int | None = None,
+             on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
     """Run every job not finished yet (see the module docstring); results in job order.
 
     Args:
         jobs: the runs, in the order to run them.
         work: trains, evaluates and profiles one job; returns its result row (a dict of plain
-            values; NaN allowed, stored as null).
+            values; NaN allowed, stored as null). With ``n_jobs > 1`` it runs in worker
+            processes, so it must be picklable (a module-level function or a
+            ``functools.partial`` of one).
         progress: one overall tqdm bar (one run per step).
         desc: the bar's label.
+        n_jobs: runs trained at the same time, each in its own process (``spawn``). Each run
+            is deterministic on the CPU given its seed and thread count, so the results do not
+            depend on ``n_jobs`` as long as ``threads`` is fixed.
+        threads: torch CPU threads for each run (None: leave torch's default in-process; in
+            worker processes the machine's cores divided by ``n_jobs``).
+        on_done: called in this process for each finished (not skipped) job, in completion
+            order (e.g. a one-line log).
     """
     from tqdm.auto import tqdm
 
@@ -124,23 +141,79 @@ def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], *, progress: bool
         if done is not None and not same_settings(done.get("settings"), job.settings):
             raise RunDirError(f"{job.run_dir} holds a run with other settings (preset, data or "
                               "epochs differ); use another --out")
-    results = []
-    bar = tqdm(jobs, desc=desc, unit="run", disable=not progress, dynamic_ncols=True)
-    for job in bar:
-        bar.set_postfix_str(job.label)
+    results: dict[int, JobResult] = {}
+    pending = []
+    for i, job in enumerate(jobs):
         done = read_done(job.run_dir / DONE)
         if done is not None:
-            results.append(JobResult(job, done["row"], skipped=True))
+            results[i] = JobResult(job, done["row"], skipped=True)
             log.info("%s: complete in %s, skipped", job.label, job.run_dir)
-            continue
-        job.config.resume = (job.run_dir / LAST).is_file()
-        row = jsonable(work(job))
-        record = {"fingerprint": fingerprint(job.settings), "settings": job.settings, "row": row,
-                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        else:
+            job.config.resume = (job.run_dir / LAST).is_file()
+            pending.append(i)
+    bar = tqdm(total=len(jobs), initial=len(results), desc=desc, unit="run",
+               disable=not progress, dynamic_ncols=True)
+
+    def finish(i: int, row: dict) -> None:
+        job = jobs[i]
+        row = jsonable(row)
+        record = {"fingerprint": fingerprint(job.settings), "settings": job.settings,
+                  "row": row, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         atomic_write_text(job.run_dir / DONE, json.dumps(record, indent=2) + "\n")
-        results.append(JobResult(job, row, skipped=False))
-    bar.close()
-    return results
+        results[i] = JobResult(job, row, skipped=False)
+        if on_done is not None:
+            on_done(results[i])
+        bar.update(1)
+
+    try:
+        if n_jobs <= 1 or len(pending) <= 1:
+            before = torch.get_num_threads()
+            torch.set_num_threads(int(threads or before))
+            try:
+                for i in pending:
+                    bar.set_postfix_str(jobs[i].label)
+                    finish(i, work(jobs[i]))
+            finally:
+                torch.set_num_threads(before)
+        else:
+            _run_parallel(jobs, pending, work, finish, n_jobs, threads, bar)
+    finally:
+        bar.close()
+    return [results[i] for i in range(len(jobs))]
+
+
+def _run_parallel(jobs: Sequence[Job], pending: list[int], work: Callable[[Job], dict],
+                  finish: Callable[[int, dict], None], n_jobs: int, threads: int | None,
+                  bar) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
+    pool = ProcessPoolExecutor(max_workers=min(n_jobs, len(pending)),
+                               mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(threads,))
+    futures = {}
+    try:
+        for i in pending:
+            futures[pool.submit(work, jobs[i])] = i
+        bar.set_postfix_str(f"{min(n_jobs, len(pending))} in parallel, {threads} thread(s) each")
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in sorted(finished, key=lambda f: futures[f]):
+                finish(futures[future], future.result())  # a worker's error is raised here
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _init_worker(threads: int) -> None:
+    """A worker process: its torch threads, and quiet logging (the parent reports each run)."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 __all__ = ["DONE", "FREE_KEYS", "Job", "JobResult", "fingerprint", "read_done", "run_jobs",
