@@ -49,7 +49,8 @@ def _without_seconds(rows: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- config
 def test_amp_on_cpu_is_refused(synth, tmp_path):
-    c = T.load_config(None, _opts(synth, tmp_path / "r", amp="bf16"))
+    # fp16 autocast needs CUDA; bf16 is allowed on the CPU (tests/test_amp.py)
+    c = T.load_config(None, _opts(synth, tmp_path / "r", amp="fp16"))
     with pytest.raises(ValueError, match="amp"):
         T.train(c)
 
@@ -322,3 +323,125 @@ def test_an_unexpected_exception_is_reported_as_a_bug(monkeypatch, capsys):
     assert cli.main(["models"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "this is a bug in kvseg" in err.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- devices, RNG, loop
+def test_cpu_rng_state_has_no_cuda_key_and_cpu_training_never_initialises_cuda(synth,
+                                                                                 tmp_path):
+    from kvseg.checkpoint import capture_rng_state
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA was initialised by an earlier test in this process")
+    state = capture_rng_state(torch.Generator(), torch.device("cpu"))
+    assert "cuda" not in state and set(state) == {"python", "numpy", "torch", "loader"}
+    T.train(T.load_config(None, _opts(synth, tmp_path / "cpu", epochs=1)))
+    ckpt = torch.load(tmp_path / "cpu" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all("cuda" not in rng for rng in ckpt["rng"])
+    assert not torch.cuda.is_initialized()
+
+
+def test_cuda_rng_state_is_that_of_the_training_device_also_from_old_lists(monkeypatch):
+    from kvseg.checkpoint import capture_rng_state, restore_rng_state
+
+    gen = torch.Generator()
+    cpu_state = capture_rng_state(gen, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, d: calls.append((t.tolist(), d)))
+    # the current format: one state, the training device's
+    restore_rng_state({**cpu_state, "cuda": [7, 8]}, gen, torch.device("cuda", 1))
+    # the old format: one state per visible GPU; the training device's entry is taken
+    restore_rng_state({**cpu_state, "cuda": [[1, 2], [3, 4]]}, gen, torch.device("cuda", 1))
+    # an old list without that GPU (fewer GPUs visible now): nothing restored, no error
+    restore_rng_state({**cpu_state, "cuda": [[1, 2]]}, gen, torch.device("cuda", 3))
+    # a CUDA state read back on the CPU: ignored, CUDA untouched
+    restore_rng_state({**cpu_state, "cuda": [[1, 2]]}, gen, torch.device("cpu"))
+    assert calls == [([7, 8], torch.device("cuda", 1)), ([3, 4], torch.device("cuda", 1))]
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused_before_any_setup(synth, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    out = tmp_path / "idx"
+    assert cli.main(_cli_args(_opts(synth, out, device="cuda:1"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "device=cuda:1" in err and "WORLD_SIZE=2" in err and "--device cuda" in err
+    assert not out.exists()  # refused before the folder, a process group or CUDA
+    assert not torch.distributed.is_initialized()
+
+
+def test_sync_batchnorm_on_cpu_processes_is_refused(synth, tmp_path, monkeypatch):
+    from kvseg.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="sync_batchnorm"):
+        T.train(T.load_config(None, _opts(synth, tmp_path / "sbn", sync_batchnorm=True)))
+
+
+def test_a_nan_between_check_points_is_reported_at_its_own_step(synth, tmp_path, monkeypatch):
+    class NaNAtStep6(T.BCEDiceLoss):
+        calls = 0
+
+        def forward(self, logits, target):
+            loss = super().forward(logits, target)
+            if logits.requires_grad:
+                NaNAtStep6.calls += 1
+                if NaNAtStep6.calls == 6:
+                    return loss * float("nan")
+            return loss
+
+    checks = []
+    real_check = T._Trainer._check
+
+    def check(self, *args):
+        checks.append(self.step)
+        return real_check(self, *args)
+
+    monkeypatch.setattr(T, "BCEDiceLoss", NaNAtStep6)
+    monkeypatch.setattr(T, "CHECK_EVERY", 4)
+    monkeypatch.setattr(T._Trainer, "_check", check)
+    out = tmp_path / "nan6"
+    with pytest.raises(T.NonFiniteLossError, match=r"\(nan\) at epoch 1 step 6 \(global step 6\)"):
+        T.train(T.load_config(None, _opts(synth, out, batch_size=1, max_steps_per_epoch=None)))
+    # the host looked at the loss before steps 1, 5 and 9 only, and stopped at step 9
+    assert checks == [0, 4, 8]
+    assert not (out / "last.ckpt").exists()
+
+
+class _StopAfterEpoch1(Exception):
+    pass
+
+
+def _stop_after_epoch_1(epoch, row):
+    if epoch == 1:
+        raise _StopAfterEpoch1
+
+
+@pytest.mark.slow
+def test_persistent_workers_give_the_same_run_and_an_exact_resume(synth, straight, tmp_path):
+    # the straight run used no worker; augmentation is seeded per slice, so two persistent
+    # workers give the same run, also across a crash and --resume
+    out = tmp_path / "workers"
+    opts = _opts(synth, out, workers=2)
+    with pytest.raises(_StopAfterEpoch1):
+        T.train(T.load_config(None, opts), callbacks=[_stop_after_epoch_1])
+    assert len(_rows(out / "metrics.csv")) == 1
+    T.train(T.load_config(None, {**opts, "resume": True}))
+    assert _without_seconds(_rows(out / "metrics.csv")) == \
+        _without_seconds(_rows(straight / "metrics.csv"))
+    a = load_file(str(out / "best.safetensors"))
+    b = load_file(str(straight / "best.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_deterministic_switch_gives_the_same_run_and_is_switched_off_after(synth, straight,
+                                                                            tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    out = tmp_path / "det"
+    T.train(T.load_config(None, _opts(synth, out, deterministic=True)))
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert _without_seconds(_rows(out / "metrics.csv")) == \
+        _without_seconds(_rows(straight / "metrics.csv"))

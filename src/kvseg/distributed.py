@@ -1,13 +1,16 @@
 """torch.distributed helpers for ``torchrun``: set-up from environment variables, reductions.
 
-``torchrun --nproc_per_node N -m kvseg train ...`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; with ``WORLD_SIZE > 1`` :func:`setup` initialises a process group (NCCL when the
-device is CUDA, gloo on CPU). Without those variables everything runs in one process.
+``torchrun --nproc_per_node N -m kvseg train ...`` sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``; with ``WORLD_SIZE > 1`` :func:`setup` initialises a
+process group (NCCL when the device is CUDA, gloo on CPU). Without those variables everything
+runs in one process. :func:`check_device_option` refuses a device choice that would put every
+rank on one GPU; :func:`loader_workers` is the DataLoader worker count a process gets by default.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +21,13 @@ from kvseg.errors import ConfigError
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process: ``rank`` of ``world_size`` processes, ``local_rank`` on its node."""
+    """This process: ``rank`` of ``world_size`` processes, ``local_rank`` of
+    ``local_world_size`` on its node."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -34,14 +39,59 @@ class DistInfo:
 
 
 def env_info() -> DistInfo:
-    """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (torchrun); defaults describe one process."""
+    """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (torchrun);
+    defaults describe one process."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError as e:
         raise ConfigError(f"bad torchrun environment variable: {e}") from None
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+    return DistInfo(rank=rank, world_size=world, local_rank=local,
+                    local_world_size=max(1, local_world))
+
+
+def check_device_option(device: str, info: DistInfo) -> None:
+    """Refuse ``--device cuda:N`` when several processes run (``WORLD_SIZE > 1``).
+
+    Under torchrun each rank takes the GPU of its ``LOCAL_RANK``; an explicit index would put
+    every rank on the same GPU. Checked from the environment alone, before any process group
+    or CUDA context exists. Raises :class:`ConfigError` naming the option.
+    """
+    if info.enabled and re.fullmatch(r"cuda:\d+", device.strip()):
+        raise ConfigError(f"device={device}: an explicit GPU index under torchrun (WORLD_SIZE="
+                          f"{info.world_size}) would put every rank on the same GPU; use "
+                          "--device cuda (each rank takes the GPU of its LOCAL_RANK) and choose "
+                          "GPUs with CUDA_VISIBLE_DEVICES")
+
+
+def cpus_per_process(info: DistInfo | None = None) -> int:
+    """The CPU cores this process may use, shared among the processes on its node."""
+    info = env_info() if info is None else info
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // info.local_world_size)
+
+
+#: Most DataLoader workers ``workers: auto`` starts per process.
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(workers: int | None, device_type: str, info: DistInfo | None = None) -> int:
+    """DataLoader worker processes: ``workers`` as given, or the default for ``None`` (auto).
+
+    Auto is 0 on the CPU (the model's own threads use every core there; measured in
+    docs/training.md) and, on CUDA, the cores this process gets minus one for itself, at most
+    :data:`MAX_AUTO_WORKERS`.
+    """
+    if workers is not None:
+        return int(workers)
+    if device_type != "cuda":
+        return 0
+    return max(1, min(MAX_AUTO_WORKERS, cpus_per_process(info) - 1))
 
 
 def setup(device_type: str) -> DistInfo:
@@ -76,6 +126,30 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         out = out.cuda()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum of ``t`` over all ranks (a copy of ``t`` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t.clone()
+    out = t.clone()
+    if dist.get_backend() == "nccl":
+        out = out.cuda()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out.to(t.device)
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself in one process.
+
+    The other ranks' ``obj`` is ignored. Used for what only rank 0 reads (``last.ckpt`` on
+    node-local storage). With NCCL the bytes travel through the current CUDA device.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_flag(flag: bool) -> bool:

@@ -20,6 +20,7 @@ from kvseg.checkpoint import load_run
 from kvseg.config import check_number
 from kvseg.errors import ConfigError, DataError
 from kvseg.metrics import CaseMetricsAccumulator, SegmentationMetrics
+from kvseg.precision import autocast, device_capability, inference_precision
 from kvseg.results import jsonable
 from kvseg.utils import atomic_write_text, resolve_device
 
@@ -41,7 +42,8 @@ def _dataset(config: dict, data: str | None, split: str):
 def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "val",
                  out: str | os.PathLike | None = None, device: str = "auto",
                  batch_size: int = 8, threshold: float | None = None,
-                 slice_thickness_mm: float = 3.0) -> dict:
+                 slice_thickness_mm: float = 3.0, precision: str = "auto",
+                 workers: int | None = None) -> dict:
     """Evaluate ``RUN_DIR/best.safetensors`` on ``split`` of ``data`` (default: the training
     data, same fold) and write the results to ``out`` (default ``RUN_DIR/eval_<split>.json``).
 
@@ -56,6 +58,10 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     truth and not predicted; ``false_alarms``: predicted and not in the ground truth;
     ``hd95_penalized_mm`` counts both with the volume diagonal instead of skipping them.
     Undefined values (e.g. HD95 of an empty mask) are ``null``.
+
+    ``precision``: ``auto`` (on CUDA the precision the run trained and validated in, when this
+    GPU has it; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``; the one used is the result's
+    ``precision``. ``workers``: DataLoader workers (None: as ``kvseg train``'s auto).
     """
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -63,20 +69,27 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     check_number("slice_thickness_mm", slice_thickness_mm, minimum=0, min_open=True)
     dev = resolve_device(device)
     model, config = load_run(run, map_location=dev)
+    precision = inference_precision(precision, dev.type, device_capability(dev),
+                                    config.get("precision"))
     threshold = config.get("threshold", 0.5) if threshold is None else threshold
     classes = list(config.get("classes") or [f"class_{i}" for i in range(config["num_classes"])])
     ds = _dataset(config, data, split)
     if len(ds) == 0:
         raise DataError(f"split {split!r} of {data or config.get('data')} is empty")
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    from kvseg.distributed import loader_workers
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
+                                         num_workers=loader_workers(workers, dev.type),
+                                         pin_memory=dev.type == "cuda")
     metrics = SegmentationMetrics(len(classes), threshold)
     cases = CaseMetricsAccumulator(classes, slice_thickness_mm)
     size = config["img_size"]
     n = 0
     for batch in loader:
-        x = batch["image"].to(dev)
-        y = batch["mask"].to(dev)
-        logits = model(x)
+        x = batch["image"].to(dev, non_blocking=True)
+        y = batch["mask"].to(dev, non_blocking=True)
+        with autocast(dev, precision):
+            logits = model(x)
         metrics.update(logits, y)
         pred = (torch.sigmoid(logits.float()) >= threshold).cpu().numpy()
         target = (y > 0.5).cpu().numpy()
@@ -98,6 +111,7 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
         "n_cases": len(per_case["cases"]),
         "classes": classes,
         "threshold": threshold,
+        "precision": precision,
         "slice_thickness_mm": slice_thickness_mm,
         "mean": {
             "jaccard": sets["jaccard"],

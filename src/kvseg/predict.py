@@ -59,6 +59,7 @@ from kvseg.data.manifest import read_manifest, remove_files, write_manifest
 from kvseg.data.names import parse_slice_path
 from kvseg.data.png import load_png, read_slice
 from kvseg.errors import ConfigError, DataError, RunDirError
+from kvseg.precision import autocast, device_capability, inference_precision, resolve_precision
 from kvseg.rundir import LOCK, FolderLock, command_line
 from kvseg.utils import atomic_path, atomic_write_text, resolve_device
 
@@ -274,7 +275,8 @@ def _prepare_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> int
 # --------------------------------------------------------------------------- pipeline
 def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
             threshold: float | None = None, tta: str = "none", device: str = "auto",
-            batch_size: int = 8, overwrite: bool = False) -> PredictSummary:
+            batch_size: int = 8, overwrite: bool = False,
+            precision: str = "auto") -> PredictSummary:
     """Load ``RUN_DIR``'s best model and segment every slice found under ``source``.
 
     Args:
@@ -289,6 +291,9 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
         overwrite: replace an earlier prediction in ``out``: its files (as listed in its
             ``.kvseg_predict.json``) are removed first; other files are kept, and one that this
             prediction would overwrite is an error.
+        precision: ``auto`` (on CUDA the precision the run trained in, when this GPU has it;
+            fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``
+            (:func:`kvseg.precision.inference_precision`).
     """
     from kvseg.checkpoint import load_run
 
@@ -302,7 +307,9 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
     model, config = load_run(run_dir, map_location="cpu")
     if threshold is None:
         threshold = float(config.get("threshold", 0.5))
-    return predict_with_model(model.to(dev).eval(), items, out,
+    precision = inference_precision(precision, dev.type, device_capability(dev),
+                                    config.get("precision"))
+    return predict_with_model(model.to(dev).eval(), items, out, precision=precision,
                               img_size=int(config["img_size"]),
                               context=int(config.get("context", 0) or 0),
                               classes=tuple(config.get("classes") or _default_classes()),
@@ -325,23 +332,25 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
                        img_size: int, context: int = 0, classes: Sequence[str] | None = None,
                        threshold: float = 0.5, tta: str = "none",
                        device: torch.device | str = "cpu", batch_size: int = 8,
-                       overwrite: bool = False) -> PredictSummary:
+                       overwrite: bool = False, precision: str = "fp32") -> PredictSummary:
     """Segment ``items`` with ``model`` (in eval mode, on ``device``) and write the outputs.
 
     ``img_size`` and ``context`` must be those the model was trained with: each slice becomes a
     (2·context + 1, img_size, img_size) input through ``prepare_slices``. ``overwrite`` as in
-    :func:`predict`.
+    :func:`predict`; ``precision`` (``fp32``, ``bf16``, ``fp16``) is the autocast of the model.
     """
     classes = tuple(classes or _default_classes())
     _check_args(threshold, tta, batch_size)
+    device = torch.device(device)
+    precision = resolve_precision(precision, device.type, device_capability(device))
     out = Path(out)
     existed = out.exists()
     try:
         with FolderLock(out, command_line()):  # one kvseg process writes into OUT at a time
             return _write_predictions(model, items, out, img_size=img_size, context=context,
                                       classes=classes, threshold=threshold, tta=tta,
-                                      device=torch.device(device), batch_size=batch_size,
-                                      overwrite=overwrite)
+                                      device=device, batch_size=batch_size,
+                                      overwrite=overwrite, precision=precision)
     finally:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing written: leave no empty folder behind
@@ -350,7 +359,7 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
 def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out: Path, *,
                        img_size: int, context: int, classes: tuple[str, ...], threshold: float,
                        tta: str, device: torch.device, batch_size: int,
-                       overwrite: bool) -> PredictSummary:
+                       overwrite: bool, precision: str = "fp32") -> PredictSummary:
     """The body of :func:`predict_with_model`, run while holding OUT's lock."""
     from kvseg.data import rle_encode
     from kvseg.data.transforms import resize_to_original
@@ -362,7 +371,8 @@ def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out:
 
     def flush(batch: list[tuple[SliceInput, np.ndarray, torch.Tensor]]) -> None:
         x = torch.stack([t for _, _, t in batch]).to(device)
-        probs = predict_probs(model, x, tta).cpu()
+        with autocast(device, precision):
+            probs = predict_probs(model, x, tta).cpu()
         for (item, image, _), p in zip(batch, probs, strict=True):
             h, w = image.shape
             full = resize_to_original(p, h, w)

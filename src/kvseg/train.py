@@ -19,7 +19,19 @@ Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataP
 (NCCL on CUDA, gloo on CPU), each rank reads its share of the training set through a
 ``DistributedSampler`` (the effective batch is ``batch_size × world_size``) and a disjoint
 shard of the validation set; the metric counts are summed across ranks, so validation metrics
-equal a single-process evaluation of the same weights.
+equal a single-process evaluation of the same weights. Rank 0 alone touches RUN_DIR: it decides
+whether the run may start and, on resume, reads ``last.ckpt`` and sends the state to the other
+ranks (their nodes need not see the folder).
+
+Precision (:mod:`kvseg.precision`): ``amp`` resolves per training device (bf16 needs compute
+capability 8.0); the resolved precision is stored in ``config.yaml``, ``best.safetensors`` and
+``last.ckpt``, and a resume that would resolve differently is refused.
+
+Per step the loop does not wait for the device: the running loss and the first non-finite
+step are kept on the device and checked every :data:`CHECK_EVERY` steps (from the first step of
+each epoch) and at the end of the epoch, in one collective together with the time-budget flag.
+Augmentation randomness is drawn per slice from (a per-epoch seed, the slice index), so it does
+not depend on the number of DataLoader workers, and persistent workers keep resume exact.
 
 ``callbacks``: callables ``fn(epoch, row)`` run on rank 0 after each epoch's files are written
 (``row`` is that epoch's metrics.csv row), e.g. to log elsewhere or stop a job from outside.
@@ -27,7 +39,6 @@ equal a single-process evaluation of the same weights.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -56,12 +67,14 @@ from kvseg.checkpoint import (
 from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig stays public
     RESUME_MAY_CHANGE,
     TrainConfig,
+    config_defaults,
     default_config_path,
     load_config,
 )
-from kvseg.errors import ConfigError
+from kvseg.errors import CheckpointError, ConfigError
 from kvseg.losses import BCEDiceLoss
 from kvseg.metrics import SegmentationMetrics
+from kvseg.precision import autocast, backend_settings, dtype_of, precision_for
 from kvseg.rundir import (
     BEST,
     CONFIG,
@@ -84,6 +97,13 @@ __all__ = ["METRIC_COLUMNS", "NonFiniteLossError", "TrainConfig", "build_dataset
 
 EpochCallback = Callable[[int, dict], None]
 
+#: The loss and the time budget are checked every CHECK_EVERY steps (and at every epoch end):
+#: one host sync and one collective, instead of one per step.
+CHECK_EVERY = 20
+#: "No non-finite loss yet" in the on-device record of the first bad step.
+_NO_BAD_STEP = 2**62
+_BAD_KINDS = ("nan", "inf", "-inf")
+
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite (message names epoch and step)."""
@@ -102,6 +122,69 @@ def _worker_init(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
+
+
+def _seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only, never CUDA's
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """``dataset[(index, seed)]``: item ``index`` made with the global RNGs seeded from ``seed``.
+
+    The augmentation of a slice then depends only on its (epoch seed, index), not on which
+    worker made it, how many workers there are, or whether they persist across epochs (a
+    persistent worker is seeded once, which would otherwise make a resumed run differ). In the
+    main process (``workers: 0``) the RNG states are restored afterwards, so dropout's stream is
+    untouched.
+    """
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        if torch.utils.data.get_worker_info() is not None:
+            _seed_globals(seed)
+            return self.dataset[index]
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            _seed_globals(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, seed)`` for :class:`_SeededItems`, from exactly one draw of ``gen`` per
+    epoch (``gen`` is checkpointed, so a resumed epoch draws the same).
+
+    The order is a permutation of ``range(n)`` seeded by that draw, or ``inner``'s order (a
+    ``DistributedSampler``, which shuffles from ``seed + epoch``). One draw, however far the
+    epoch is read: ``RandomSampler`` draws again when exhausted, which DataLoader workers'
+    prefetching does and a ``max_steps_per_epoch`` cut without workers does not.
+    """
+
+    def __init__(self, n: int, gen: torch.Generator, inner=None) -> None:
+        self.n, self.gen, self.inner = n, gen, inner
+
+    def __len__(self) -> int:
+        return self.n if self.inner is None else len(self.inner)
+
+    def __iter__(self):
+        base = int(torch.randint(0, 2**62, (1,), generator=self.gen))
+        if self.inner is None:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(base)).tolist()
+        else:
+            order = [int(i) for i in self.inner]
+        for i in order:
+            yield i, (base + 0x9E3779B97F4A7C15 * (i + 1)) % 2**63
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -127,9 +210,13 @@ class _Trainer:
     # ---- set-up
     def setup(self) -> None:
         c = self.config
-        if self.device.type == "cuda" and self.info.enabled and self.device.index is None:
-            self.device = torch.device("cuda", self.info.local_rank)  # one GPU per process
-        self.amp_dtype = self._amp_dtype()
+        if self.device.type == "cuda":
+            if self.device.index is None:  # one GPU per process: that of LOCAL_RANK
+                self.device = torch.device("cuda", self.info.local_rank)
+            torch.cuda.set_device(self.device)  # cuda:N in one process: default work goes there
+        self.precision = precision_for(c.amp, self.device)
+        self.amp_dtype = dtype_of(self.precision)
+        self.workers = D.loader_workers(c.workers, self.device.type, self.info)
         seed_everything(c.seed)
         self.train_ds, self.val_ds = build_datasets(c)
         if len(self.train_ds) == 0 or len(self.val_ds) == 0:
@@ -141,7 +228,7 @@ class _Trainer:
             from kvseg.data import CLASSES as classes
         self.model_config = {**asdict(c), "in_channels": int(first["image"].shape[0]),
                              "num_classes": int(first["mask"].shape[0]),
-                             "classes": list(classes)}
+                             "classes": list(classes), "precision": self.precision}
         self.model_config["data"] = str(Path(c.data).resolve())
         self.model_config["out"] = str(self.out)
         seed_everything(c.seed)  # the same weights whatever the dataset did above
@@ -166,9 +253,11 @@ class _Trainer:
         if self.main:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("%s (%s, %.2fM params) on %d train / %d val slices, %d steps per epoch, "
-                     "%d process(es), device %s", c.model, c.size, n_params / 1e6,
-                     len(self.train_ds), len(self.val_ds), self.steps_per_epoch,
-                     self.info.world_size, self.device)
+                     "%d process(es), device %s, %s, %d loader worker(s)", c.model, c.size,
+                     n_params / 1e6, len(self.train_ds), len(self.val_ds), self.steps_per_epoch,
+                     self.info.world_size, self.device, self.precision, self.workers)
+        if c.sync_batchnorm and self.info.enabled:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ddp_model = self.model
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -185,38 +274,29 @@ class _Trainer:
         self.history: list[dict] = []
         self.train_seconds = 0.0
 
-    def _amp_dtype(self) -> torch.dtype | None:
-        amp = self.config.amp
-        if self.device.type != "cuda":
-            if amp in ("bf16", "fp16"):
-                raise ConfigError(f"amp={amp}: mixed precision needs a CUDA device "
-                                 f"(device is {self.device}); use amp: none or auto")
-            return None
-        if amp == "none":
-            return None
-        if amp == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.precision)
 
     def _train_loader(self):
-        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+        from torch.utils.data import DataLoader, DistributedSampler
 
         c = self.config
+        sampler = None
         if self.info.enabled:
             sampler = DistributedSampler(self.train_ds, num_replicas=self.info.world_size,
                                          rank=self.info.rank, shuffle=True, seed=c.seed)
-        else:
-            sampler = RandomSampler(self.train_ds, generator=self.gen)
-        loader = DataLoader(self.train_ds, batch_size=c.batch_size, sampler=sampler,
-                            num_workers=c.workers, worker_init_fn=_worker_init,
-                            generator=self.gen, pin_memory=self.device.type == "cuda",
-                            drop_last=False)
+        # the loader's own generator only seeds the workers, whose items are seeded anyway
+        loader = DataLoader(_SeededItems(self.train_ds), batch_size=c.batch_size,
+                            sampler=_EpochSampler(len(self.train_ds), self.gen, sampler),
+                            drop_last=False,
+                            generator=torch.Generator().manual_seed(c.seed),
+                            **self._loader_options())
         return loader, sampler
+
+    def _loader_options(self) -> dict:
+        """Workers (persistent across epochs), pinned memory on CUDA."""
+        return dict(num_workers=self.workers, persistent_workers=self.workers > 0,
+                    worker_init_fn=_worker_init, pin_memory=self.device.type == "cuda")
 
     def _val_loader(self):
         from torch.utils.data import DataLoader, Subset
@@ -225,8 +305,7 @@ class _Trainer:
         # and bias the counts)
         shard = Subset(self.val_ds, range(self.info.rank, len(self.val_ds), self.info.world_size))
         return DataLoader(shard, batch_size=self.config.batch_size, shuffle=False,
-                          num_workers=self.config.workers, worker_init_fn=_worker_init,
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator().manual_seed(0), **self._loader_options())
 
     # ---- checkpoints
     def _ckpt_state(self) -> dict:
@@ -249,26 +328,46 @@ class _Trainer:
             "history": self.history,
             "train_seconds": self.train_seconds,
             "config_json": json.dumps(asdict(self.config), sort_keys=True),
-            "precision": _precision_name(self.amp_dtype),
+            "precision": self.precision,
         }
+
+    def _read_last(self) -> dict:
+        """``last.ckpt``, read by rank 0 and sent to every rank (under torchrun the other ranks
+        need not see RUN_DIR: node-local storage)."""
+        path = self.out / LAST
+        state, error = None, None
+        if self.main:
+            try:
+                state = load_training_state(path, required=(
+                    "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best",
+                    "history", "config_json"))
+            except Exception as e:  # every rank must stop, not only rank 0
+                error = e
+        state, message = D.broadcast_object(
+            (state, None if error is None else str(error).splitlines()[0]))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(f"rank 0 could not read {path}: {message}")
+        return state
 
     def resume(self) -> None:
         path = self.out / LAST
-        state = load_training_state(path, required=(
-            "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best",
-            "history", "config_json"))
+        state = self._read_last()
         saved = json.loads(state["config_json"])
         now = asdict(self.config)
+        defaults = config_defaults()  # options added since the checkpoint was written
         for key in now:
-            if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key]:
-                raise ConfigError(f"--resume: option {key} was {saved.get(key)!r} in {path}, "
+            was = saved.get(key, defaults[key])
+            if key not in RESUME_MAY_CHANGE and was != now[key]:
+                raise ConfigError(f"--resume: option {key} was {was!r} in {path}, "
                                   f"now {now[key]!r}")
         saved_precision = state.get("precision", "fp32")
-        if saved_precision != _precision_name(self.amp_dtype):
+        if saved_precision != self.precision:
             raise ConfigError(
                 f"--resume: {path} trained in {saved_precision}, this device resolves amp="
-                f"{self.config.amp} to {_precision_name(self.amp_dtype)}; resume on a device "
-                f"that gives {saved_precision} (or set --amp accordingly)")
+                f"{self.config.amp} to {self.precision}; resume on a device that gives "
+                f"{saved_precision} (or set --amp accordingly)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -287,21 +386,28 @@ class _Trainer:
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     # ---- loops
-    def _check_step(self, loss: torch.Tensor, epoch: int, step_in_epoch: int, t0: float
-                    ) -> bool:
-        """Stop on a non-finite loss (on every rank); return True when the budget is spent."""
-        bad = not bool(torch.isfinite(loss.detach()))
-        over = (self.config.time_budget_s is not None
+    def _over_budget(self, t0: float) -> bool:
+        return (self.config.time_budget_s is not None
                 and self.train_seconds + time.perf_counter() - t0 >= self.config.time_budget_s)
-        if self.info.enabled:
-            flags = D.all_reduce_sum(torch.tensor([float(bad), float(over)]))
-            bad, over = bool(flags[0] > 0), bool(flags[1] > 0)
-        if bad:
+
+    def _check(self, bad: torch.Tensor, over: bool, epoch: int, first_step: int) -> bool:
+        """The one host sync (and, under DDP, one collective) of a check point.
+
+        ``bad`` is the on-device record of this epoch's first non-finite loss (``3 * step +
+        kind``, or :data:`_NO_BAD_STEP`); ``over`` says this rank's time budget is spent. Both
+        are combined over the ranks with one MIN all-reduce. Raises
+        :class:`NonFiniteLossError` naming the first bad step (on every rank); returns whether
+        the budget is spent (anywhere).
+        """
+        flags = torch.stack([bad, torch.zeros_like(bad) if over else torch.ones_like(bad)])
+        code, not_over = D.all_reduce_min(flags).tolist()
+        if code < _NO_BAD_STEP:
+            step, kind = divmod(code, 3)
             raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss.detach()):g}) at epoch {epoch} step "
-                f"{step_in_epoch} (global step {self.step + 1}); stopped; last good checkpoint: "
+                f"non-finite training loss ({_BAD_KINDS[kind]}) at epoch {epoch} step {step} "
+                f"(global step {first_step + step}); stopped; last good checkpoint: "
                 f"{self.out / LAST}")
-        return over
+        return not_over == 0
 
     def train_epoch(self, epoch: int) -> tuple[float, bool]:
         from tqdm.auto import tqdm
@@ -312,7 +418,10 @@ class _Trainer:
             self.sampler.set_epoch(epoch)
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{c.epochs}", leave=False,
                    disable=not (self.main and self.progress), dynamic_ncols=True)
-        loss_sum, n, slices, over = 0.0, 0, 0, False
+        # kept on the device: reading them every step would wait for the GPU every step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=self.device)
+        n, over, first_step = 0, False, self.step
         t0 = time.perf_counter()
         for i, batch in enumerate(itertools.islice(self.train_loader, self.steps_per_epoch)):
             x = batch["image"].to(self.device, non_blocking=True)
@@ -320,7 +429,16 @@ class _Trainer:
             with self._autocast():
                 logits = self.ddp_model(x)
             loss = self.criterion(logits, y)
-            over = self._check_step(loss, epoch, i + 1, t0)
+            detached = loss.detach()
+            kind = torch.where(torch.isnan(detached), 0, torch.where(detached > 0, 1, 2))
+            bad = torch.minimum(bad, torch.where(torch.isfinite(detached), _NO_BAD_STEP,
+                                                 3 * (i + 1) + kind))
+            if i % CHECK_EVERY == 0:
+                over = self._check(bad, self._over_budget(t0), epoch, first_step)
+                if self.main:
+                    bar.set_postfix(loss=f"{float(loss_sum) / max(n, 1):.4f}")
+            elif not self.info.enabled:  # one process: the clock needs no collective
+                over = self._over_budget(t0)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if c.grad_clip > 0:
@@ -330,17 +448,15 @@ class _Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            loss_sum += float(loss.detach()) * x.shape[0]
+            loss_sum += detached.double() * x.shape[0]
             n += x.shape[0]
-            slices += x.shape[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}",
-                            slices_s=f"{slices / max(time.perf_counter() - t0, 1e-9):.1f}")
             if over:
                 break
+        over = self._check(bad, over or self._over_budget(t0), epoch, first_step)
         bar.close()
         self.train_seconds += time.perf_counter() - t0
-        totals = D.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64))
+        totals = D.all_reduce_sum(_with_count(loss_sum, n))
         return float(totals[0] / totals[1]), over
 
     @torch.no_grad()
@@ -352,16 +468,17 @@ class _Trainer:
             for buf in self.model.buffers():
                 torch.distributed.broadcast(buf, src=0)
         metrics = SegmentationMetrics(self.model_config["num_classes"], self.config.threshold)
-        loss_sum, n = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = 0
         for batch in self.val_loader:
             x = batch["image"].to(self.device, non_blocking=True)
             y = batch["mask"].to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(x)
-            loss_sum += float(self.criterion(logits, y)) * x.shape[0]
+            loss_sum += self.criterion(logits, y).detach().double() * x.shape[0]
             n += x.shape[0]
             metrics.update(logits, y)
-        totals = D.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64))
+        totals = D.all_reduce_sum(_with_count(loss_sum, n))
         out = metrics.compute(sync=True)
         out["val_loss"] = float(totals[0] / totals[1])
         return out
@@ -425,8 +542,9 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+def _with_count(total: torch.Tensor, n: int) -> torch.Tensor:
+    """(2,) float64 on ``total``'s device: the sum and the count, for one all-reduce."""
+    return torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=total.device)])
 
 
 def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
@@ -447,7 +565,11 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
     if config.out is None:
         raise ConfigError("out: the run directory is required (--out RUN_DIR)")
     out = Path(config.out)
+    D.check_device_option(config.device, D.env_info())  # before any process group or CUDA
     device = resolve_device(config.device)
+    if config.sync_batchnorm and D.env_info().enabled and device.type != "cuda":
+        raise ConfigError(f"sync_batchnorm: SyncBatchNorm needs CUDA devices (device is "
+                          f"{device.type}); use --no-sync-batchnorm")
     info = D.setup(device.type)
     owns_group = info.enabled
     try:
@@ -470,11 +592,12 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
                 raise error
             raise ConfigError(f"{out}: rank 0 refused to start the run (see its error)")
         try:
-            trainer = _Trainer(config, info, device, callbacks)
-            trainer.progress = sys.stderr.isatty() if progress is None else bool(progress)
-            trainer.setup()
-            summary = trainer.run()
-            D.barrier()
+            with backend_settings(device, tf32=config.tf32, deterministic=config.deterministic):
+                trainer = _Trainer(config, info, device, callbacks)
+                trainer.progress = sys.stderr.isatty() if progress is None else bool(progress)
+                trainer.setup()
+                summary = trainer.run()
+                D.barrier()
             return summary
         finally:
             if lock is not None:

@@ -109,7 +109,9 @@ class KVPosBias(nn.Module):
         w = self.map_pos.weight[0]  # (pos_dim,)
         key = (num_keys, w.device, w.dtype)
         col = self._col_cache.get(key)
-        if col is None:
+        # an encoding made under torch.inference_mode() (model.predict) is an inference tensor,
+        # which autograd refuses to save for backward: make it again for training
+        if col is None or (col.is_inference() and not torch.is_inference_mode_enabled()):
             _, col = _axis_encodings(1, num_keys, self.pos_dim, device=w.device, dtype=w.dtype)
             self._col_cache = {key: col}  # one entry: the current input size
         n_row = self.pos_dim - col.shape[1]
