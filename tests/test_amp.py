@@ -141,6 +141,15 @@ def test_cpu_bf16_run_stores_its_precision_and_evaluate_states_its_own(synth, tm
     bf16 = evaluate_run(out, out=tmp_path / "bf16.json", device="cpu", precision="bf16")
     assert bf16["precision"] == "bf16"
     assert bf16["mean"]["jaccard"] == pytest.approx(auto["mean"]["jaccard"], abs=0.05)
+    # the command line: --precision for evaluate and predict
+    assert cli.main(["evaluate", "--run", str(out), "--out", str(tmp_path / "cli.json"),
+                     "--device", "cpu", "--precision", "bf16", "--workers", "0"]) == 0
+    assert json.loads((tmp_path / "cli.json").read_text())["precision"] == "bf16"
+    assert cli.main(["predict", "--run", str(out), "--input", str(synth), "--out",
+                     str(tmp_path / "pred"), "--device", "cpu", "--precision", "bf16"]) == 0
+    assert (tmp_path / "pred" / "submission.csv").is_file()
+    assert cli.main(["predict", "--run", str(out), "--input", str(synth), "--out",
+                     str(tmp_path / "pred16"), "--device", "cpu", "--precision", "fp16"]) == 2
 
 
 def test_resume_where_amp_resolves_differently_is_one_line(synth, tmp_path, monkeypatch,

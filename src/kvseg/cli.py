@@ -167,6 +167,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--slice-thickness", type=POSITIVE, default=3.0,
                    help="mm between slices for the 3D metrics")
+    _add_precision(p)
+    p.add_argument("--workers", type=NONNEG_INT,
+                   help="DataLoader workers (default: auto, as for kvseg train)")
 
 
 def _run_evaluate(args) -> int:
@@ -174,9 +177,16 @@ def _run_evaluate(args) -> int:
 
     results = evaluate_run(args.run, data=args.data, split=args.split, out=args.out,
                            device=args.device, batch_size=args.batch_size,
-                           slice_thickness_mm=args.slice_thickness)
+                           slice_thickness_mm=args.slice_thickness, precision=args.precision,
+                           workers=args.workers)
     print(format_results(results))
     return 0
+
+
+def _add_precision(p) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast of the model (auto: on CUDA the precision the run trained "
+                        "in, when this GPU has it; fp32 on the CPU)")
 
 
 # --------------------------------------------------------------------------- use
@@ -193,13 +203,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an OUT used by an earlier predict (its old outputs are "
                         "removed; files predict did not write are kept)")
+    _add_precision(p)
 
 
 def _run_predict(args) -> int:
     from kvseg.predict import predict
 
     summary = predict(args.run, args.input, args.out, threshold=args.threshold, tta=args.tta,
-                      device=args.device, batch_size=args.batch_size,
+                      device=args.device, batch_size=args.batch_size, precision=args.precision,
                       **({"overwrite": True} if args.overwrite else {}))
     print(summary)
     return 0
