@@ -115,8 +115,14 @@ class TrainConfig:
     img_size: int = _opt(256, "slices are resized to img_size x img_size")
     head: str | None = _opt(None, "SETR decoder head: naive, pup, mla (none = the preset's)")
     model_overrides: dict = _opt({}, "preset fields, e.g. depth=6 pos_dim=10")
-    pretrained: str | None = _opt(None, "local weights file (.safetensors/.pt) to initialise "
-                                        "from; never downloaded")
+    pretrained: str | None = _opt(None, "initialise the encoder from a weights file (timm ViT, "
+                                        "Google ViT .npz, TransUNet R50+ViT-B_16.npz, CvT "
+                                        ".pth, kvseg) or 'imagenet' (the official file, "
+                                        "downloaded into the torch hub cache if missing)")
+    pretrained_layout: str | None = _opt(None, "the pretrained file's layout: timm_vit, "
+                                               "google_vit, transunet_r50_vit, microsoft_cvt, "
+                                               "kvseg (none = detect from its keys)")
+    pretrained_rule: str = _opt("sym", "QKV -> KV rule for KV/KV-pos models: sym, key, mean")
     # data
     data: str | None = _opt(None, "dataset root (UW-Madison layout; required)")
     context: int = _opt(0, "neighbouring slices per side stacked as channels (2.5D)")
@@ -134,6 +140,8 @@ class TrainConfig:
     batch_size: int = _opt(8, "batch per process (under torchrun the effective batch is x "
                               "world size)")
     lr: float = _opt(3e-4, "AdamW peak learning rate")
+    encoder_lr_mult: float = _opt(1.0, "the encoder's lr = lr x this (e.g. 0.1 when fine-tuning "
+                                       "a pretrained encoder; SETR trains its head at 10x)")
     weight_decay: float = _opt(0.05, "AdamW weight decay")
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay")
     min_lr_ratio: float = _opt(0.01, "the cosine ends at lr * min_lr_ratio")
@@ -181,6 +189,16 @@ class TrainConfig:
         if not self.fold < self.n_folds:
             raise ConfigError(f"fold={self.fold}: must be in [0, n_folds={self.n_folds})")
         check_number("lr", self.lr, minimum=0, min_open=True)
+        check_number("encoder_lr_mult", self.encoder_lr_mult, minimum=0, min_open=True)
+        from kvseg.models.kv_rules import RULES
+        from kvseg.models.pretrained import LAYOUTS
+
+        if self.pretrained_rule not in RULES:
+            raise ConfigError(f"pretrained_rule={self.pretrained_rule!r}: expected "
+                              f"{', '.join(RULES)}")
+        if self.pretrained_layout is not None and self.pretrained_layout not in LAYOUTS:
+            raise ConfigError(f"pretrained_layout={self.pretrained_layout!r}: expected "
+                              f"{', '.join(LAYOUTS)}")
         check_number("min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
         if self.bce_weight + self.dice_weight == 0:
             raise ConfigError("bce_weight and dice_weight: at least one must be > 0")
@@ -237,7 +255,7 @@ def packaged_configs() -> list[str]:
 
 
 #: The packaged configs that are ``kvseg reproduce`` presets.
-PRESET_NAMES = ("smoke", "paper")
+PRESET_NAMES = ("smoke", "paper", "paper_pretrained")
 #: The packaged configs that are ``kvseg train`` configs.
 TRAIN_CONFIG_NAMES = ("default", "train_micro", "train_paper")
 

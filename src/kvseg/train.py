@@ -236,9 +236,10 @@ class _Trainer:
         if c.pretrained is not None and not c.resume:
             from kvseg.models.pretrained import load_pretrained
 
-            report = load_pretrained(self.model, c.pretrained)
+            report = load_pretrained(self.model, c.pretrained, layout=c.pretrained_layout,
+                                     rule=c.pretrained_rule)
             if self.main:
-                log.info("initialised from %s: %s", c.pretrained, report.summary())
+                log.info("initialised from %s", report.summary())
         self.model = self.model.to(self.device)
         if self.info.rank:
             seed_everything(c.seed + 7919 * self.info.rank)  # per-rank dropout/augment streams
@@ -262,8 +263,13 @@ class _Trainer:
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr,
-                                           weight_decay=c.weight_decay)
+        params = list(self.model.parameters())
+        if c.encoder_lr_mult != 1.0:  # group 0 (logged): decoder + head at lr; the encoder slower
+            named = list(self.model.named_parameters())
+            params = [{"params": [p for n, p in named if not n.startswith("encoder.")]},
+                      {"params": [p for n, p in named if n.startswith("encoder.")],
+                       "lr": c.lr * c.encoder_lr_mult}]
+        self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_lambda(s, warmup, total, c.min_lr_ratio))

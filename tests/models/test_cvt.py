@@ -1,4 +1,5 @@
-"""The CvT KV design is exact: the stride-2 keys are the stride-1 keys subsampled."""
+"""CvT: the KV design is exact (the stride-2 keys are the stride-1 keys subsampled); the
+official scale, activation and per-stage drop-path rates."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kvseg
 from kvseg.models.cvt import ConvAttention, dw_bn
 
 
@@ -55,7 +57,8 @@ def reference_kv_conv_attention(attn: ConvAttention, x: torch.Tensor, h: int, w:
     def split(t):
         return t.reshape(b, -1, heads, d).transpose(1, 2)
 
-    logits = torch.einsum("bhid,bhjd->bhij", split(q), split(k)) / math.sqrt(d)
+    scale = 1 / math.sqrt(c if attn.attn_scale == "dim" else d)  # official CvT: the width
+    logits = torch.einsum("bhid,bhjd->bhij", split(q), split(k)) * scale
     if attn.mode == "kv_pos":
         t, g = attn.pos(k.shape[1])
         logits = t * logits + g
@@ -64,11 +67,12 @@ def reference_kv_conv_attention(attn: ConvAttention, x: torch.Tensor, h: int, w:
     return attn.proj(out), probs
 
 
+@pytest.mark.parametrize("attn_scale", ["dim", "head"])
 @pytest.mark.parametrize("mode", ["kv", "kv_pos"])
-def test_kv_conv_attention_matches_separate_stride2_branch(mode):
+def test_kv_conv_attention_matches_separate_stride2_branch(mode, attn_scale):
     torch.manual_seed(1)
     for h, w, c, heads in [(8, 8, 16, 2), (7, 9, 12, 3)]:
-        attn = ConvAttention(c, heads, mode)
+        attn = ConvAttention(c, heads, mode, attn_scale=attn_scale)
         _random_bn_stats(attn)
         attn.eval()
         x = torch.randn(2, h * w, c)
@@ -87,3 +91,29 @@ def test_kv_removes_exactly_the_query_branch():
     n_kv = sum(p.numel() for p in kv.parameters())
     assert n_qkv - n_kv == 9 * c + 2 * c + c * c + c  # dw 3×3, BN, Linear with bias
     assert not hasattr(kv, "conv_proj_q") and not hasattr(kv, "proj_q")
+
+
+def test_official_defaults_scale_activation_and_drop_path_per_stage():
+    """microsoft/CvT: scale dim ** -0.5, QuickGELU, DROP_PATH_RATE (0, 0, 0.1) linear within
+    each stage (torch.linspace(0, rate, depth))."""
+    from kvseg.layers.blocks import QuickGELU
+
+    model = kvseg.create_model("setr_cvt_qkv", size="base")
+    rates = [[b.drop_path.p for b in s.blocks] for s in model.encoder.stages]
+    assert rates[:2] == [[0.0], [0.0, 0.0]]
+    torch.testing.assert_close(torch.tensor(rates[2]), torch.linspace(0, 0.1, 10))
+    attn = model.encoder.stages[2].blocks[0].attn
+    assert attn.core.scale == 384 ** -0.5
+    assert isinstance(model.encoder.stages[2].blocks[0].mlp.act, QuickGELU)
+    other = kvseg.create_model("setr_cvt_qkv", size="micro", attn_scale="head", act="gelu")
+    assert other.encoder.stages[2].blocks[0].attn.core.scale == 32 ** -0.5
+    assert isinstance(other.encoder.stages[0].blocks[0].mlp.act, torch.nn.GELU)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"attn_scale": "width"}, "attn_scale='width'"), ({"act": "relu"}, "act='relu'"),
+    ({"drop_path": (0.0, 0.1)}, r"drop_path=\(0.0, 0.1\)"), ({"drop_path": (0, 0, 1.5)}, "rates"),
+])
+def test_cvt_option_errors(override, match):
+    with pytest.raises(ValueError, match=match):
+        kvseg.create_model("setr_cvt_kv", size="micro", **override)

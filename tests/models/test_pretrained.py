@@ -1,18 +1,35 @@
+"""Loading weights files: kvseg checkpoints by name, the official layouts through converters."""
+
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from official_files import (
+    cvt_state,
+    timm_vit_state,
+    transunet_arrays,
+    write_cvt,
+    write_google_vit,
+    write_timm_vit,
+    write_transunet,
+)
 from safetensors.torch import save_file
 
 import kvseg
-from kvseg.models.pretrained import load_pretrained
+from kvseg.errors import CheckpointError
+from kvseg.models.pretrained import detect_layout, load_pretrained, read_tensors
+
+MODES = ("qkv", "kv", "kvpos")
 
 
 def _micro(name="setr_kv", **kw):
     torch.manual_seed(kw.pop("seed", 0))
-    return kvseg.create_model(name, size="micro", img_size=64, **kw)
+    return kvseg.create_model(name, size="micro", img_size=kw.pop("img_size", 64), **kw)
 
 
+# --------------------------------------------------------------------------- kvseg layout
 def test_safetensors_round_trip_reproduces_outputs(tmp_path):
     src = _micro(seed=1).eval()
     path = tmp_path / "w.safetensors"
@@ -20,6 +37,7 @@ def test_safetensors_round_trip_reproduces_outputs(tmp_path):
     dst = kvseg.create_model("setr_kv", size="micro", img_size=64, pretrained=str(path)).eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    assert dst.pretrained_report.layout == "kvseg"
 
 
 def test_other_class_count_loads_everything_but_the_head(tmp_path):
@@ -37,26 +55,256 @@ def test_other_class_count_loads_everything_but_the_head(tmp_path):
     for k, v in dst_sd.items():
         expected = before[k] if k in differ else src_sd[k]
         assert torch.equal(v, expected), k
-    assert sorted(m.split(" ")[0] for m in report.mismatched) == sorted(differ)
+    assert sorted(report.skipped) == sorted(differ)
+    assert all("shape" in why for why in report.skipped.values())
     assert len(report.loaded) == len(dst_sd) - len(differ)
-    assert report.unexpected == []
 
 
 def test_strict_load_refuses_a_partial_match(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(_micro(num_classes=3).state_dict(), path)
-    with pytest.raises(ValueError, match="strict"):
+    with pytest.raises(CheckpointError, match="strict"):
         load_pretrained(_micro(num_classes=2), path, strict=True)
 
 
 def test_bad_files_get_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_pretrained(_micro(), tmp_path / "nope.pt")
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt"):
-        load_pretrained(_micro(), junk)
+    for name, payload in [("junk.pt", b"not a checkpoint"), ("junk.npz", b"PK\x03\x04broken"),
+                          ("junk.safetensors", b"\x10\x00")]:
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(CheckpointError, match=name) as e:
+            load_pretrained(_micro(), tmp_path / name)
+        assert len(str(e.value).splitlines()) == 1
     foreign = tmp_path / "foreign.pt"
     torch.save({"encoder.other.weight": torch.zeros(3)}, foreign)
-    with pytest.raises(ValueError, match="no tensor matches"):
+    with pytest.raises(CheckpointError, match="foreign.pt.*no tensor matches"):
         load_pretrained(_micro(), foreign)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, obj=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="pickled.npz"):  # allow_pickle=False
+        load_pretrained(_micro(), pickled)
+
+
+# --------------------------------------------------------------------------- official layouts
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("official")
+    write_timm_vit(d / "vit.pth")
+    write_google_vit(d / "ViT-B_16.npz")
+    write_transunet(d / "R50+ViT-B_16.npz")
+    write_cvt(d / "CvT-13.pth")
+    save_file(timm_vit_state(), str(d / "vit.safetensors"))
+    return d
+
+
+def test_layouts_are_detected(files):
+    assert detect_layout(read_tensors(files / "vit.pth")) == "timm_vit"
+    assert detect_layout(read_tensors(files / "vit.safetensors")) == "timm_vit"
+    assert detect_layout(read_tensors(files / "ViT-B_16.npz")) == "google_vit"
+    assert detect_layout(read_tensors(files / "R50+ViT-B_16.npz")) == "transunet_r50_vit"
+    assert detect_layout(read_tensors(files / "CvT-13.pth")) == "microsoft_cvt"
+
+
+KV_ONLY = {"setr_cvt": lambda k: k.startswith("stage") and ".conv_proj_q." in k}
+
+
+@pytest.mark.parametrize("family,file,dropped", [
+    ("setr", "vit.pth", {"cls_token", "head.weight", "head.bias"}),
+    ("setr", "ViT-B_16.npz", {"cls_token", "head.weight", "head.bias"}),
+    ("setr_conv", "R50+ViT-B_16.npz", {"cls_token", "head.weight", "head.bias",
+                                       "pre_logits.fc.weight", "pre_logits.fc.bias"}),
+    ("setr_cvt", "CvT-13.pth", {"stage2.cls_token", "norm.weight", "norm.bias", "head.weight",
+                                "head.bias"}),
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_tensor_is_consumed_or_dropped_with_a_reason(files, family, file, dropped, mode):
+    model = _micro(f"{family}_{mode}")
+    own = model.state_dict()
+    report = load_pretrained(model, files / file)
+    extra = {k for k in report.skipped if k not in dropped}
+    if mode == "qkv" or family != "setr_cvt":
+        assert set(report.skipped) == dropped
+    else:  # KV CvT: the query branch's conv and BatchNorm have no slot
+        assert extra and all(KV_ONLY["setr_cvt"](k) for k in extra)
+    assert all(report.skipped.values())
+    enc = {k for k in own if k.startswith("encoder.")}
+    fresh = {k for k in enc if ".map_pos." in k or k.endswith("num_batches_tracked")}
+    assert set(report.loaded) | set(report.converted) >= enc - fresh
+    assert {k for k in report.missing if k.startswith("encoder.")} <= fresh
+    assert all(not k.startswith("encoder.") or "map_pos" in k or "num_batches" in k
+               for k in report.missing)
+    if mode != "qkv":
+        assert len(report.kv) == len([k for k in enc if k.endswith("proj_k.weight")
+                                      or k.endswith("attn.kv.weight")])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_timm_and_google_files_give_identical_outputs(files, mode):
+    a = _micro(f"setr_{mode}", seed=5, pretrained=str(files / "vit.pth")).eval()
+    b = _micro(f"setr_{mode}", seed=5, pretrained=str(files / "ViT-B_16.npz")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert a.pretrained_report.layout == "timm_vit"
+    assert b.pretrained_report.layout == "google_vit"
+
+
+def test_qkv_tensors_load_verbatim_and_the_rest_stays_fresh(files):
+    sd = timm_vit_state()
+    fresh = _micro("setr_qkv", seed=9)
+    model = _micro("setr_qkv", seed=9, pretrained=str(files / "vit.pth"))
+    got = model.state_dict()
+    for i in range(4):
+        for name in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight",
+                     "norm1.weight"):
+            assert torch.equal(got[f"encoder.blocks.{i}.{name}"], sd[f"blocks.{i}.{name}"])
+    assert torch.equal(got["encoder.patch_embed.proj.weight"], sd["patch_embed.proj.weight"])
+    assert torch.equal(got["encoder.norm.weight"], sd["norm.weight"])
+    for k, v in fresh.state_dict().items():
+        if not k.startswith("encoder."):
+            assert torch.equal(got[k], v), k
+
+
+def test_position_table_is_the_original_at_the_native_grid_and_bicubic_elsewhere(files):
+    sd = timm_vit_state()
+    grid = sd["pos_embed"][0, 1:].T.reshape(1, 96, 8, 8)  # row-major 8 × 8, class row dropped
+    native = _micro("setr_qkv", img_size=64, pretrained=str(files / "vit.pth"))
+    assert torch.equal(native.encoder.pos_embed.weight.data, grid)
+    for img_size, g in [(96, 12), (40, 5)]:  # larger, and smaller (antialiased, as timm)
+        model = _micro("setr_qkv", img_size=img_size, pretrained=str(files / "vit.pth"))
+        want = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False,
+                             antialias=True)
+        torch.testing.assert_close(model.encoder.pos_embed.weight.data, want)
+
+
+@pytest.mark.parametrize("in_channels", [1, 2, 5])
+def test_stems_are_adapted_to_the_input_channels(files, in_channels):
+    """timm's adapt_input_conv: summed for 1 channel, else RGB repeated, cut and × 3/C."""
+    def adapt(w):
+        if in_channels == 1:
+            return w.sum(1, keepdim=True)
+        return w.repeat(1, 2, 1, 1)[:, :in_channels] * (3 / in_channels)
+
+    vit = _micro("setr_kv", in_channels=in_channels, pretrained=str(files / "vit.pth"))
+    torch.testing.assert_close(vit.encoder.patch_embed.proj.weight.data,
+                               adapt(timm_vit_state()["patch_embed.proj.weight"]))
+    hyb = _micro("setr_conv_kv", in_channels=in_channels,
+                 pretrained=str(files / "R50+ViT-B_16.npz"))
+    root = torch.from_numpy(transunet_arrays()["conv_root/kernel"]).permute(3, 2, 0, 1)
+    torch.testing.assert_close(hyb.encoder.cnn.root_conv.weight.data, adapt(root))
+    cvt = _micro("setr_cvt_kv", in_channels=in_channels, pretrained=str(files / "CvT-13.pth"))
+    torch.testing.assert_close(cvt.encoder.stages[0].embed.weight.data,
+                               adapt(cvt_state()["stage0.patch_embed.proj.weight"]))
+    for m in (vit, hyb, cvt):
+        assert torch.isfinite(m.eval()(torch.randn(1, in_channels, 48, 40))).all()
+
+
+def test_transunet_r50_loads_with_hwio_kernels_and_groupnorm(files):
+    arrays = transunet_arrays()
+    model = _micro("setr_conv_qkv", pretrained=str(files / "R50+ViT-B_16.npz"))
+    unit = model.encoder.cnn.stages[1][0]
+    want = torch.from_numpy(arrays["block2/unit1/conv2/kernel"]).permute(3, 2, 0, 1)
+    assert torch.equal(unit.conv2.weight.data, want)
+    assert torch.equal(unit.proj_norm.weight.data,
+                       torch.from_numpy(arrays["block2/unit1/gn_proj/scale"]))
+    patch = torch.from_numpy(arrays["embedding/kernel"]).permute(3, 2, 0, 1)
+    assert torch.equal(model.encoder.patch_embed.weight.data, patch)
+
+
+def test_a_batchnorm_hybrid_takes_the_vit_and_reports_the_r50_as_skipped(files):
+    fresh = _micro("setr_conv_kv", seed=4, norm="bn")
+    model = _micro("setr_conv_kv", seed=4, norm="bn", pretrained=str(files / "R50+ViT-B_16.npz"))
+    report = model.pretrained_report
+    assert any(k.startswith("block1/unit1/") for k in report.skipped)
+    assert all("BatchNorm" in why for k, why in report.skipped.items() if k.startswith("block"))
+    for k, v in fresh.state_dict().items():
+        if k.startswith("encoder.cnn."):
+            assert torch.equal(model.state_dict()[k], v), k
+            assert k in report.missing
+
+
+def test_cvt_loads_the_official_names_and_running_statistics(files):
+    sd = cvt_state()
+    model = _micro("setr_cvt_qkv", pretrained=str(files / "CvT-13.pth"))
+    attn = model.encoder.stages[2].blocks[1].attn
+    prefix = "stage2.blocks.1.attn."
+    assert torch.equal(attn.conv_proj_q[0].weight.data, sd[prefix + "conv_proj_q.conv.weight"])
+    assert torch.equal(attn.conv_proj_k[1].running_var, sd[prefix + "conv_proj_k.bn.running_var"])
+    assert torch.equal(attn.proj_v.weight.data, sd[prefix + "proj_v.weight"])
+    assert torch.equal(model.encoder.stages[1].norm.weight.data,
+                       sd["stage1.patch_embed.norm.weight"])
+
+
+@pytest.mark.parametrize("mode", ["qkv", "kv"])
+def test_cvt_head_scale_is_folded_into_the_weights(files, mode):
+    """A model built with attn_scale='head' behaves as the official (scale 1/sqrt(dim))."""
+    path = str(files / "CvT-13.pth")
+    official = _micro(f"setr_cvt_{mode}", seed=3, pretrained=path).eval().double()
+    head = _micro(f"setr_cvt_{mode}", seed=3, attn_scale="head", pretrained=path).eval().double()
+    assert official.encoder.stages[2].blocks[0].attn.core.scale == 128 ** -0.5
+    assert head.encoder.stages[2].blocks[0].attn.core.scale == 32 ** -0.5
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(official.encoder(x), head.encoder(x), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # float32 weights
+
+
+def test_key_and_mean_rules(files):
+    sd = timm_vit_state()
+    for rule in ("key", "mean"):
+        model = _micro("setr_kv", pretrained=str(files / "vit.pth"), pretrained_rule=rule)
+        wq, wk, wv = sd["blocks.2.attn.qkv.weight"].chunk(3)
+        kv = model.encoder.blocks[2].attn.kv.weight.data
+        assert torch.equal(kv[96:], wv)
+        torch.testing.assert_close(kv[:96], wk if rule == "key" else (wq + wk) / 2)
+        assert model.pretrained_report.kv[2]["rule"] == rule
+
+
+def test_kv_pos_map_starts_fresh(files):
+    fresh = _micro("setr_kvpos", seed=8)
+    model = _micro("setr_kvpos", seed=8, pretrained=str(files / "vit.pth"))
+    for i in range(4):
+        k = f"encoder.blocks.{i}.attn.pos.map_pos.weight"
+        assert torch.equal(model.state_dict()[k], fresh.state_dict()[k])
+        assert "fresh" in model.pretrained_report.missing[k]
+
+
+@pytest.mark.parametrize("name,file,match", [
+    ("setr_conv_kv", "vit.pth", "cannot initialise a setr_conv model"),
+    ("setr_kv", "R50+ViT-B_16.npz", "cannot initialise a setr model"),
+    ("setr_cvt_kv", "ViT-B_16.npz", "cannot initialise a setr_cvt model"),
+    ("setr_kv", "CvT-13.pth", "cannot initialise a setr model"),
+])
+def test_a_file_of_another_family_is_one_line_naming_it(files, name, file, match):
+    with pytest.raises(CheckpointError, match=match) as e:
+        _micro(name, pretrained=str(files / file))
+    assert file in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_files_that_do_not_fit_name_the_problem(tmp_path):
+    deeper = tmp_path / "deeper.pth"
+    write_timm_vit(deeper, depth=6)
+    with pytest.raises(CheckpointError, match=r"deeper.pth.*no place.*blocks\.4\."):
+        _micro("setr_kv", pretrained=str(deeper))
+    wider = tmp_path / "wider.pth"
+    write_timm_vit(wider, dim=128)
+    with pytest.raises(CheckpointError, match=r"wider.pth.*shape"):
+        _micro("setr_kv", pretrained=str(wider))
+    sd = timm_vit_state()
+    del sd["blocks.3.mlp.fc2.bias"]
+    torch.save(sd, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match=r"cut.pth.*blocks\.3\.mlp\.fc2\.bias"):
+        _micro("setr_kv", pretrained=str(tmp_path / "cut.pth"))
+    sd = timm_vit_state()
+    sd["blocks.0.ls1.gamma"] = torch.ones(96)  # a feature kvseg's ViT lacks (layer scale)
+    torch.save(sd, tmp_path / "layerscale.pth")
+    with pytest.raises(CheckpointError, match=r"layerscale.pth.*ls1\.gamma"):
+        _micro("setr_kv", pretrained=str(tmp_path / "layerscale.pth"))
+
+
+def test_an_explicit_layout_overrides_detection(files):
+    with pytest.raises(CheckpointError, match="microsoft_cvt file cannot initialise a setr"):
+        _micro("setr_kv", pretrained=str(files / "vit.pth"), pretrained_layout="microsoft_cvt")
+    model = _micro("setr_kv", pretrained=str(files / "vit.pth"), pretrained_layout="timm_vit")
+    assert model.pretrained_report.layout == "timm_vit"

@@ -6,16 +6,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvseg.errors import ConfigError
 from kvseg.layers.attention import Attention
 
 
-class Mlp(nn.Module):
-    """Linear(dim, hidden) -> GELU -> dropout -> Linear(hidden, dim) -> dropout; (B, N, dim)."""
+class QuickGELU(nn.Module):
+    """x · sigmoid(1.702 x): the GELU approximation CvT's official models were trained with."""
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+#: MLP activations by name (``act`` option of the families that offer it).
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+class Mlp(nn.Module):
+    """Linear(dim, hidden) -> act -> dropout -> Linear(hidden, dim) -> dropout; (B, N, dim).
+
+    ``act``: ``"gelu"`` (exact GELU, ViT) or ``"quick_gelu"`` (CvT's official activation).
+    """
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"act={act!r}: expected one of {', '.join(ACTIVATIONS)}")
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 

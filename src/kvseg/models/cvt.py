@@ -12,8 +12,13 @@ stride-2 K branch are replaced by one stride-1 K branch. Per layer, with C chann
 tokens and M = ceil(h/2)·ceil(w/2) key tokens, this removes 9C + 2C + C² + C parameters and
 M·(9C + C²) MACs (the K branch now runs on N tokens instead of M, the Q branch's N disappears).
 
-Deviations from the classification CvT: no cls token, GELU instead of QuickGELU, scale
-1/sqrt(head_dim) (CvT's code uses 1/sqrt(dim)).
+As the official code (``microsoft/CvT`` ``cls_cvt.py``, ``cvt-13-224x224.yaml``) by default:
+the attention scale is 1/sqrt(dim), the stage width (``attn_scale="dim"``; ``"head"`` gives the
+usual 1/sqrt(head_dim)), the MLP activation QuickGELU (``act``), drop-path rates per stage
+(``drop_path``: CvT-13/21 use 0, 0, 0.1), each linear from 0 within its stage. Deviation from the
+classification CvT: no cls token (stage 3's is dropped when its weights are loaded).
+
+Pretrained weights: Microsoft's CvT-13/21 ``.pth`` through :mod:`kvseg.models.convert_cvt`.
 """
 
 from __future__ import annotations
@@ -29,10 +34,16 @@ from kvseg.layers.attention import AttentionCore, KVPosBias, attend, check_heads
 from kvseg.layers.blocks import DropPath, Mlp, conv_bn_relu, init_weights, map_to_tokens
 from kvseg.models.base import SegmentationModel
 
+ATTN_SCALES = ("dim", "head")
 
 @dataclass(frozen=True)
 class CvTConfig:
-    """Three CvT stages + fusion decoder. ``base`` is CvT-13, ``large`` CvT-21."""
+    """Three CvT stages + fusion decoder. ``base`` is CvT-13, ``large`` CvT-21.
+
+    ``drop_path``: the last block's rate per stage (linear from 0 within each stage, as the
+    official ``DROP_PATH_RATE``). ``attn_scale``: ``"dim"`` (official, 1/sqrt(stage width)) or
+    ``"head"`` (1/sqrt(head_dim)). ``act``: ``"quick_gelu"`` (official) or ``"gelu"``.
+    """
 
     dims: tuple[int, ...] = (64, 192, 384)
     depths: tuple[int, ...] = (1, 2, 10)
@@ -44,9 +55,11 @@ class CvTConfig:
     qkv_bias: bool = True
     drop: float = 0.0
     attn_drop: float = 0.0
-    drop_path: float = 0.1
+    drop_path: tuple[float, ...] = (0.0, 0.0, 0.1)
     pos_dim: int = 50
     stride_kv: int = 2
+    attn_scale: str = "dim"
+    act: str = "quick_gelu"
     decoder_channels: int = 128
 
 
@@ -75,14 +88,18 @@ class ConvAttention(nn.Module):
         proj_drop: dropout after the output projection.
         pos_dim: channels of the KV-pos encoding (``kv_pos`` only).
         stride_kv: stride of the key/value convolutions.
+        attn_scale: ``"dim"`` (1/sqrt(dim), the official CvT) or ``"head"`` (1/sqrt(head_dim)).
     """
 
     def __init__(self, dim: int, num_heads: int, mode: str = "qkv", qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pos_dim: int = 50,
-                 stride_kv: int = 2) -> None:
+                 stride_kv: int = 2, attn_scale: str = "dim") -> None:
         super().__init__()
         self.spec = mode_spec(mode)
         check_heads(dim, num_heads)
+        if attn_scale not in ATTN_SCALES:
+            raise ConfigError(f"attn_scale={attn_scale!r}: expected one of "
+                              f"{', '.join(ATTN_SCALES)}")
         self.mode, self.num_heads, self.stride_kv = self.spec.name, num_heads, stride_kv
         shared = self.spec.shared_query
         if not shared:
@@ -93,7 +110,9 @@ class ConvAttention(nn.Module):
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.pos = KVPosBias(pos_dim) if self.spec.key_bias else None
-        self.core = AttentionCore((dim // num_heads) ** -0.5, attn_drop)
+        self.attn_scale = attn_scale
+        self.core = AttentionCore((dim if attn_scale == "dim" else dim // num_heads) ** -0.5,
+                                  attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -126,9 +145,9 @@ class CvTBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = ConvAttention(dim, num_heads, mode, cfg.qkv_bias, cfg.attn_drop, cfg.drop,
-                                  cfg.pos_dim, cfg.stride_kv)
+                                  cfg.pos_dim, cfg.stride_kv, cfg.attn_scale)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop, cfg.act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -165,21 +184,20 @@ class CvTEncoder(nn.Module):
         super().__init__()
         n = len(cfg.dims)
         fields = (cfg.depths, cfg.num_heads, cfg.patch_sizes, cfg.patch_strides,
-                  cfg.patch_padding)
+                  cfg.patch_padding, cfg.drop_path)
         if any(len(f) != n for f in fields):
             raise ConfigError(f"dims={cfg.dims}, depths={cfg.depths}, num_heads={cfg.num_heads}, "
                               f"patch_sizes={cfg.patch_sizes}, "
                               f"patch_strides={cfg.patch_strides}, "
-                              f"patch_padding={cfg.patch_padding}: expected one value per stage")
-        total = sum(cfg.depths)
-        rates = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
-        stages, c, start = [], in_channels, 0
+                              f"patch_padding={cfg.patch_padding}, drop_path={cfg.drop_path}: "
+                              "expected one value per stage")
+        stages, c = [], in_channels
         for i in range(n):
-            stages.append(CvTStage(c, cfg.dims[i], cfg.depths[i], cfg.num_heads[i],
-                                   cfg.patch_sizes[i], cfg.patch_strides[i],
-                                   cfg.patch_padding[i], mode, cfg,
-                                   rates[start:start + cfg.depths[i]]))
-            c, start = cfg.dims[i], start + cfg.depths[i]
+            d = cfg.depths[i]  # official: torch.linspace(0, DROP_PATH_RATE[i], DEPTH[i])
+            rates = [cfg.drop_path[i] * j / max(d - 1, 1) for j in range(d)]
+            stages.append(CvTStage(c, cfg.dims[i], d, cfg.num_heads[i], cfg.patch_sizes[i],
+                                   cfg.patch_strides[i], cfg.patch_padding[i], mode, cfg, rates))
+            c = cfg.dims[i]
         self.stages = nn.ModuleList(stages)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,93 +1,333 @@
-"""Initialise a model from a local weights file (nothing is ever downloaded).
+"""Initialise a model's encoder from a weights file in an official layout (or a kvseg file).
 
-Accepted files: ``.safetensors`` (e.g. a kvseg ``best.safetensors``), or a ``torch.save`` file
-(``.pt``/``.pth``/``.ckpt``) holding a state dict or a dict with one under ``model``,
-``state_dict`` or ``model_state_dict`` (a kvseg ``last.ckpt`` works). A ``module.`` prefix (DDP)
-is stripped. Tensors whose name is absent from the model, or whose shape differs (a head with
-another number of classes, a stem with other input channels, a position table of another
-grid), are skipped and reported, so a checkpoint of one task initialises a model of another.
+``load_pretrained(model, source, layout=None, rule="sym")``. ``source`` is a local file or a
+named source (``"imagenet"``: :mod:`kvseg.models.hub`, the file each base preset is normally
+started from; downloaded only then, checked against its checksum). The layout is detected from
+the keys, or named:
+
+=====================  ===================================================  ==================
+layout                 file                                                 families
+=====================  ===================================================  ==================
+``timm_vit``           timm ViT state dict (.pth/.bin/.safetensors):         setr
+                       ``blocks.N.attn.qkv``, ``pos_embed`` with class row
+``google_vit``         Google's ``ViT-B_16.npz`` (``Transformer/...``)       setr
+``transunet_r50_vit``  TransUNet's ``R50+ViT-B_16.npz`` (ViT + ``conv_root``,  setr_conv
+                       ``block{b}/unit{u}``)
+``microsoft_cvt``      Microsoft's ``CvT-13/21-*.pth`` (``stage{i}.…``)      setr_cvt
+``kvseg``              a kvseg checkpoint (``best.safetensors``, ``last.ckpt``) any
+=====================  ===================================================  ==================
+
+Official layouts go through the family's pure converter (:mod:`kvseg.models.convert_vit`,
+:mod:`kvseg.models.convert_cvt`): every tensor of the file is consumed or dropped with a reason
+(the class token and the classifier always), the position table is resampled to the model's
+grid (bicubic, as timm), the stem adapted to ``in_channels`` (as timm's ``adapt_input_conv``),
+and in KV / KV-pos models the query projection is folded into the keys by ``rule``
+(:mod:`kvseg.models.kv_rules`). The encoder is then loaded strictly: a tensor of the wrong shape
+or an encoder tensor without a source is an error naming the file; the decoder and head keep
+their fresh initialisation (reported). A ``kvseg`` file is matched by name and shape instead
+(another class or channel count loads everything else), with the rest reported.
+
+Every problem with the file is a :class:`~kvseg.errors.CheckpointError` of one line naming it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from kvseg.errors import CheckpointError
+from kvseg.errors import CheckpointError, ConfigError
+from kvseg.models.kv_rules import DEFAULT_RULE, RULES
 
 log = logging.getLogger(__name__)
+
+LAYOUTS = ("timm_vit", "google_vit", "transunet_r50_vit", "microsoft_cvt", "kvseg")
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained` did: tensor names loaded, missing in the file, skipped."""
+    """What :func:`load_pretrained` did.
 
+    Attributes:
+        source: the file read.
+        layout: its layout (:data:`LAYOUTS`).
+        loaded: model tensors copied verbatim from the file.
+        converted: model tensors computed from the file (transposed, split, resampled, adapted,
+            folded by a KV rule).
+        skipped: file tensor -> why it was not used (class token, classifier, ...).
+        missing: model tensor -> why it keeps its initialisation (decoder, head, KV-pos map).
+        kv: per attention layer of a KV / KV-pos model: ``{"layer", "rule", "logit_error",
+            "asymmetry"}`` (:func:`kvseg.models.kv_rules.logit_error` on sample tokens).
+    """
+
+    source: str = ""
+    layout: str = ""
     loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # in the model, not in the file
-    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
-    mismatched: list[str] = field(default_factory=list)  # same name, other shape
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    kv: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, "
-                f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches")
+        """One line: counts, the reasons, and the KV rule's mean logit error if any."""
+        def reasons(d: dict[str, str]) -> str:
+            groups: dict[str, int] = {}
+            for why in d.values():
+                groups[why] = groups.get(why, 0) + 1
+            return "; ".join(f"{n} {why}" for why, n in groups.items())
+
+        text = (f"{self.layout} {self.source}: {len(self.loaded)} tensors loaded, "
+                f"{len(self.converted)} converted, {len(self.skipped)} skipped"
+                + (f" ({reasons(self.skipped)})" if self.skipped else "")
+                + f", {len(self.missing)} kept their initialisation"
+                + (f" ({reasons(self.missing)})" if self.missing else ""))
+        if self.kv:
+            err = sum(r["logit_error"] for r in self.kv) / len(self.kv)
+            floor = sum(r["asymmetry"] for r in self.kv) / len(self.kv)
+            text += (f"; KV rule {self.kv[0]['rule']!r}: logit error {err:.3f} on sample tokens "
+                     f"(floor {floor:.3f}), mean of {len(self.kv)} layers")
+        return text
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, by name (see the module docstring for the formats)."""
+class SourceTensors:
+    """The tensors of a file, each to be consumed (:meth:`pop`) or dropped with a reason.
+
+    :meth:`finish` raises :class:`CheckpointError` if any tensor is left unaccounted for.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], layout: str) -> None:
+        self.tensors, self.layout = dict(tensors), layout
+        self.dropped: dict[str, str] = {}
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def pop(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, consumed; CheckpointError if the file lacks it."""
+        if key not in self.tensors:
+            raise CheckpointError(f"no tensor {key!r}: not a complete {self.layout} file for "
+                                  "this model")
+        return self.tensors.pop(key)
+
+    def drop(self, match: Callable[[str], bool] | str, reason: str) -> None:
+        """Drop every remaining tensor named ``match`` (or for which ``match(key)`` is true)."""
+        keys = [k for k in self.tensors if (k == match if isinstance(match, str) else match(k))]
+        for k in keys:
+            self.tensors.pop(k)
+            self.dropped[k] = reason
+
+    def finish(self) -> None:
+        if self.tensors:
+            rest = sorted(self.tensors)
+            raise CheckpointError(
+                f"{len(rest)} tensor(s) of the {self.layout} file have no place in the model "
+                f"(first: {rest[0]} {tuple(self.tensors[rest[0]].shape)}); the file's network is "
+                "deeper or differently built than the model's configuration")
+
+
+@dataclass
+class Converted:
+    """A converter's result: model tensors by name, which were computed, what was dropped
+    (file key -> reason), what stays initialised (model key -> reason), KV fidelity rows."""
+
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    computed: set[str] = field(default_factory=set)
+    dropped: dict[str, str] = field(default_factory=dict)
+    fresh: dict[str, str] = field(default_factory=dict)
+    kv: list[dict] = field(default_factory=list)
+
+    def put(self, key: str, value: torch.Tensor, computed: bool = False) -> None:
+        self.state[key] = value.contiguous()
+        if computed:
+            self.computed.add(key)
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """An RGB stem kernel (O, 3, kh, kw) for ``in_channels`` inputs, as timm's
+    ``adapt_input_conv``: summed over RGB for 1 channel; for C channels, RGB repeated
+    ceil(C/3) times, cut to C and scaled by 3/C (the response to a grey image is kept)."""
+    c = weight.shape[1]
+    if in_channels == c:
+        return weight
+    if c != 3:
+        raise CheckpointError(f"stem kernel with {c} input channels: only 3 (RGB) can be adapted "
+                              f"to in_channels={in_channels}")
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_channels / 3)
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (3 / in_channels)
+
+
+# --------------------------------------------------------------------------- reading
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file by name: ``.npz`` (``np.load(allow_pickle=False)``),
+    ``.safetensors``, or a ``torch.save`` file (``weights_only=True``) holding a state dict or
+    a dict with one under ``model``, ``state_dict`` or ``model_state_dict``; a ``module.``
+    prefix (DDP) is stripped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: pretrained weights file not found")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                state = {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
+        elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: one line naming it
+        first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"{path}: not a readable weights file "
-                              f"({type(e).__name__}: {e})") from e
+                              f"({type(e).__name__}: {first})") from None
     if isinstance(state, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, *,
-                    strict: bool = False) -> LoadReport:
-    """Copy the matching tensors of ``path`` into ``model`` in place; return what was done.
+def detect_layout(tensors: dict[str, torch.Tensor]) -> str:
+    """The layout of a file's tensors (:data:`LAYOUTS`), from its key names."""
+    keys = set(tensors)
+    if any(k.startswith("Transformer/encoderblock_") for k in keys):
+        return "transunet_r50_vit" if "conv_root/kernel" in keys else "google_vit"
+    if any(k.startswith("stage0.patch_embed.") for k in keys):
+        return "microsoft_cvt"
+    if "pos_embed" in keys and any(k.startswith("blocks.0.attn.") for k in keys):
+        return "timm_vit"
+    return "kvseg"
 
-    ``strict=True`` raises :class:`CheckpointError` unless every model tensor is loaded with its
-    shape. A file sharing no tensor with the model is always an error (the wrong file, most
-    likely).
+
+def model_family(model: nn.Module) -> str:
+    """``setr``, ``setr_conv`` or ``setr_cvt`` from the model's encoder class."""
+    name = type(getattr(model, "encoder", None)).__name__
+    families = {"ViTEncoder": "setr", "HybridEncoder": "setr_conv", "CvTEncoder": "setr_cvt"}
+    if name not in families:
+        raise ConfigError(f"{type(model).__name__}: not a kvseg model (encoder {name})")
+    return families[name]
+
+
+def _converter(family: str, layout: str):
+    from kvseg.models import convert_cvt, convert_vit
+
+    table = {("setr", "timm_vit"): convert_vit.setr_from_timm,
+             ("setr", "google_vit"): convert_vit.setr_from_google,
+             ("setr_conv", "transunet_r50_vit"): convert_vit.hybrid_from_transunet,
+             ("setr_cvt", "microsoft_cvt"): convert_cvt.cvt_from_microsoft}
+    if (family, layout) not in table:
+        fits = [lay for fam, lay in table if fam == family] + ["kvseg"]
+        raise CheckpointError(f"a {layout} file cannot initialise a {family} model (it takes "
+                              f"{', '.join(fits)})")
+    return table[(family, layout)]
+
+
+# --------------------------------------------------------------------------- loading
+def load_pretrained(model: nn.Module, source: str | os.PathLike, *, layout: str | None = None,
+                    rule: str = DEFAULT_RULE, strict: bool = False,
+                    download: bool = True) -> LoadReport:
+    """Initialise ``model`` in place from ``source``; return a :class:`LoadReport`.
+
+    Args:
+        model: a kvseg model (any family and mode).
+        source: a weights file, or a named source (``"imagenet"``, :mod:`kvseg.models.hub`).
+        layout: one of :data:`LAYOUTS`; None detects it from the keys.
+        rule: QKV -> KV rule for KV / KV-pos models (:data:`kvseg.models.kv_rules.RULES`).
+        strict: ``kvseg`` layout only: every model tensor must be loaded with its shape.
+        download: a named source not in the cache may be downloaded.
+
+    Raises :class:`CheckpointError` (one line naming the file) for an unreadable, foreign,
+    incomplete or ill-fitting file, :class:`ConfigError` for an unknown layout or rule.
     """
-    state = read_state_dict(path)
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"pretrained_layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if rule not in RULES:
+        raise ConfigError(f"pretrained_rule={rule!r}: expected one of {', '.join(RULES)}")
+    family = model_family(model)
+    from kvseg.models.hub import is_named, resolve
+
+    path = Path(source)
+    if is_named(str(source)):
+        path = resolve(str(source), family, getattr(model, "size", None), download=download)
+    tensors = read_tensors(path)
+    layout = layout or detect_layout(tensors)
+    try:
+        if layout == "kvseg":
+            report = _load_by_name(model, tensors, strict)
+        else:
+            converted = _converter(family, layout)(SourceTensors(tensors, layout), model, rule)
+            report = _load_converted(model, converted)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    report.source, report.layout = str(path), layout
+    log.debug("pretrained %s", report.summary())
+    return report
+
+
+def _load_converted(model: nn.Module, conv: Converted) -> LoadReport:
+    """Strict load of the encoder from ``conv``; decoder/head (and ``conv.fresh``) stay."""
+    own = model.state_dict()
+    for key, value in conv.state.items():
+        if key not in own:
+            raise CheckpointError(f"converted tensor {key} has no place in the model (a kvseg "
+                                  "converter bug)")
+        if own[key].shape != value.shape:
+            raise CheckpointError(f"{key}: the file gives shape {tuple(value.shape)}, the model "
+                                  f"has {tuple(own[key].shape)}; pick the size/overrides of the "
+                                  "file's network")
+    missing = dict(conv.fresh)
+    for key in own:
+        if key in conv.state or key in missing:
+            continue
+        if not key.startswith("encoder."):
+            missing[key] = "decoder/head: trained from scratch"
+        elif key.endswith("num_batches_tracked"):
+            missing[key] = "BatchNorm step counter"
+        else:
+            raise CheckpointError(f"model tensor {key} {tuple(own[key].shape)} has no source in "
+                                  "the file")
+    full = {k: conv.state.get(k, own[k]).to(own[k].dtype) for k in own}
+    model.load_state_dict(full, strict=True)
+    return LoadReport(loaded=sorted(set(conv.state) - conv.computed),
+                      converted=sorted(conv.computed), skipped=dict(conv.dropped),
+                      missing=missing, kv=list(conv.kv))
+
+
+def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> LoadReport:
+    """kvseg layout: copy the tensors matching by name and shape; report the rest."""
     own = model.state_dict()
     report = LoadReport()
     to_load = {}
     for name, tensor in state.items():
         if name not in own:
-            report.unexpected.append(name)
+            report.skipped[name] = "not in the model"
         elif own[name].shape != tensor.shape:
-            report.mismatched.append(f"{name} {tuple(tensor.shape)}->{tuple(own[name].shape)}")
+            report.skipped[name] = (f"shape {tuple(tensor.shape)} in the file, "
+                                    f"{tuple(own[name].shape)} in the model")
         else:
             to_load[name] = tensor
-    report.loaded = sorted(to_load)
-    report.missing = sorted(set(own) - set(to_load) - {m.split(" ")[0] for m in report.mismatched})
     if not to_load:
-        raise CheckpointError(f"{path}: no tensor matches the model by name and shape")
-    if strict and (report.missing or report.mismatched):
-        raise CheckpointError(f"{path}: strict load failed: {report.summary()}")
+        raise CheckpointError("no tensor matches the model by name and shape (a foreign file? "
+                              f"layouts: {', '.join(LAYOUTS)})")
+    report.loaded = sorted(to_load)
+    report.missing = {k: "not in the file" for k in own if k not in to_load}
+    if strict and report.missing:
+        raise CheckpointError(f"strict load failed: {report.summary()}")
     model.load_state_dict(to_load, strict=False)
-    log.info("pretrained %s: %s", path, report.summary())
     return report
+
+
+__all__ = ["LAYOUTS", "Converted", "LoadReport", "SourceTensors", "adapt_input_conv",
+           "detect_layout", "load_pretrained", "model_family", "read_tensors"]

@@ -7,6 +7,7 @@ overrides go through ``dataclasses.replace`` after a check that names any unknow
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ from kvseg.layers.attention import MODES, mode_suffix
 from kvseg.models.conv_hybrid import HybridConfig, build_conv_hybrid
 from kvseg.models.cvt import CvTConfig, build_cvt
 from kvseg.models.setr import SETRConfig, build_setr
+
+log = logging.getLogger(__name__)
 
 SIZES = ("micro", "small", "base", "large")
 
@@ -39,7 +42,7 @@ PRESETS: dict[str, dict[str, object]] = {
     },
     "setr_cvt": {
         "micro": CvTConfig(dims=(32, 64, 128), depths=(1, 1, 2), num_heads=(1, 2, 4),
-                           drop_path=0.0, decoder_channels=64),
+                           drop_path=(0.0, 0.0, 0.0), decoder_channels=64),
         "small": CvTConfig(dims=(48, 128, 256), depths=(1, 2, 4), num_heads=(1, 2, 4),
                            decoder_channels=96),
         "base": CvTConfig(),  # CvT-13
@@ -104,6 +107,13 @@ def _check_field(key: str, value, default) -> None:
         if not isinstance(value, bool):
             raise bad("expected true or false")
         return
+    if isinstance(default, tuple) and key in _RATES:  # CvT's drop_path: one rate per stage
+        if not isinstance(value, tuple) or not value:
+            raise bad("expected a list of rates, one per stage")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise bad("expected rates in [0, 1)")
+        return
     if isinstance(default, tuple):
         if not isinstance(value, tuple) or not value:
             raise bad("expected a list of integers, one per stage")
@@ -131,15 +141,28 @@ def _check_field(key: str, value, default) -> None:
 
 
 def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_size: int = 256,
-                 size: str = "base", pretrained: str | None = None, **overrides) -> nn.Module:
+                 size: str = "base", pretrained: str | None = None,
+                 pretrained_rule: str = "sym", pretrained_layout: str | None = None,
+                 **overrides) -> nn.Module:
     """Build variant ``name``: (B, in_channels, H, W) -> logits (B, num_classes, H, W), any H, W.
 
-    ``img_size`` sizes the learned position embedding table (resized for other inputs).
-    ``size`` picks a preset (micro, small, base, large); ``overrides`` replace preset fields
-    (e.g. ``depth=6``, ``head="mla"``, ``pos_dim=10``). The model carries ``name``, ``size``
-    and ``config`` (the resolved dataclass) as attributes. ``pretrained`` is a local weights
-    file whose tensors matching by name and shape initialise the model
-    (:func:`kvseg.models.pretrained.load_pretrained`; nothing is downloaded).
+    Args:
+        name: a variant of :func:`list_models`.
+        num_classes: output channels.
+        in_channels: input channels.
+        img_size: sizes the learned position embedding table (resized for other inputs).
+        size: preset (micro, small, base, large).
+        pretrained: initialise the encoder from a weights file in an official layout (timm ViT,
+            Google ViT ``.npz``, TransUNet's ``R50+ViT-B_16.npz``, Microsoft's CvT ``.pth``) or
+            a kvseg checkpoint, or from the named source ``"imagenet"`` (downloaded into the
+            torch hub cache when missing); :func:`kvseg.models.pretrained.load_pretrained`.
+        pretrained_rule: QKV -> KV rule for KV / KV-pos models: ``sym`` (default), ``key``,
+            ``mean`` (:mod:`kvseg.models.kv_rules`).
+        pretrained_layout: the file's layout; None detects it from the keys.
+        **overrides: preset fields (e.g. ``depth=6``, ``head="mla"``, ``pos_dim=10``).
+
+    The model carries ``name``, ``size`` and ``config`` (the resolved dataclass), and after a
+    pretrained load ``pretrained_report`` (:class:`kvseg.models.pretrained.LoadReport`).
     """
     family, mode = _lookup(name)
     if num_classes < 1 or in_channels < 1 or img_size < 1:
@@ -152,7 +175,9 @@ def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_s
     if pretrained is not None:
         from kvseg.models.pretrained import load_pretrained
 
-        load_pretrained(model, pretrained)
+        model.pretrained_report = load_pretrained(model, pretrained, layout=pretrained_layout,
+                                                  rule=pretrained_rule)
+        log.info("%s initialised from %s", name, model.pretrained_report.summary())
     return model
 
 

@@ -4,8 +4,13 @@ The encoder keeps the H/p × W/p token grid throughout; the heads bring it back 
 
 * ``naive``: 1×1 conv + BN + ReLU, then the 1×1 classifier and bilinear upsampling.
 * ``pup``: log2(p) steps of [3×3 conv + BN + ReLU, ×2 bilinear] (progressive upsampling).
-* ``mla``: four evenly spaced encoder layers, each 1×1-projected, top-down summed, 3×3 conv,
-  then per stream two 3×3 convs (channels halved) and ×4 upsampling, concatenated.
+* ``mla``: four evenly spaced encoder layers, each through its own LayerNorm (SETR's
+  ``norm_0..3``, mmseg's ``MLANeck``; the encoder then has no final norm), 1×1-projected,
+  top-down summed, 3×3 conv, then per stream two 3×3 convs (channels halved) and ×4
+  upsampling, concatenated; the classifier is a 3×3 conv (SETR's ``VIT_MLAHead.cls``).
+
+Pretrained weights: timm ViT state dicts and Google's ViT ``.npz`` through
+:mod:`kvseg.models.convert_vit`.
 """
 
 from __future__ import annotations
@@ -59,11 +64,12 @@ class ViTEncoder(nn.Module):
     """(B, C, H, W) -> list of (B, dim, H/p, W/p) maps from the layers in ``out_indices``.
 
     Patch embedding, a learned position embedding resized to the token grid, pre-norm blocks;
-    the final LayerNorm is applied to the last layer's output. No cls token (segmentation).
+    the final LayerNorm (``final_norm``; the MLA head normalises its levels itself) is applied
+    to the last layer's output. No cls token (segmentation).
     """
 
     def __init__(self, in_channels: int, img_size: int, cfg: SETRConfig, mode: str,
-                 out_indices: list[int]) -> None:
+                 out_indices: list[int], final_norm: bool = True) -> None:
         super().__init__()
         grid = math.ceil(img_size / cfg.patch_size)
         self.patch_embed = PatchEmbed(in_channels, cfg.dim, cfg.patch_size)
@@ -73,7 +79,7 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.dim, cfg.num_heads, mode, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop,
                              cfg.attn_drop, rates[i], cfg.pos_dim) for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6) if final_norm else None
         self.out_indices = list(out_indices)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -84,7 +90,8 @@ class ViTEncoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.out_indices:
-                y = self.norm(x) if i == len(self.blocks) - 1 else x
+                last = i == len(self.blocks) - 1
+                y = self.norm(x) if last and self.norm is not None else x
                 outs.append(tokens_to_map(y, h, w))
         return outs
 
@@ -119,12 +126,13 @@ class PUPHead(nn.Module):
 
 
 class MLAHead(nn.Module):
-    """Four maps -> 1×1 proj, top-down sum, 3×3 conv; per stream two 3×3 convs (channels/2) and
-    ×4 upsampling; concat -> (B, 4·channels/2, 4h, 4w)."""
+    """Four maps -> LayerNorm per level, 1×1 proj, top-down sum, 3×3 conv; per stream two 3×3
+    convs (channels/2) and ×4 upsampling; concat -> (B, 4·channels/2, 4h, 4w)."""
 
     def __init__(self, dim: int, channels: int, num_levels: int = 4) -> None:
         super().__init__()
         half = channels // 2
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_levels))
         self.proj = nn.ModuleList(conv_bn_relu(dim, channels, 1) for _ in range(num_levels))
         self.smooth = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(num_levels))
         self.streams = nn.ModuleList(
@@ -132,7 +140,9 @@ class MLAHead(nn.Module):
             for _ in range(num_levels))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        projected = [p(f) for p, f in zip(self.proj, features, strict=True)]
+        normed = [n(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
+                  for n, f in zip(self.norms, features, strict=True)]
+        projected = [p(f) for p, f in zip(self.proj, normed, strict=True)]
         summed, acc = [], None
         for f in reversed(projected):  # top-down: deepest first
             acc = f if acc is None else acc + f
@@ -163,8 +173,10 @@ def build_setr(cfg: SETRConfig, mode: str, *, in_channels: int, num_classes: int
         else:
             decoder = NaiveHead(cfg.dim, cfg.decoder_channels)
         out_ch = cfg.decoder_channels
-    encoder = ViTEncoder(in_channels, img_size, cfg, mode, indices)
+    mla = cfg.head == "mla"
+    encoder = ViTEncoder(in_channels, img_size, cfg, mode, indices, final_norm=not mla)
     init_weights(encoder)
-    head = nn.Conv2d(out_ch, num_classes, 1)
+    k = 3 if mla else 1  # SETR-MLA's classifier is 3×3, naive/PUP's 1×1
+    head = nn.Conv2d(out_ch, num_classes, k, padding=k // 2)
     return SegmentationModel(encoder, decoder, head, in_channels=in_channels,
                              num_classes=num_classes, input_multiple=p)
