@@ -14,9 +14,12 @@ a failing golden test pass after a refactor that should have kept them::
 
     .venv/bin/python tests/models/make_golden.py
 
-The stored files were written by the code from before the attention modes became registry
+The SETR files were written by the code from before the attention modes became registry
 classes (``PYTHONPATH=<checkout of that commit>/src``), so the test proves that refactor kept
-every output.
+every output. The hybrid and CvT files were regenerated when those families were made faithful
+to the official code on purpose (TransUNet's weight-standardised R50 with GroupNorm and the
+unpadded max-pool; CvT's 1/sqrt(dim) scale, QuickGELU and per-stage drop-path), which changes
+their logits; SETR's default PUP head did not change, so its files were kept.
 """
 
 from __future__ import annotations
