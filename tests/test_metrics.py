@@ -242,3 +242,46 @@ def test_case_accumulator_bounds_memory_to_one_case_and_sorts_slices():
         acc2.add((1, 0), 0, p[0], t[0], (1, 1))
         acc2.add((2, 3), 0, p[0], t[0], (1, 1))
         acc2.add((1, 0), 1, p[1], t[1], (1, 1))
+
+
+# --------------------------------------------------------------------------- multi-class
+def test_multiclass_metrics_are_the_argmax_over_foreground_classes_like_sklearn():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, 8, 6, generator=g)
+    labels = torch.randint(0, 4, (3, 8, 6), generator=g)
+    target = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    pred = M.predicted_masks(logits, "multiclass")
+    assert pred.shape == (3, 3, 8, 6) and not (pred.sum(1) > 1).any()
+    np.testing.assert_array_equal(pred.numpy(), (logits.argmax(1)[:, None] ==
+                                                 torch.arange(1, 4)[None, :, None, None]).numpy())
+    assert torch.equal(M.target_masks(target, "multiclass"), target[:, 1:] > 0.5)
+    m = M.SegmentationMetrics(4, task="multiclass")
+    m.update(logits[:2], target[:2])
+    m.update(logits[2:], target[2:])
+    out = m.compute(sync=False)
+    ref = jaccard_score(labels.flatten().numpy(), logits.argmax(1).flatten().numpy(),
+                        labels=[1, 2, 3], average=None, zero_division=1.0)
+    np.testing.assert_allclose(out["jaccard_per_class"], ref, atol=1e-9)
+    assert out["jaccard"] == pytest.approx(ref.mean())
+    # the multi-label path is untouched: sigmoid >= threshold per channel
+    assert torch.equal(M.predicted_masks(logits, "multilabel", 0.3),
+                       torch.sigmoid(logits) >= 0.3)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        M.SegmentationMetrics(1, task="multiclass")
+
+
+def test_case_accumulator_takes_each_volumes_own_slice_spacing():
+    square = np.zeros((1, 6, 6), bool)
+    square[0, 1:3, 1:3] = True
+    empty = np.zeros_like(square)
+    pred, target = np.stack([square, empty]), np.stack([square, square])  # (D, C, H, W)
+    results = {}
+    for slice_mm in (None, 7.0):
+        acc = M.CaseMetricsAccumulator(["x"], slice_thickness_mm=3.0)
+        for k in range(2):
+            acc.add(("v", 0), k, pred[k], target[k], (1.0, 1.0), slice_mm=slice_mm)
+        results[slice_mm] = acc.finalize()["cases"][0]["hd95_mm"]["x"]
+    # the prediction lacks slice 1: the distance runs across one slice spacing
+    assert results[7.0] == pytest.approx(M.hd95(pred[:, 0], target[:, 0], (7.0, 1.0, 1.0)))
+    assert results[None] == pytest.approx(M.hd95(pred[:, 0], target[:, 0], (3.0, 1.0, 1.0)))
+    assert results[7.0] > results[None]

@@ -103,6 +103,29 @@ def _run_synth(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    from kvseg.data.convert import FORMATS
+
+    p = sub.add_parser("convert", help="turn a public 2D set (Kvasir-SEG, ISIC 2018, DRIVE, "
+                                       "Montgomery) into the images/ + masks/ layout",
+                       description="Write OUT/images, OUT/masks and OUT/dataset.yaml from a "
+                                   "download as unpacked; see docs/data.md.")
+    p.add_argument("format", choices=FORMATS)
+    p.add_argument("--src", required=True, help="the unpacked download")
+    p.add_argument("--out", required=True, help="new dataset folder (absent or empty)")
+    p.add_argument("--link", action="store_true",
+                   help="hard-link the images instead of copying them (same file system)")
+    p.add_argument("--lungs", choices=["merged", "separate"], default="merged",
+                   help="montgomery: one class, or left and right lung as two classes")
+
+
+def _run_convert(args) -> int:
+    from kvseg.data.convert import convert
+
+    print(convert(args.format, args.src, args.out, link=args.link, lungs=args.lungs))
+    return 0
+
+
 # --------------------------------------------------------------------------- train / evaluate
 def _add_train(sub) -> None:
     from kvseg.config import add_config_flags
@@ -166,7 +189,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--slice-thickness", type=POSITIVE, default=3.0,
-                   help="mm between slices for the 3D metrics")
+                   help="mm between slices for the 3D metrics (UW-Madison; volumes use their "
+                        "own spacing)")
     _add_precision(p)
     p.add_argument("--workers", type=NONNEG_INT,
                    help="DataLoader workers (default: auto, as for kvseg train)")
@@ -193,7 +217,9 @@ def _add_precision(p) -> None:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment new images: masks, overlays, submission.csv")
     p.add_argument("--run", required=True)
-    p.add_argument("--input", required=True, help="a PNG, a folder of PNGs or a UW-Madison root")
+    p.add_argument("--input", required=True,
+                   help="an image (PNG, JPEG, TIFF) or NIfTI volume, a folder of them, or a "
+                        "dataset root (UW-Madison, images/ + masks/, imagesTr/, Synapse, ACDC)")
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=PROBABILITY,
                    help="sigmoid threshold (default: the run's own, 0.5 unless trained otherwise)")
@@ -268,6 +294,7 @@ COMMANDS = {
     "models": (_add_models, _run_models),
     "profile": (_add_profile, _run_profile),
     "synth": (_add_synth, _run_synth),
+    "convert": (_add_convert, _run_convert),
     "train": (_add_train, _run_train),
     "config": (_add_config, _run_config),
     "evaluate": (_add_evaluate, _run_evaluate),

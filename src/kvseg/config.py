@@ -31,7 +31,7 @@ import yaml
 from kvseg.errors import ConfigError
 
 #: Keys written to config.yaml that the data decides; accepted and ignored when read back.
-DERIVED_KEYS = ("in_channels", "num_classes", "classes", "precision")
+DERIVED_KEYS = ("in_channels", "num_classes", "classes", "precision", "preprocess")
 #: Options that may differ between the original run and a ``--resume``.
 RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out")
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
@@ -124,7 +124,13 @@ class TrainConfig:
                                                "kvseg (none = detect from its keys)")
     pretrained_rule: str = _opt("sym", "QKV -> KV rule for KV/KV-pos models: sym, key, mean")
     # data
-    data: str | None = _opt(None, "dataset root (UW-Madison layout; required)")
+    data: str | None = _opt(None, "dataset root (any layout kvseg knows, see data_format; "
+                                  "required)")
+    data_format: str = _opt("auto", "dataset layout: auto (detected from the folder), "
+                                    "uwmadison, folder, msd, synapse, acdc")
+    task: str = _opt("auto", "auto (the dataset decides: label masks multiclass, one mask per "
+                             "class multilabel), multiclass (softmax + CE/Dice) or multilabel "
+                             "(sigmoid + BCE/Dice); the resolved task is saved with the run")
     context: int = _opt(0, "neighbouring slices per side stacked as channels (2.5D)")
     fold: int = _opt(0, "validation fold (split by case)")
     n_folds: int = _opt(5, "number of folds")
@@ -146,7 +152,8 @@ class TrainConfig:
     warmup_epochs: float = _opt(1.0, "linear warm-up length in epochs, then cosine decay")
     min_lr_ratio: float = _opt(0.01, "the cosine ends at lr * min_lr_ratio")
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)")
-    bce_weight: float = _opt(1.0, "loss = bce_weight * BCE + dice_weight * soft Dice")
+    bce_weight: float = _opt(1.0, "loss = bce_weight * BCE (multiclass: cross-entropy) + "
+                                  "dice_weight * soft Dice")
     dice_weight: float = _opt(1.0, "weight of the soft Dice loss")
     amp: str = _opt("auto", "mixed precision: auto (CUDA: bf16 from compute capability 8.0, "
                             "else fp16; CPU: off), bf16 (also on CPU), fp16 (CUDA), none")
@@ -202,6 +209,11 @@ class TrainConfig:
         check_number("min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
         if self.bce_weight + self.dice_weight == 0:
             raise ConfigError("bce_weight and dice_weight: at least one must be > 0")
+        from kvseg.data.factory import check_data_format
+
+        check_data_format(self.data_format)
+        if self.task not in ("auto", "multiclass", "multilabel"):
+            raise ConfigError(f"task={self.task!r}: expected auto, multiclass or multilabel")
         if self.amp not in AMP_CHOICES:
             raise ConfigError(f"amp={self.amp!r}: expected {', '.join(AMP_CHOICES)}")
         check_number("max_steps_per_epoch", self.max_steps_per_epoch, integer=True, minimum=1,

@@ -5,7 +5,11 @@ conventions) are computed at the model's resolution (``img_size``), like the val
 training. Per-case 3D metrics are computed one case-day at a time
 (:class:`kvseg.metrics.CaseMetricsAccumulator`), also at ``img_size``: each slice's pixel size
 is its original spacing scaled by the resize (``spacing · height / img_size`` for rows,
-``spacing · width / img_size`` for columns) and slices are ``slice_thickness_mm`` apart.
+``spacing · width / img_size`` for columns) and slices are ``slice_thickness_mm`` apart. Other
+datasets give each item's ``volume`` and ``voxel_mm`` (a NIfTI volume's own spacing; a 2D image
+is a volume of one slice, in pixels unless its ``dataset.yaml`` gives a ``spacing``); their cases
+are numbered in order (``case``; ``day`` 0) and named (``volume``). A multi-class run's classes
+are its argmax without the background (:func:`kvseg.metrics.predicted_masks`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ import torch
 from kvseg.checkpoint import load_run
 from kvseg.config import check_number
 from kvseg.errors import ConfigError, DataError
-from kvseg.metrics import CaseMetricsAccumulator, SegmentationMetrics
+from kvseg.metrics import (
+    CaseMetricsAccumulator,
+    SegmentationMetrics,
+    predicted_masks,
+    target_masks,
+)
 from kvseg.precision import autocast, device_capability, inference_precision
 from kvseg.results import jsonable
 from kvseg.utils import atomic_write_text, resolve_device
@@ -36,6 +45,19 @@ def _dataset(config: dict, data: str | None, split: str):
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: dataset root not found")
     return build_dataset({**config, "data": str(root)}, split, augment=False)
+
+
+def _volume_of(batch: dict, i: int, size: int, volumes: dict[str, int]
+               ) -> tuple[tuple[int, int], float | None, tuple[float, float]]:
+    """``(case key, slice spacing or None, pixel size at img_size)`` of item ``i``: UW-Madison
+    items by (case, day) and their spacing, the others by ``volume`` and ``voxel_mm``."""
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    if "volume" in batch:
+        dz, dr, dc = (float(v) for v in batch["voxel_mm"][i])
+        key = (volumes.setdefault(batch["volume"][i], len(volumes)), 0)
+        return key, dz, (dr * h / size, dc * w / size)
+    sp = float(batch["spacing"][i])
+    return (int(batch["case"][i]), int(batch["day"][i])), None, (sp * h / size, sp * w / size)
 
 
 @torch.no_grad()
@@ -81,9 +103,11 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                          num_workers=loader_workers(workers, dev.type),
                                          pin_memory=dev.type == "cuda")
-    metrics = SegmentationMetrics(len(classes), threshold)
+    task = config.get("task") or "multilabel"
+    metrics = SegmentationMetrics(len(classes) + (task == "multiclass"), threshold, task=task)
     cases = CaseMetricsAccumulator(classes, slice_thickness_mm)
     size = config["img_size"]
+    volumes: dict[str, int] = {}
     n = 0
     for batch in loader:
         x = batch["image"].to(dev, non_blocking=True)
@@ -91,17 +115,16 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
         with autocast(dev, precision):
             logits = model(x)
         metrics.update(logits, y)
-        pred = (torch.sigmoid(logits.float()) >= threshold).cpu().numpy()
-        target = (y > 0.5).cpu().numpy()
+        pred = predicted_masks(logits, task, threshold).cpu().numpy()
+        target = target_masks(y, task).cpu().numpy()
         for i in range(x.shape[0]):
-            sp = float(batch["spacing"][i])
-            pixel_mm = (sp * int(batch["height"][i]) / size, sp * int(batch["width"][i]) / size)
-            key = (int(batch["case"][i]), int(batch["day"][i]))
-            cases.add(key, int(batch["slice"][i]), pred[i], target[i], pixel_mm)
+            key, slice_mm, pixel_mm = _volume_of(batch, i, size, volumes)
+            cases.add(key, int(batch["slice"][i]), pred[i], target[i], pixel_mm, slice_mm)
         n += x.shape[0]
     sets = metrics.compute(sync=False)
     per_case = cases.finalize()
     summary = per_case["summary"]
+    names = {k: v for v, k in volumes.items()}
     results = {
         "run": str(run),
         "data": str(data or config.get("data")),
@@ -110,6 +133,7 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
         "n_slices": n,
         "n_cases": len(per_case["cases"]),
         "classes": classes,
+        "task": task,
         "threshold": threshold,
         "precision": precision,
         "slice_thickness_mm": slice_thickness_mm,
@@ -139,7 +163,8 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
              "dice_3d": c["dice_3d"], "hd95_mm": c["hd95_mm"],
              "hd95_penalized_mm": c["hd95_penalized_mm"], "tp": c["tp"], "fp": c["fp"],
              "fn": c["fn"], "kaggle_dice": c["kaggle_dice"],
-             "kaggle_hausdorff": c["kaggle_hausdorff"], "kaggle_score": c["kaggle_score"]}
+             "kaggle_hausdorff": c["kaggle_hausdorff"], "kaggle_score": c["kaggle_score"],
+             **({"volume": names[c["key"][0]]} if names else {})}
             for c in per_case["cases"]
         ],
     }

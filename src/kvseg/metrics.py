@@ -3,7 +3,10 @@
 Conventions (stated once, tested in ``tests/test_metrics.py``):
 
 - Inputs are multi-label: one binary channel per class, shape (N, C, H, W). A logit counts as a
-  prediction of class c where ``sigmoid(logit) >= threshold`` (0.5 by default).
+  prediction of class c where ``sigmoid(logit) >= threshold`` (0.5 by default). For a
+  multi-class model (softmax over background + K classes, ``task="multiclass"``) a pixel's class
+  is the argmax and the counts are over the K foreground classes (:func:`predicted_masks`,
+  :func:`target_masks`); the background is never a reported class.
 - Set-level metrics (``jaccard``, ``weighted_jaccard``, ``dice``) accumulate true positives,
   false positives and false negatives per class over **all pixels of all slices** of the
   evaluation set, then divide (they are not means of per-slice scores).
@@ -49,6 +52,8 @@ __all__ = [
     "jaccard_per_class",
     "kaggle_hausdorff",
     "kaggle_slice_dice",
+    "predicted_masks",
+    "target_masks",
     "weighted_jaccard",
     "weighted_jaccard_from_counts",
 ]
@@ -145,6 +150,27 @@ def dice(pred, target) -> float:
     return float(np.mean(dice_per_class(pred, target)))
 
 
+def predicted_masks(logits: torch.Tensor, task: str = "multilabel",
+                    threshold: float = 0.5) -> torch.Tensor:
+    """Binary class masks (N, K, ...) from logits: ``sigmoid >= threshold`` per channel
+    (multi-label, K = C), or the one-hot argmax without the background channel 0 (multi-class,
+    K = C - 1)."""
+    if task == "multiclass":
+        labels = logits.argmax(1)
+        classes = torch.arange(1, logits.shape[1], device=logits.device)
+        return labels.unsqueeze(1) == classes.view(1, -1, *([1] * (logits.ndim - 2)))
+    if task != "multilabel":
+        raise ValueError(f"task {task!r}: expected multilabel or multiclass")
+    return torch.sigmoid(logits.float()) >= threshold
+
+
+def target_masks(target: torch.Tensor, task: str = "multilabel") -> torch.Tensor:
+    """Binary ground truth (N, K, ...): the target (multi-label) or its foreground channels
+    (multi-class one-hot, background in channel 0)."""
+    t = target > 0.5
+    return t[:, 1:] if task == "multiclass" else t
+
+
 # --------------------------------------------------------------------------- streaming
 class SegmentationMetrics:
     """Streaming set-level metrics: keeps only four (C,) int64 count tensors.
@@ -154,27 +180,36 @@ class SegmentationMetrics:
     Under ``torch.distributed`` call ``compute(sync=True)`` on **every** rank: the counts are
     summed across ranks (an all-reduce of integers, so the result equals one process seeing all
     the data, whatever the sharding).
+
+    ``num_classes`` is the model's output channels; with ``task="multiclass"`` the first is the
+    background and the metrics are over the other ``num_classes - 1`` (:func:`predicted_masks`).
     """
 
-    def __init__(self, num_classes: int, threshold: float = 0.5) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    def __init__(self, num_classes: int, threshold: float = 0.5,
+                 task: str = "multilabel") -> None:
+        if num_classes < 1 + (task == "multiclass"):
+            raise ValueError(f"num_classes must be >= {1 + (task == 'multiclass')}, got "
+                             f"{num_classes}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if task not in ("multilabel", "multiclass"):
+            raise ValueError(f"task {task!r}: expected multilabel or multiclass")
         self.num_classes = num_classes
         self.threshold = threshold
+        self.task = task
         self.reset()
 
     def reset(self) -> None:
-        self.counts = torch.zeros(4, self.num_classes, dtype=torch.int64)  # tp, fp, fn, gt
+        k = self.num_classes - (self.task == "multiclass")
+        self.counts = torch.zeros(4, k, dtype=torch.int64)  # tp, fp, fn, gt
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``logits`` (N, C, H, W) raw scores, ``target`` (N, C, H, W) in {0, 1}."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} classes, expected {self.num_classes}")
-        pred = torch.sigmoid(logits.float()) >= self.threshold
-        c = confusion_counts(pred, target > 0.5)
+        pred = predicted_masks(logits, self.task, self.threshold)
+        c = confusion_counts(pred, target_masks(target, self.task))
         self.counts += torch.stack([c["tp"], c["fp"], c["fn"], c["gt"]]).cpu()
 
     def synced_counts(self) -> torch.Tensor:
@@ -386,14 +421,16 @@ class CaseMetricsAccumulator:
         self._done: set[tuple] = set()
 
     def add(self, key: tuple, slice_index: int, pred: np.ndarray, target: np.ndarray,
-            pixel_mm: tuple[float, float]) -> None:
+            pixel_mm: tuple[float, float], slice_mm: float | None = None) -> None:
         """Add one slice: ``pred``/``target`` binary (C, H, W); ``pixel_mm`` = (row, col) size
-        of a pixel of these arrays in mm (the original spacing scaled by the resize)."""
+        of a pixel of these arrays in mm (the original spacing scaled by the resize);
+        ``slice_mm``: this volume's slice spacing (default ``slice_thickness_mm``)."""
         if self._buf is None or self._buf.key != key:
             self._flush()
             if key in self._done:
                 raise ValueError(f"case-day {key} is not contiguous in the evaluation order")
-            spacing = (self.slice_thickness_mm, float(pixel_mm[0]), float(pixel_mm[1]))
+            depth = self.slice_thickness_mm if slice_mm is None else float(slice_mm)
+            spacing = (depth, float(pixel_mm[0]), float(pixel_mm[1]))
             self._buf = _CaseBuffer(key, spacing, [], [], [])
         self._buf.slices.append(int(slice_index))
         self._buf.preds.append(np.asarray(pred, bool))

@@ -1,27 +1,30 @@
 """Segment new images with a trained run: masks at the original size, overlays, submission.csv.
 
-Inputs (:func:`discover_inputs`):
+Inputs (:func:`kvseg.data.inputs.discover_inputs`): an image file (PNG, JPEG, TIFF, ...), a
+NIfTI volume, a folder of them, a UW-Madison root (``test/`` or ``train/``) or the root of a
+folder / volume dataset (its images, never its masks). Slices of one scan are stacked with
+their neighbours when the run was trained with ``context > 0``
+(:func:`kvseg.data.context.neighbour_table`: edges repeat the border slice, as in training);
+the slices of a volume likewise.
 
-- one PNG file;
-- a folder of PNGs (searched recursively; each file is one slice);
-- a UW-Madison-layout root: a folder holding ``test/`` and/or ``train/`` with
-  ``case*/case*_day*/scans/slice_*.png``. ``test/`` is used when it holds PNGs (the Kaggle test
-  set), otherwise ``train/``. Slices of one scan are stacked with their neighbours when the run
-  was trained with ``context > 0`` (:func:`kvseg.data.context.neighbour_table`: edges repeat
-  the border slice, as in training).
-
-Images are read by :func:`kvseg.data.load_png`, the reader the dataset uses (16-bit and 8-bit
-grayscale as stored, colour as luminance), and prepared by the run's own preprocessing
-(:func:`kvseg.data.transforms.prepare_slices`); the predicted probabilities are resized back to
-the slice's original height × width before thresholding.
+Images are read by the dataset's reader (:func:`kvseg.data.png.read_slice`: 16-bit and 8-bit
+grayscale as stored, colour as luminance, or RGB for a run trained on colour images) and
+prepared by the run's own preprocessing (:func:`kvseg.data.transforms.prepare_slices`, with its
+dataset's CT window if it had one; the run's ``preprocess``); the predicted probabilities are
+resized back to the slice's original height × width before thresholding (multi-label: sigmoid
+≥ threshold) or the argmax (multi-class: softmax, the run's ``task``).
 
 Outputs in ``OUT``:
 
-- ``masks/<id>.png``: 8-bit single-channel PNG, same width × height as the input slice, one bit
-  per class (the task is multi-label, classes may overlap): bit ``c`` (value ``2**c``) is set
-  where class ``c`` of the run's class list is predicted. With the default classes
+- ``masks/<id>.png``: 8-bit single-channel PNG, same width × height as the input slice. A
+  multi-class run writes the class index (0 = background, ``k`` = class ``k`` of the run's
+  class list, 1-based: the label-mask format of a folder dataset). A multi-label run (classes
+  may overlap) writes one bit per class: bit ``c`` (value ``2**c``) is set where class ``c`` of
+  the run's class list is predicted. With the default classes
   ``("large_bowel", "small_bowel", "stomach")`` that is 1 = large bowel, 2 = small bowel,
   4 = stomach, and e.g. 5 = large bowel and stomach. Decode with ``(png >> c) & 1``.
+- ``masks/<id>.nii.gz`` for a volume: the same values per voxel (uint8), on the input volume's
+  voxel grid (its affine and header); no overlay, no submission rows.
 - ``overlays/<id>.png``: RGB, the slice (contrast-stretched) with each class blended in its
   colour (:data:`CLASS_COLORS`).
 - ``submission.csv``: the Kaggle format ``id,class,predicted``, one row per slice and class in
@@ -31,7 +34,7 @@ Outputs in ``OUT``:
 
 ``<id>`` is the Kaggle id ``case{C}_day{D}_slice_{SSSS}`` for files named and placed as in
 UW-Madison (:func:`kvseg.data.parse_slice_path`), otherwise the file's path relative to the
-input folder without ``.png`` (sub-folders are kept).
+input folder without its suffix (sub-folders are kept).
 
 Faults: an unreadable file, or one with NaN / infinite pixels, is logged with a one-line
 reason, listed in the summary and skipped; the others are written (no readable file at all is
@@ -55,9 +58,9 @@ import torch
 from PIL import Image
 
 from kvseg.data.context import neighbour_table
+from kvseg.data.inputs import SliceInput, discover_inputs, read_image  # noqa: F401 (API)
 from kvseg.data.manifest import read_manifest, remove_files, write_manifest
-from kvseg.data.names import parse_slice_path
-from kvseg.data.png import load_png, read_slice
+from kvseg.data.png import read_slice
 from kvseg.errors import ConfigError, DataError, RunDirError
 from kvseg.precision import autocast, device_capability, inference_precision, resolve_precision
 from kvseg.rundir import LOCK, FolderLock, command_line
@@ -78,20 +81,6 @@ CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
 MANIFEST = ".kvseg_predict.json"
 
 
-@dataclass(frozen=True)
-class SliceInput:
-    """One slice to segment.
-
-    ``id`` names its outputs; ``scan`` groups the slices whose neighbours may be stacked
-    (``None``: the slice stands alone) and ``index`` orders them within the scan.
-    """
-
-    path: Path
-    id: str
-    scan: str | None = None
-    index: int = 0
-
-
 @dataclass
 class PredictSummary:
     """What :func:`predict` wrote: counts, paths, skipped files and replaced neighbours.
@@ -110,8 +99,10 @@ class PredictSummary:
     removed: int = 0
 
     def __str__(self) -> str:
+        where = (f"{self.out}/masks, {self.out}/overlays, {self.submission}"
+                 if self.submission else f"{self.out}/masks")
         lines = [f"predicted {self.slices} slices ({self.positive_slices} with a mask) -> "
-                 f"{self.out}/masks, {self.out}/overlays, {self.submission}"]
+                 f"{where}"]
         if self.removed:
             lines.append(f"removed {self.removed} file(s) of an earlier prediction in {self.out}")
         if self.skipped:
@@ -124,78 +115,40 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- inputs
-def discover_inputs(path: str | Path) -> list[SliceInput]:
-    """Find the slices under ``path`` (a PNG, a folder of PNGs or a UW-Madison root).
-
-    Returns them sorted by scan and slice index (UW-Madison) or by relative path (folders).
-    Raises ``FileNotFoundError`` for a missing path, :class:`~kvseg.errors.ConfigError` when
-    ``path`` is not a PNG or holds none, :class:`~kvseg.errors.DataError` when two files map to
-    the same id.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--input {path}: no such file or folder")
-    if path.is_file():
-        if path.suffix.lower() != ".png":
-            raise ConfigError(f"--input {path}: expected a .png file, a folder or a UW-Madison "
-                              "root")
-        return [_slice_input(path, path.parent)]
-    root = path
-    for split in ("test", "train"):
-        if (path / split).is_dir() and any((path / split).glob("case*/case*_day*/scans/*.png")):
-            root = path / split
-            break
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
-    if not files:
-        raise ConfigError(f"--input {path}: no .png files found")
-    items = [_slice_input(f, root) for f in files]
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(f"--input {path}: two files map to the same slice id {dup!r}")
-    return sorted(items, key=lambda it: (it.scan or "", it.index, it.id))
-
-
-def _slice_input(file: Path, root: Path) -> SliceInput:
-    """Kaggle id and scan for a UW-Madison slice file, else an id from the relative path."""
-    try:
-        info = parse_slice_path(file)
-    except DataError:
-        info = None
-    if info is not None:
-        return SliceInput(file, info.id, info.scan_id, info.slice)
-    try:
-        rel = file.relative_to(root)
-    except ValueError:
-        rel = Path(file.name)
-    return SliceInput(file, rel.with_suffix("").as_posix())
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as raw intensities, float32 (height, width): :func:`kvseg.data.load_png`
-    (16-bit and 8-bit grayscale as stored, colour as luminance) as float32.
-
-    Raises :class:`~kvseg.errors.DataError` naming the file when it cannot be decoded.
-    """
-    return load_png(path).astype(np.float32)
-
-
 # --------------------------------------------------------------------------- model
 @torch.inference_mode()
-def predict_probs(model: torch.nn.Module, batch: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Sigmoid probabilities (B, classes, S, S) for a prepared batch (B, C, S, S).
+def predict_probs(model: torch.nn.Module, batch: torch.Tensor, tta: str = "none",
+                  task: str = "multilabel") -> torch.Tensor:
+    """Probabilities (B, classes, S, S) for a prepared batch (B, C, S, S): sigmoid per class
+    (multi-label) or softmax over background + classes (multi-class).
 
     ``tta="flip"`` averages the probabilities of the image and its horizontal mirror (mirrored
     back), the flip used by training augmentation.
     """
     if tta not in ("none", "flip"):
         raise ConfigError(f"--tta {tta!r}: expected none or flip")
-    probs = torch.sigmoid(model(batch).float())
+
+    def act(logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(1) if task == "multiclass" else torch.sigmoid(
+            logits.float())
+
+    probs = act(model(batch))
     if tta == "flip":
-        flipped = torch.sigmoid(model(batch.flip(-1)).float()).flip(-1)
-        probs = (probs + flipped) / 2
+        probs = (probs + act(model(batch.flip(-1))).flip(-1)) / 2
     return probs
+
+
+def label_masks(probs: torch.Tensor, task: str, threshold: float) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+    """``(mask PNG (H, W) uint8, class masks (classes, H, W) uint8)`` from one slice's
+    probabilities at original size: the class index (multi-class argmax, background 0) or the
+    class bits (multi-label, ``>= threshold``)."""
+    if task == "multiclass":
+        labels = probs.argmax(0).numpy().astype(np.uint8)
+        planes = np.arange(1, probs.shape[0])[:, None, None] == labels[None]
+        return labels, planes.astype(np.uint8)
+    planes = (probs >= threshold).numpy().astype(np.uint8)
+    return encode_mask_png(planes), planes
 
 
 def encode_mask_png(mask: np.ndarray) -> np.ndarray:
@@ -213,11 +166,12 @@ def decode_mask_png(png: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 (H, W, 3): ``image`` (H, W) contrast-stretched to its 0.5-99.5 percentiles,
-    each class of ``mask`` (classes, H, W) blended in its :data:`CLASS_COLORS` colour."""
+    """RGB uint8 (H, W, 3): ``image`` (H, W) or (H, W, 3) contrast-stretched to its 0.5-99.5
+    percentiles, each class of ``mask`` (classes, H, W) blended in its :data:`CLASS_COLORS`
+    colour."""
     lo, hi = np.percentile(image, (0.5, 99.5)) if image.size else (0.0, 1.0)
     gray = np.clip((image - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0) * 255.0
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    rgb = gray if gray.ndim == 3 else np.repeat(gray[..., None], 3, axis=-1)
     for c in range(mask.shape[0]):
         on = mask[c].astype(bool)
         color = np.asarray(CLASS_COLORS[c % len(CLASS_COLORS)], dtype=np.float32)
@@ -234,8 +188,10 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 # --------------------------------------------------------------------------- output folder
 def _planned_files(items: Sequence[SliceInput]) -> set[str]:
     """Every file a prediction of ``items`` may write, relative to OUT."""
-    return ({"submission.csv"} | {f"masks/{it.id}.png" for it in items}
-            | {f"overlays/{it.id}.png" for it in items})
+    flat = [it for it in items if not it.volume]
+    return ({"submission.csv"} | {f"masks/{it.id}.png" for it in flat}
+            | {f"overlays/{it.id}.png" for it in flat}
+            | {f"masks/{it.id}.nii.gz" for it in items if it.volume})
 
 
 def _check_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> set[str]:
@@ -309,7 +265,10 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
         threshold = float(config.get("threshold", 0.5))
     precision = inference_precision(precision, dev.type, device_capability(dev),
                                     config.get("precision"))
+    pre = config.get("preprocess") or {}
     return predict_with_model(model.to(dev).eval(), items, out, precision=precision,
+                              task=config.get("task") or "multilabel",
+                              channels=int(pre.get("channels") or 1), window=pre.get("window"),
                               img_size=int(config["img_size"]),
                               context=int(config.get("context", 0) or 0),
                               classes=tuple(config.get("classes") or _default_classes()),
@@ -332,12 +291,16 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
                        img_size: int, context: int = 0, classes: Sequence[str] | None = None,
                        threshold: float = 0.5, tta: str = "none",
                        device: torch.device | str = "cpu", batch_size: int = 8,
-                       overwrite: bool = False, precision: str = "fp32") -> PredictSummary:
+                       overwrite: bool = False, precision: str = "fp32",
+                       task: str = "multilabel", channels: int = 1,
+                       window: Sequence[float] | None = None) -> PredictSummary:
     """Segment ``items`` with ``model`` (in eval mode, on ``device``) and write the outputs.
 
-    ``img_size`` and ``context`` must be those the model was trained with: each slice becomes a
-    (2·context + 1, img_size, img_size) input through ``prepare_slices``. ``overwrite`` as in
-    :func:`predict`; ``precision`` (``fp32``, ``bf16``, ``fp16``) is the autocast of the model.
+    ``img_size``, ``context``, ``task``, ``channels`` and ``window`` must be those the model was
+    trained with (its run's config and ``preprocess``): each slice becomes a
+    ((2·context + 1)·channels, img_size, img_size) input through ``prepare_slices``.
+    ``overwrite`` as in :func:`predict`; ``precision`` (``fp32``, ``bf16``, ``fp16``) is the
+    autocast of the model.
     """
     classes = tuple(classes or _default_classes())
     _check_args(threshold, tta, batch_size)
@@ -350,7 +313,9 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
             return _write_predictions(model, items, out, img_size=img_size, context=context,
                                       classes=classes, threshold=threshold, tta=tta,
                                       device=device, batch_size=batch_size,
-                                      overwrite=overwrite, precision=precision)
+                                      overwrite=overwrite, precision=precision,
+                                      prep=dict(task=task, channels=channels,
+                                                window=tuple(window) if window else None))
     finally:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing written: leave no empty folder behind
@@ -359,26 +324,29 @@ def predict_with_model(model: torch.nn.Module, items: Sequence[SliceInput], out:
 def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out: Path, *,
                        img_size: int, context: int, classes: tuple[str, ...], threshold: float,
                        tta: str, device: torch.device, batch_size: int,
-                       overwrite: bool, precision: str = "fp32") -> PredictSummary:
-    """The body of :func:`predict_with_model`, run while holding OUT's lock."""
+                       overwrite: bool, precision: str = "fp32",
+                       prep: dict | None = None) -> PredictSummary:
+    """The body of :func:`predict_with_model`, run while holding OUT's lock; ``prep``: the
+    run's ``task``, ``channels`` and ``window``."""
     from kvseg.data import rle_encode
     from kvseg.data.transforms import resize_to_original
 
+    prep = prep or {"task": "multilabel", "channels": 1, "window": None}
+    task = prep["task"]
     summary = PredictSummary(out=out)
     summary.removed = _prepare_out(out, items, overwrite)
     rows: list[tuple[str, str, str]] = []
     written: list[str] = []
 
-    def flush(batch: list[tuple[SliceInput, np.ndarray, torch.Tensor]]) -> None:
-        x = torch.stack([t for _, _, t in batch]).to(device)
+    def infer(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
-            probs = predict_probs(model, x, tta).cpu()
+            return predict_probs(model, x.to(device), tta, task).cpu()
+
+    def flush(batch: list[tuple[SliceInput, np.ndarray, torch.Tensor]]) -> None:
+        probs = infer(torch.stack([t for _, _, t in batch]))
         for (item, image, _), p in zip(batch, probs, strict=True):
-            h, w = image.shape
-            full = resize_to_original(p, h, w)
-            mask = (full >= threshold).numpy().astype(np.uint8)  # (classes, H, W)
-            for kind, array in (("masks", encode_mask_png(mask)),
-                                ("overlays", overlay(image, mask))):
+            png, mask = label_masks(resize_to_original(p, *image.shape[:2]), task, threshold)
+            for kind, array in (("masks", png), ("overlays", overlay(image, mask))):
                 _save_png(out / kind / f"{item.id}.png", array)
                 written.append(f"{kind}/{item.id}.png")
             rows.extend((item.id, name, rle_encode(mask[c])) for c, name in enumerate(classes))
@@ -386,34 +354,75 @@ def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out:
             summary.positive_slices += int(mask.any())
 
     batch: list[tuple[SliceInput, np.ndarray, torch.Tensor]] = []
-    for group in _group_by_scan(items):
-        for entry in _stacks(group, img_size, context, summary):
+    for group in _group_by_scan([it for it in items if not it.volume]):
+        for entry in _stacks(group, img_size, context, summary, prep["channels"], prep["window"]):
             batch.append(entry)
             if len(batch) == batch_size:
                 flush(batch)
                 batch = []
     if batch:
         flush(batch)
+    for item in (it for it in items if it.volume):
+        written += _predict_volume(infer, item, out, img_size=img_size, context=context,
+                                   task=task, threshold=threshold, batch_size=batch_size,
+                                   window=prep["window"], summary=summary)
 
     if summary.slices == 0:  # nothing written: leave no manifest behind
         (out / MANIFEST).unlink(missing_ok=True)
         first = summary.skipped[0] if summary.skipped else ("input", "no slices")
         raise DataError(f"no readable image: {first[0]}: {first[1]}")
-    summary.submission = out / "submission.csv"
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("id", "class", "predicted"))
-    writer.writerows(rows)
-    atomic_write_text(summary.submission, buf.getvalue())
-    write_manifest(out / MANIFEST, [*written, "submission.csv"], generator="kvseg.predict",
-                   complete=True)
+    if rows:
+        summary.submission = out / "submission.csv"
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(("id", "class", "predicted"))
+        writer.writerows(rows)
+        atomic_write_text(summary.submission, buf.getvalue())
+        written.append("submission.csv")
+    write_manifest(out / MANIFEST, written, generator="kvseg.predict", complete=True)
     return summary
 
 
+def _predict_volume(infer, item: SliceInput, out: Path, *, img_size: int, context: int,
+                    task: str, threshold: float, batch_size: int,
+                    window: tuple[float, float] | None, summary: PredictSummary) -> list[str]:
+    """Segment one NIfTI volume slice by slice (2.5D stacks within it) and write
+    ``masks/<id>.nii.gz``; ``[]`` if it cannot be read (listed in ``summary.skipped``)."""
+    from kvseg.data.nifti import read_volume, write_label_volume
+    from kvseg.data.transforms import prepare_slices, resize_to_original
+
+    try:
+        volume = read_volume(item.path)
+        slices = []
+        for z, plane in enumerate(volume):
+            try:
+                slices.append(prepare_slices(plane[None], img_size, window=window))
+            except DataError as e:
+                raise DataError(f"slice {z}: {e}") from None
+    except (DataError, FileNotFoundError) as e:
+        summary.skipped.append((str(item.path), str(e).removeprefix(f"{item.path}: ")))
+        log.warning("skipped %s: %s", item.path, e)
+        return []
+    table = neighbour_table([0] * len(volume), context)
+    labels = np.zeros(volume.shape, np.uint8)
+    for lo in range(0, len(volume), batch_size):
+        index = range(lo, min(lo + batch_size, len(volume)))
+        probs = infer(torch.stack([torch.cat([slices[j] for j in table[k]]) for k in index]))
+        for k, p in zip(index, probs, strict=True):
+            labels[k] = label_masks(resize_to_original(p, *volume.shape[1:]), task, threshold)[0]
+    rel = f"masks/{item.id}.nii.gz"
+    write_label_volume(out / rel, labels, item.path)
+    summary.slices += len(volume)
+    summary.positive_slices += int(labels.reshape(len(volume), -1).any(1).sum())
+    return [rel]
+
+
 def _stacks(group: Sequence[SliceInput], img_size: int, context: int,
-            summary: PredictSummary) -> list[tuple[SliceInput, np.ndarray, torch.Tensor]]:
-    """``(item, raw image (H, W) float32, model input (2·context + 1, S, S))`` for each
-    readable slice of one scan (sorted by index).
+            summary: PredictSummary, channels: int = 1,
+            window: tuple[float, float] | None = None,
+            ) -> list[tuple[SliceInput, np.ndarray, torch.Tensor]]:
+    """``(item, raw image (H, W) [x 3] float32, model input ((2·context + 1)·channels, S, S))``
+    for each readable slice of one scan (sorted by index).
 
     Unreadable slices are listed in ``summary.skipped``. Neighbours come from the one stacker
     (:func:`~kvseg.data.context.neighbour_table`) over the readable slices, so a skipped
@@ -425,7 +434,7 @@ def _stacks(group: Sequence[SliceInput], img_size: int, context: int,
     prepared: dict[int, torch.Tensor] = {}
     for i, item in enumerate(group):
         try:
-            raw, prepared[i] = read_slice(item.path, img_size)
+            raw, prepared[i] = read_slice(item.path, img_size, channels=channels, window=window)
         except (DataError, FileNotFoundError) as e:
             summary.skipped.append((str(item.path), str(e).removeprefix(f"{item.path}: ")))
             log.warning("skipped %s", e)

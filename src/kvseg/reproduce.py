@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kvseg.config import PRESET_NAMES, Preset, check_number, load_config, load_preset
-from kvseg.errors import ConfigError, DataError
+from kvseg.errors import ConfigError
 from kvseg.profile import profile_model
 from kvseg.results import ResultRow, jsonable
 from kvseg.rundir import FolderLock, command_line
@@ -137,7 +137,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
     """Train, evaluate and profile every selected variant; write the results and the report.
 
     Args:
-        data: dataset root (the UW-Madison layout).
+        data: dataset root (any layout :func:`kvseg.data.detect_layout` knows).
         out: output folder (created; owned by this process while it runs).
         preset: ``smoke``, ``paper`` or a preset YAML file (:class:`kvseg.config.Preset`).
         models: ``["all"]`` (the preset's list) or variant names.
@@ -158,12 +158,13 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
     data, out = Path(data), Path(out)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder")
-    if not (data / "train.csv").is_file():
-        raise DataError(f"--data {data}: no train.csv (expected the UW-Madison layout; "
-                        "kvseg synth --out DIR writes one)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     cfg = load_preset(preset)
+    if cfg.train.get("data_format", "auto") == "auto":
+        from kvseg.data import detect_layout
+
+        detect_layout(data)  # a folder no layout knows: one line naming it, before any work
     names = resolve_models(models if models and list(models) != ["all"] else cfg.models)
     seeds = [int(s) for s in (seeds if seeds else cfg.seeds)]
     if len(set(seeds)) != len(seeds):

@@ -72,7 +72,7 @@ from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig 
     load_config,
 )
 from kvseg.errors import CheckpointError, ConfigError
-from kvseg.losses import BCEDiceLoss
+from kvseg.losses import BCEDiceLoss, CEDiceLoss
 from kvseg.metrics import SegmentationMetrics
 from kvseg.precision import autocast, backend_settings, dtype_of, precision_for
 from kvseg.rundir import (
@@ -228,7 +228,9 @@ class _Trainer:
             from kvseg.data import CLASSES as classes
         self.model_config = {**asdict(c), "in_channels": int(first["image"].shape[0]),
                              "num_classes": int(first["mask"].shape[0]),
-                             "classes": list(classes), "precision": self.precision}
+                             "classes": list(classes), "precision": self.precision,
+                             "task": getattr(self.train_ds, "task", "multilabel"),
+                             "preprocess": getattr(self.train_ds, "preprocess", {})}
         self.model_config["data"] = str(Path(c.data).resolve())
         self.model_config["out"] = str(self.out)
         seed_everything(c.seed)  # the same weights whatever the dataset did above
@@ -275,7 +277,8 @@ class _Trainer:
             lambda s: lr_lambda(s, warmup, total, c.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype is torch.float16)
-        self.criterion = BCEDiceLoss(c.bce_weight, c.dice_weight)
+        loss = BCEDiceLoss if self.model_config["task"] == "multilabel" else CEDiceLoss
+        self.criterion = loss(c.bce_weight, c.dice_weight)
         self.epoch, self.step, self.best, self.best_epoch = 0, 0, -math.inf, None
         self.history: list[dict] = []
         self.train_seconds = 0.0
@@ -473,7 +476,8 @@ class _Trainer:
             # saves (DDP itself broadcasts rank 0's buffers at every training forward)
             for buf in self.model.buffers():
                 torch.distributed.broadcast(buf, src=0)
-        metrics = SegmentationMetrics(self.model_config["num_classes"], self.config.threshold)
+        metrics = SegmentationMetrics(self.model_config["num_classes"], self.config.threshold,
+                                      task=self.model_config["task"])
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n = 0
         for batch in self.val_loader:

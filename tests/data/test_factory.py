@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvseg.data import UWMadison, build_dataset, detect_layout
-from kvseg.data.factory import LAYOUTS
+from kvseg.data.factory import LAYOUTS, data_options
 from kvseg.errors import ConfigError, DataError
 
 
@@ -72,3 +72,28 @@ def test_the_layout_is_detected_or_the_folder_named(tiny_synth, tmp_path):
         build_dataset({"data": str(tmp_path / "nope")}, "train")
     with pytest.raises(ConfigError, match="split 'test'"):
         build_dataset({"data": str(tiny_synth)}, "test")
+
+
+def test_every_layout_is_detected_or_named(tmp_path):
+    from data.make import write_acdc, write_folder, write_synapse
+    from kvseg.config import load_config
+
+    roots = {"folder": write_folder(tmp_path / "f", k=2),
+             "synapse": write_synapse(tmp_path / "s", cases=(1, 2, 3), shape=(8, 8, 2)),
+             "acdc": write_acdc(tmp_path / "a", patients=(1, 2, 3), shape=(8, 8, 2))}
+    for name, root in roots.items():
+        assert detect_layout(root) == name
+        ds = build_dataset({"data": str(root), "img_size": 8, "n_folds": 3, "cache": False,
+                            "data_format": name}, "val")
+        assert len(ds) > 0 and ds.task == "multiclass"
+    with pytest.raises(DataError, match="no images/ and masks/ folders"):
+        build_dataset({"data": str(roots["acdc"]), "data_format": "folder"}, "val")
+    with pytest.raises(ConfigError, match="data_format='nii': expected auto or one of"):
+        build_dataset({"data": str(roots["acdc"]), "data_format": "nii"}, "val")
+    with pytest.raises(ConfigError, match="data_format='nii'"):
+        load_config(None, {"data_format": "nii"})
+    with pytest.raises(ConfigError, match="task='softmax'"):
+        load_config(None, {"task": "softmax"})
+    with pytest.raises(ConfigError, match="task=multiclass: UW-Madison masks overlap"):
+        LAYOUTS["uwmadison"].build(data_options({"data": str(tmp_path), "task": "multiclass"},
+                                                "val"))

@@ -3,6 +3,9 @@
 A dataset hands :class:`SliceCache` its files (for the cache key) and a ``prepare(i)`` function
 returning slice ``i``'s ``(image uint16 (S, S), packed mask uint8 (S, S))``; the cache stores
 them in two ``.npy`` arrays and serves them by index. It knows nothing about the layout.
+A volume dataset prepares whole volumes at once instead (``blocks``: one ``prepare(b)`` call
+returns the slices ``blocks[b]``), an RGB dataset stores three channels per slice, and a
+multi-class or many-class dataset chooses the mask dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 PrepareFn = Callable[[int], tuple[np.ndarray, np.ndarray]]
+Block = tuple[int, int]  # slices [start, stop) prepared by one call
 
 
 def _sample_digest(path: Path, blocks: int = 64, block: int = 4096) -> str:
@@ -77,15 +81,31 @@ class SliceCache:
         cache_dir: where the files go (default ``root/.kvseg_cache``).
         hashed: index files under ``root`` whose whole bytes enter the key.
         prefix: file name prefix.
+        n: number of slices (default ``len(files)``: one slice per file).
+        channels: image channels per slice; 1 stores (N, S, S), more (N, channels, S, S).
+        mask_dtype: the masks' integer dtype (bit-packed classes, or a label index).
+        salt: other settings that change the prepared slices (enter the key; caches of one
+            root and size with another salt are kept, not superseded).
+        blocks: ``[(start, stop), ...]`` covering ``range(n)``: then ``prepare(b)`` returns the
+            arrays of slices ``start..stop-1`` (a leading axis), e.g. one volume per call.
     """
 
     def __init__(self, root: str | os.PathLike, files: Sequence[str | os.PathLike],
                  img_size: int, prepare: PrepareFn, *,
                  cache_dir: str | os.PathLike | None = None,
-                 hashed: Sequence[str] = ("train.csv",), prefix: str = "uw") -> None:
+                 hashed: Sequence[str] = ("train.csv",), prefix: str = "uw",
+                 n: int | None = None, channels: int = 1, mask_dtype=np.uint8, salt: str = "",
+                 blocks: Sequence[Block] | None = None) -> None:
         self.root = Path(root)
         self.files = [str(f) for f in files]
+        self.n = len(self.files) if n is None else int(n)
         self.img_size = int(img_size)
+        s = self.img_size
+        self.image_shape = (self.n, s, s) if channels == 1 else (self.n, int(channels), s, s)
+        self.mask_dtype = np.dtype(mask_dtype)
+        self.salt = salt
+        self.variant = hashlib.sha256(salt.encode()).hexdigest()[:12] if salt else ""
+        self.blocks = list(blocks) if blocks is not None else None
         self.hashed = tuple(hashed)
         self.prefix = prefix
         self.dir = Path(cache_dir) if cache_dir is not None else self.root / ".kvseg_cache"
@@ -107,6 +127,9 @@ class SliceCache:
             rel = os.path.relpath(path, self.root)
             h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         h.update(f"img_size={self.img_size}|p={P_LOW},{P_HIGH}|v={CACHE_VERSION}".encode())
+        if self.salt:
+            h.update(f"|n={self.n}|shape={self.image_shape}|mask={self.mask_dtype.str}|"
+                     f"{self.salt}".encode())
         return h.hexdigest()[:20]
 
     def _check(self) -> str | None:
@@ -115,17 +138,18 @@ class SliceCache:
             return "missing"
         try:
             meta = json.loads(self.meta_path.read_text())
-            n, s = len(self.files), self.img_size
+            n, s = self.n, self.img_size
             if meta.get("key") != self.key or meta.get("n") != n or meta.get("img_size") != s:
                 return "metadata does not match the dataset"
-            for path, dtype, name in ((self.images_path, np.uint16, "images"),
-                                      (self.masks_path, np.uint8, "masks")):
+            for path, dtype, name, shape in (
+                    (self.images_path, np.uint16, "images", self.image_shape),
+                    (self.masks_path, self.mask_dtype, "masks", (n, s, s))):
                 if not path.exists():
                     return f"{path.name} missing"
                 if path.stat().st_size != meta[name]["bytes"]:
                     return f"{path.name} has the wrong size"
                 arr = np.load(path, mmap_mode="r")
-                if arr.shape != (n, s, s) or arr.dtype != dtype:
+                if arr.shape != shape or arr.dtype != dtype:
                     return f"{path.name} has the wrong shape or dtype"
                 del arr
                 if _sample_digest(path) != meta[name]["digest"]:
@@ -162,24 +186,32 @@ class SliceCache:
         if self._prepare is None:
             raise RuntimeError("SliceCache: no prepare function (a pickled copy cannot build)")
         prepare = self._prepare
-        n, s = len(self.files), self.img_size
+        n, s = self.n, self.img_size
         log.info("building the slice cache for %d slices at %d px in %s", n, s, self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.images_path) as ti, atomic_path(self.masks_path) as tm:
-            images = np.lib.format.open_memmap(ti, mode="w+", dtype=np.uint16, shape=(n, s, s))
-            masks = np.lib.format.open_memmap(tm, mode="w+", dtype=np.uint8, shape=(n, s, s))
+            images = np.lib.format.open_memmap(ti, mode="w+", dtype=np.uint16,
+                                               shape=self.image_shape)
+            masks = np.lib.format.open_memmap(tm, mode="w+", dtype=self.mask_dtype,
+                                              shape=(n, s, s))
             workers = threads or min(8, os.cpu_count() or 1)
-            chunk = 64 * workers  # bounded memory: results are written chunk by chunk
+            blocks = self.blocks if self.blocks is not None else [(i, i + 1) for i in range(n)]
+            one = self.blocks is None  # prepare(i) returns one slice, without a leading axis
+            chunk = (64 if one else 1) * workers  # bounded memory: written chunk by chunk
             with ThreadPoolExecutor(workers) as pool:
-                for lo in range(0, n, chunk):
-                    done = pool.map(prepare, range(lo, min(lo + chunk, n)))
-                    for i, (image, packed) in enumerate(done, start=lo):
-                        images[i], masks[i] = image, packed
+                for lo in range(0, len(blocks), chunk):
+                    done = pool.map(prepare, range(lo, min(lo + chunk, len(blocks))))
+                    for b, (image, packed) in enumerate(done, start=lo):
+                        start, stop = blocks[b]
+                        if one:
+                            images[start], masks[start] = image, packed
+                        else:
+                            images[start:stop], masks[start:stop] = image, packed
             images.flush()
             masks.flush()
             del images, masks
         meta = dict(key=self.key, n=n, img_size=s, root=str(self.root.resolve()),
-                    version=CACHE_VERSION,
+                    version=CACHE_VERSION, **({"variant": self.variant} if self.variant else {}),
                     images=dict(bytes=self.images_path.stat().st_size,
                                 digest=_sample_digest(self.images_path)),
                     masks=dict(bytes=self.masks_path.stat().st_size,
@@ -196,7 +228,8 @@ class SliceCache:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError):
                 continue
-            if meta.get("root") == root and meta.get("img_size") == self.img_size:
+            if (meta.get("root") == root and meta.get("img_size") == self.img_size
+                    and meta.get("variant", "") == self.variant):
                 stem = meta_path.name[: -len(".json")]
                 meta_path.unlink(missing_ok=True)
                 for suffix in (".images.npy", ".masks.npy", ".lock"):
@@ -204,7 +237,7 @@ class SliceCache:
                 log.info("removed superseded cache %s", stem)
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(image uint16 (S, S), packed mask uint8 (S, S))`` of slice ``index``."""
+        """``(image uint16 (S, S) or (C, S, S), mask (S, S))`` of slice ``index``."""
         if self._images is None:  # opened lazily: each DataLoader worker maps its own view
             self._images = np.load(self.images_path, mmap_mode="r")
             self._masks = np.load(self.masks_path, mmap_mode="r")

@@ -8,7 +8,7 @@ the border slice repeats.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -43,4 +43,13 @@ def neighbour_table(groups: Sequence[Hashable], context: int) -> np.ndarray:
     return np.clip(table, starts[:, None], ends[:, None] - 1)
 
 
-__all__ = ["neighbour_table"]
+def scan_positions(keys: Iterable[Hashable]) -> dict:
+    """``{key: [positions]}``: the items of each scan (volume), in item order, for per-scan (3D)
+    metrics."""
+    out: dict = {}
+    for i, key in enumerate(keys):
+        out.setdefault(key, []).append(i)
+    return out
+
+
+__all__ = ["neighbour_table", "scan_positions"]

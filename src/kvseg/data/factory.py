@@ -1,12 +1,15 @@
 """The one way kvseg builds a dataset from run options: a detected layout -> a Dataset.
 
 ``build_dataset(config, split)`` is what train, evaluate, predict and reproduce call. The
-layout is detected from the folder (:data:`LAYOUTS`, first match wins); a new layout is a row in
-that table, not a branch in every command.
+layout is detected from the folder (:data:`LAYOUTS`, first match wins) or named by the run's
+``data_format``; a new layout is a row in that table, not a branch in every command.
 
 Every layout's items share one contract: ``image`` float32 (C, S, S) in [0, 1], ``mask``
-float32 (K, S, S) in {0, 1}, ``id`` str, ``height`` and ``width`` (original pixels), ``path``
-str; UW-Madison items add ``case``, ``day``, ``slice`` and ``spacing``.
+float32 (K, S, S) in {0, 1} (multi-class: one-hot, background in channel 0), ``id`` str,
+``height`` and ``width`` (original pixels), ``path`` str; UW-Madison items add ``case``,
+``day``, ``slice`` and ``spacing``, the others ``volume``, ``slice`` and ``voxel_mm``
+(:mod:`kvseg.data.slices`). Every dataset has ``classes``, ``task`` (``multilabel`` or
+``multiclass``) and ``preprocess`` (what predict needs to prepare new images alike).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from kvseg.data.spec import DatasetSpec
 from kvseg.data.splits import check_split
 from kvseg.errors import ConfigError, DataError
 
@@ -37,6 +41,8 @@ class DataOptions:
     cache_dir: str | None = None
     exclude: tuple = ()
     augment: bool = False
+    data_format: str = "auto"
+    task: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -47,21 +53,65 @@ class Layout:
     expects: str  # what the folder holds, for the "no layout matches" error
     detect: Callable[[Path], bool]
     build: Callable[[DataOptions], Dataset]
+    images: Callable[[Path], list[Path]] | None = None  # its images, for kvseg predict
 
 
 def _build_uwmadison(o: DataOptions) -> Dataset:
     from kvseg.data.uwmadison import UWMadison
 
+    if o.task not in ("auto", "multilabel"):
+        raise ConfigError(f"task={o.task}: UW-Madison masks overlap; the task is multilabel")
     return UWMadison(o.data, split=o.split, fold=o.fold, n_folds=o.n_folds, img_size=o.img_size,
                      context=o.context, augment=o.augment, cache=o.cache, cache_dir=o.cache_dir,
                      exclude=list(o.exclude))
 
 
-#: Known layouts, tried in order. A generic folder layout (kvseg.data.FolderDataset) plugs in
-#: as another row.
+def _build_folder(o: DataOptions) -> Dataset:
+    from kvseg.data import medical
+    from kvseg.data.folder import FolderDataset
+
+    if not (o.data / "images").is_dir() or not (o.data / "masks").is_dir():
+        raise DataError(f"{o.data}: no images/ and masks/ folders")
+    if medical.is_volume_folder(o.data):
+        return medical.build_volumes(o.data, medical.folder_pairs(o.data),
+                                     DatasetSpec(source=str(o.data)), o)
+    return FolderDataset(o.data / "images", o.data / "masks", task=o.task, split=o.split,
+                         fold=o.fold, n_folds=o.n_folds, img_size=o.img_size, context=o.context,
+                         augment=o.augment, cache=o.cache, cache_dir=o.cache_dir,
+                         exclude=[str(e) for e in o.exclude])
+
+
+def _medical(name: str) -> Callable:
+    def call(arg):
+        from kvseg.data import medical
+
+        return getattr(medical, name)(arg)
+
+    return call
+
+
+def _folder_images(root: Path) -> list[Path]:
+    from kvseg.data.folder import image_files
+    from kvseg.data.nifti import nifti_files
+
+    return nifti_files(root / "images") or list(image_files(root / "images").values())
+
+
+#: Known layouts, tried in order (``data_format`` names one).
 LAYOUTS: dict[str, Layout] = {
     "uwmadison": Layout("uwmadison", "train.csv and train/case*/case*_day*/scans/*.png",
                         lambda root: (root / "train.csv").is_file(), _build_uwmadison),
+    "folder": Layout("folder", "images/ and masks/ (2D images or NIfTI volumes)",
+                     lambda root: (root / "images").is_dir() and (root / "masks").is_dir(),
+                     _build_folder, _folder_images),
+    "msd": Layout("msd", "imagesTr/*.nii.gz and labelsTr/ (Decathlon)",
+                  _medical("is_msd"), _medical("build_msd"), _medical("images_of")),
+    "synapse": Layout("synapse", "img/img*.nii.gz and label/label*.nii.gz (Synapse)",
+                      lambda root: _medical("synapse_base")(root) is not None,
+                      _medical("build_synapse"), _medical("images_of")),
+    "acdc": Layout("acdc", "patient*/patient*_frame*_gt.nii.gz (ACDC)",
+                   lambda root: _medical("acdc_base")(root) is not None,
+                   _medical("build_acdc"), _medical("images_of")),
 }
 
 
@@ -77,8 +127,23 @@ def detect_layout(root: str | os.PathLike) -> str:
     for name, layout in LAYOUTS.items():
         if layout.detect(root):
             return name
-    expected = "; ".join(f"{n}: {lay.expects}" for n, lay in LAYOUTS.items())
-    raise DataError(f"{root}: not a dataset folder kvseg knows (expected {expected})")
+    missing = "; ".join(f"no {lay.expects} ({n})" for n, lay in LAYOUTS.items())
+    raise DataError(f"{root}: not a dataset folder kvseg knows: {missing}")
+
+
+def find_layout(root: str | os.PathLike) -> str | None:
+    """The layout that recognises the folder ``root``, or ``None`` (also for a file)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    return next((name for name, lay in LAYOUTS.items() if lay.detect(root)), None)
+
+
+def check_data_format(name: str) -> str:
+    """``name`` if it is ``auto`` or a :data:`LAYOUTS` key, else a :class:`ConfigError`."""
+    if name != "auto" and name not in LAYOUTS:
+        raise ConfigError(f"data_format={name!r}: expected auto or one of {', '.join(LAYOUTS)}")
+    return name
 
 
 def _get(config: Mapping[str, Any] | object, name: str, default: Any) -> Any:
@@ -110,7 +175,9 @@ def data_options(config: Mapping[str, Any] | object, split: str, *,
                        context=int(_get(config, "context", 0)),
                        cache=bool(_get(config, "cache", True)),
                        cache_dir=_get(config, "cache_dir", None), exclude=exclude,
-                       augment=bool(augment))
+                       augment=bool(augment),
+                       data_format=check_data_format(str(_get(config, "data_format", "auto"))),
+                       task=str(_get(config, "task", "auto")))
 
 
 def build_dataset(config: Mapping[str, Any] | object, split: str, *,
@@ -119,8 +186,8 @@ def build_dataset(config: Mapping[str, Any] | object, split: str, *,
 
     Args:
         config: a mapping or an object with the attributes ``data, fold, n_folds, img_size,
-            context, cache, cache_dir, exclude, augment`` (``TrainConfig``, or a run's saved
-            config dict); missing ones take their defaults.
+            context, cache, cache_dir, exclude, augment, data_format, task`` (``TrainConfig``,
+            or a run's saved config dict); missing ones take their defaults.
         split: ``"train"``, ``"val"`` or ``"all"``.
         augment: ``None`` means ``config.augment`` for ``"train"`` and off otherwise.
 
@@ -131,8 +198,13 @@ def build_dataset(config: Mapping[str, Any] | object, split: str, *,
         DataError: no known layout matches the folder, or its files are malformed.
     """
     options = data_options(config, split, augment=augment)
-    layout = LAYOUTS[detect_layout(options.data)]
-    return layout.build(options)
+    name = options.data_format
+    if name == "auto":
+        name = detect_layout(options.data)
+    elif not options.data.is_dir():
+        raise FileNotFoundError(f"{options.data}: dataset root not found")
+    return LAYOUTS[name].build(options)
 
 
-__all__ = ["LAYOUTS", "DataOptions", "Layout", "build_dataset", "data_options", "detect_layout"]
+__all__ = ["LAYOUTS", "DataOptions", "Layout", "build_dataset", "check_data_format",
+           "data_options", "detect_layout", "find_layout"]

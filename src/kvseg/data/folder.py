@@ -1,106 +1,250 @@
 """A generic two-folder segmentation dataset, so other modalities work with the same models.
 
-Layouts (``NAME`` is the image's file stem; images are read by :func:`kvseg.data.load_png`:
-8/16-bit grayscale as stored, colour as luminance; masks are grayscale or palette PNGs)::
+Layouts (``NAME`` is the file stem; images and masks may have different suffixes: PNG, JPEG,
+TIFF, BMP, GIF, read by :mod:`kvseg.data.png`)::
 
-    labels:     images_dir/NAME.png   masks_dir/NAME.png          pixel value k = class k (1-based),
-                                                                 0 = background (no overlap)
-    per_class:  images_dir/NAME.png   masks_dir/{class}/NAME.png  nonzero = class present
-                                                                 (classes may overlap)
+    labels:     images/NAME.jpg   masks/NAME.png          pixel value k = class k (1-based),
+                                                          0 = background (no overlap)
+    per_class:  images/NAME.jpg   masks/{class}/NAME.png  nonzero = class present
+                                                          (classes may overlap)
 
-``mask_mode="auto"`` picks ``per_class`` when ``masks_dir`` has a sub-folder for every class.
-Items have the same keys as :class:`~kvseg.data.UWMadison` minus the UW ids: ``image`` float32
-(1, S, S) from :func:`~kvseg.data.transforms.prepare_slices`, ``mask`` float32 (K, S, S) in
-{0, 1}, ``id`` (NAME), ``height``, ``width`` (original pixels), ``path``.
+``mask_mode="auto"`` picks ``per_class`` when ``masks_dir`` has a sub-folder for every class (or,
+with no classes given, when it holds folders and no files). Class names, label values, the
+split, colour handling and more come from an optional ``dataset.yaml``
+(:mod:`kvseg.data.spec`); without one, label masks are read once to count the classes
+(``class_1`` ...), and a mask of 0/255 is one class. Colour images give 3 channels (RGB,
+joint percentile normalisation) unless ``channels: 1`` asks for luminance.
+
+Every image has exactly one mask (per class) and the other way round, both readable and of the
+same size: a mismatch is a :class:`~kvseg.errors.DataError` naming the file, found at
+construction. A mask value that is not a class is one too (when the slice is prepared: at
+construction with the cache, which is the default of :func:`kvseg.data.build_dataset`).
+Items: see :mod:`kvseg.data.slices` (``volume`` is the image's name, one slice each).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset
+import torch
 
-from kvseg.data.names import CLASSES
-from kvseg.data.png import load_png, read_slice
-from kvseg.data.transforms import augment as augment_fn
-from kvseg.data.transforms import resize_mask
+from kvseg.data.png import IMAGE_SUFFIXES, image_info, load_png, read_slice
+from kvseg.data.slices import SliceRef, SliceSet, encode_mask
+from kvseg.data.spec import DatasetSpec, read_spec, resolve_task, to_class_index
 from kvseg.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
 
-class FolderDataset(Dataset):
-    """Images + masks from two folders (see module docstring); no cache (decodes per item)."""
+
+class MissingMaskError(DataError, FileNotFoundError):
+    """An image without its mask (or a mask without its image)."""
+
+
+def image_files(folder: Path) -> dict[str, Path]:
+    """``{stem: file}`` of the image files directly in ``folder`` (hidden files skipped); two
+    files of one stem are a :class:`DataError`."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if p.stem in out:
+                raise DataError(f"{p}: a second file named {p.stem} (also {out[p.stem].name})")
+            out[p.stem] = p
+    return out
+
+
+def pair_files(images: dict[str, Path], masks: dict[str, Path], masks_dir: Path) -> None:
+    """Raise :class:`MissingMaskError` naming the first image without a mask, then the first
+    mask without an image."""
+    for stem, img in images.items():
+        if stem not in masks:
+            raise MissingMaskError(f"{img}: no mask for this image (expected "
+                                   f"{masks_dir}/{stem}.png or another image suffix)")
+    for stem, m in masks.items():
+        if stem not in images:
+            raise MissingMaskError(f"{m}: mask without an image of the same name")
+
+
+class FolderDataset(SliceSet):
+    """Images + masks from two folders (see the module docstring).
+
+    Args:
+        images_dir: the images.
+        masks_dir: the masks (``None``: images only, no ``mask`` in the items; e.g. to look).
+        classes: class names; ``None``: ``dataset.yaml``'s, else the mask sub-folders
+            (per-class) or ``class_1..class_K`` with K the largest label value.
+        mask_mode: ``auto``, ``labels`` or ``per_class``.
+        task: ``None`` (multi-label masks, as this class always gave), ``auto`` (multi-class
+            for label masks of two classes or more) or ``multiclass`` / ``multilabel``.
+        spec: the dataset's settings (default: ``dataset.yaml`` in the images' parent).
+        split, fold, n_folds, img_size, context, augment, cache, cache_dir, exclude: as in
+            :class:`~kvseg.data.slices.SliceSet` (context must be 0: images have no neighbours).
+    """
 
     def __init__(self, images_dir: str | os.PathLike,
                  masks_dir: str | os.PathLike | None = None, *,
-                 classes: Sequence[str] = CLASSES, img_size: int = 256,
-                 mask_mode: str = "auto", augment: bool = False) -> None:
+                 classes: Sequence[str] | None = None, img_size: int = 256,
+                 mask_mode: str = "auto", augment: bool = False, task: str | None = None,
+                 spec: DatasetSpec | None = None, split: str = "all", fold: int = 0,
+                 n_folds: int = 5, context: int = 0, cache: bool = False,
+                 cache_dir: str | os.PathLike | None = None, exclude: Sequence[str] = ()) -> None:
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
             raise FileNotFoundError(f"{self.images_dir}: images folder not found")
-        self.classes = tuple(classes)
-        if not self.classes:
-            raise ConfigError("classes must name at least one class")
-        self.img_size = int(img_size)
-        self.augment = bool(augment)
-        self.in_channels = 1
-        self.images = sorted(self.images_dir.glob("*.png"))
+        root = self.images_dir.parent
+        spec = spec if spec is not None else read_spec(root)
+        if classes is not None:
+            spec = dataclasses.replace(spec, classes=tuple(classes), values=None)
+        if context:
+            raise ConfigError(f"context={context}: a folder of 2D images has no neighbouring "
+                              "slices; use context 0")
+        self.images = list(image_files(self.images_dir).values())
         if not self.images:
-            raise DataError(f"{self.images_dir}: no .png images")
+            raise DataError(f"{self.images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
         self.masks_dir = Path(masks_dir) if masks_dir is not None else None
         self.mask_mode = mask_mode
+        self._masks: list[list[Path]] = []
         if self.masks_dir is not None:
-            if not self.masks_dir.is_dir():
-                raise FileNotFoundError(f"{self.masks_dir}: masks folder not found")
-            if mask_mode == "auto":
-                per_class = all((self.masks_dir / c).is_dir() for c in self.classes)
-                self.mask_mode = "per_class" if per_class else "labels"
-            if self.mask_mode not in ("labels", "per_class"):
-                raise ConfigError(f"mask_mode {mask_mode!r}: expected auto, labels or "
-                                  "per_class")
-            for img in self.images:
-                for m in self._mask_paths(img):
-                    if not m.is_file():
-                        raise FileNotFoundError(f"{m}: no mask for image {img}")
+            spec = self._pair_masks(spec)
+        if spec.classes is None:
+            spec = dataclasses.replace(spec, classes=self._infer_classes(spec))
+        if not spec.classes:
+            raise ConfigError("classes must name at least one class")
+        task = "multilabel" if task is None else resolve_task(
+            spec, task, self.mask_mode == "labels", str(self.masks_dir))
+        self.spec = spec
+        records, colour = self._records()
+        channels = spec.channels or (3 if colour else 1)
+        files = [*self.images, *(m for ms in self._masks for m in ms)]
+        super().__init__(root, records, [(i, i + 1) for i in range(len(records))], spec=spec,
+                         classes=spec.classes, task=task, in_channels=channels,
+                         preprocess={"channels": channels, "window": spec.window},
+                         split=split, fold=fold, n_folds=n_folds, img_size=img_size,
+                         augment=augment, cache=cache, cache_dir=cache_dir, exclude=exclude,
+                         key_files=files, salt={"values": spec.label_values(),
+                                                "background": spec.background_labels,
+                                                "threshold": spec.mask_threshold,
+                                                "channels": channels, "window": spec.window,
+                                                "mode": self.mask_mode})
 
-    def _mask_paths(self, image: Path) -> list[Path]:
+    # ---- files
+    def _pair_masks(self, spec: DatasetSpec) -> DatasetSpec:
         assert self.masks_dir is not None
+        if not self.masks_dir.is_dir():
+            raise FileNotFoundError(f"{self.masks_dir}: masks folder not found")
+        if self.mask_mode == "auto":
+            if spec.classes is not None:
+                per_class = all((self.masks_dir / c).is_dir() for c in spec.classes)
+            else:
+                entries = [p for p in self.masks_dir.iterdir() if not p.name.startswith(".")]
+                per_class = bool(entries) and all(p.is_dir() for p in entries)
+            self.mask_mode = "per_class" if per_class else "labels"
+        if self.mask_mode not in ("labels", "per_class"):
+            raise ConfigError(f"mask_mode {self.mask_mode!r}: expected auto, labels or "
+                              "per_class")
+        by_stem = {p.stem: p for p in self.images}
         if self.mask_mode == "labels":
-            return [self.masks_dir / image.name]
-        return [self.masks_dir / c / image.name for c in self.classes]
+            masks = image_files(self.masks_dir)
+            pair_files(by_stem, masks, self.masks_dir)
+            self._masks = [[masks[p.stem]] for p in self.images]
+            return spec
+        if spec.classes is None:
+            spec = dataclasses.replace(spec, classes=tuple(
+                sorted(p.name for p in self.masks_dir.iterdir() if p.is_dir()
+                       and not p.name.startswith("."))))
+        per_class = []
+        for c in spec.classes:
+            if not (self.masks_dir / c).is_dir():
+                raise MissingMaskError(f"{self.masks_dir / c}: no mask folder for class {c}")
+            masks = image_files(self.masks_dir / c)
+            pair_files(by_stem, masks, self.masks_dir / c)
+            per_class.append(masks)
+        self._masks = [[m[p.stem] for m in per_class] for p in self.images]
+        return spec
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def _infer_classes(self, spec: DatasetSpec) -> tuple[str, ...]:
+        """``class_1..class_K`` from the largest label value of every mask (read once)."""
+        if spec.mask_threshold is not None or not self._masks:
+            return ("class_1",)
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            values = set().union(*pool.map(lambda ms: set(np.unique(load_png(ms[0], labels=True))
+                                                          .tolist()), self._masks))
+        top = int(max(values, default=0))
+        if values <= {0, 255}:
+            top = 1  # all background, or a binary mask saved as 0/255
+        if top > 254:
+            raise DataError(f"{self.masks_dir}: label values up to {top}; name the classes and "
+                            "their values in dataset.yaml")
+        log.info("%s: no class names (dataset.yaml): %d class(es) from the masks' values",
+                 self.masks_dir, top)
+        return tuple(f"class_{k}" for k in range(1, top + 1))
 
-    def full_mask(self, index: int) -> np.ndarray:
-        """Masks at original size: uint8 (K, height, width) in {0, 1}."""
-        return self._full_mask(index, load_png(self.images[index]).shape)
+    def _records(self) -> tuple[list[SliceRef], bool]:
+        """One record per image (sizes from the headers; masks must match) and whether any
+        image is in colour."""
+        sr, sc = self.spec.spacing or (1.0, 1.0)
+        records, colour = [], False
+        for i, img in enumerate(self.images):
+            h, w, c = image_info(img)
+            colour |= c
+            for m in self._masks[i] if self._masks else []:
+                mh, mw, _ = image_info(m)
+                if (mh, mw) != (h, w):
+                    raise DataError(f"{m}: mask is {mw}x{mh} but image {img} is {w}x{h} "
+                                    "(width x height)")
+            group = self.spec.group_of(img.stem)
+            records.append(SliceRef(img.stem, img.stem, group, 0, h, w, (1.0, sr, sc), str(img)))
+        order = sorted(range(len(records)), key=lambda k: records[k].volume)
+        self.images = [self.images[k] for k in order]
+        self._masks = [self._masks[k] for k in order] if self._masks else []
+        return [records[k] for k in order], colour
 
-    def _full_mask(self, index: int, shape: tuple[int, ...]) -> np.ndarray:
-        img_path = self.images[index]
-        paths = self._mask_paths(img_path)
-        planes = [load_png(p, labels=True) for p in paths]
-        for p, m in zip(paths, planes, strict=True):
-            if m.shape != shape:
-                raise DataError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but image {img_path} "
-                                 f"is {shape[1]}x{shape[0]} (width x height)")
-        if self.mask_mode == "per_class":
-            return np.stack([(m > 0).astype(np.uint8) for m in planes])
-        labels = planes[0]
-        if labels.max(initial=0) > len(self.classes):
-            raise DataError(f"{paths[0]}: label value {int(labels.max())} > number of classes "
-                             f"{len(self.classes)} ({', '.join(self.classes)})")
-        return np.stack([(labels == k + 1).astype(np.uint8) for k in range(len(self.classes))])
+    # ---- slices
+    def _labels(self, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(class indices (H, W), None)`` for label masks, ``(None, planes (K, H, W))`` for
+        per-class masks, of image ``i`` at original size."""
+        paths = self._masks[i]
+        if self.mask_mode == "labels":
+            lum = self.spec.mask_threshold is not None
+            return to_class_index(load_png(paths[0], labels=not lum), self.spec, paths[0]), None
+        t = self.spec.mask_threshold or 0
+        return None, np.stack([(load_png(p, labels=t == 0) > t).astype(np.uint8) for p in paths])
 
-    def __getitem__(self, index: int) -> dict:
-        path = self.images[index]
-        raw, image = read_slice(path, self.img_size)
-        item = dict(image=image, id=path.stem,
-                    height=int(raw.shape[0]), width=int(raw.shape[1]), path=str(path))
-        if self.masks_dir is not None:
-            item["mask"] = resize_mask(self._full_mask(index, raw.shape), self.img_size)
-            if self.augment:
-                item["image"], item["mask"] = augment_fn(item["image"], item["mask"])
+    def _prepare_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        path = self.images[b]
+        raw, image = read_slice(path, self.img_size, channels=self.slice_channels,
+                                window=self.spec.window)
+        image = torch.round(image * 65535).to(torch.int32).numpy().astype(np.uint16)
+        image = image[0] if self.slice_channels == 1 else image
+        if not self._masks:
+            return image[None], np.zeros((1, self.img_size, self.img_size), self._dtype)
+        labels, planes = self._labels(b)
+        for p, m in zip(self._masks[b], [labels] if planes is None else planes, strict=True):
+            if m.shape != raw.shape[:2]:
+                raise DataError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but image {path} is "
+                                f"{raw.shape[1]}x{raw.shape[0]} (width x height)")
+        stored = encode_mask(labels, planes, self.task, len(self.classes), self.img_size)
+        return image[None], stored[None]
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if not self._masks:
+            del item["mask"]
         return item
+
+    def full_mask(self, key: int | str) -> np.ndarray:
+        """Masks at original size: uint8 (K, height, width) in {0, 1} (``key``: an image name
+        or a position in :attr:`records`)."""
+        b = self._ref(key).index
+        labels, planes = self._labels(b)
+        if planes is None:
+            planes = (np.arange(1, len(self.classes) + 1)[:, None, None] == labels[None])
+        return planes.astype(np.uint8)
+
+
+__all__ = ["FolderDataset", "MissingMaskError", "image_files", "pair_files"]

@@ -16,6 +16,10 @@ colour, palette, with alpha            uint8 luminance, ``L = 0.299 R + 0.587 G 
 =====================================  ==========================================================
 
 The same file therefore gives the same numbers in training, evaluation and prediction.
+A dataset of colour images (:func:`is_colour`) reads them with :func:`load_image` and
+``channels=3`` instead: RGB as stored (alpha dropped, palette expanded), a grayscale image of
+that dataset repeated into three channels. Pillow reads PNG, JPEG, TIFF, BMP and GIF alike
+(:data:`IMAGE_SUFFIXES`), by content, whatever the suffix.
 Masks are read with ``labels=True``: a palette PNG then gives its palette *indices* (the usual
 way label maps are stored), and a colour mask is refused (its classes would be guesswork).
 
@@ -40,6 +44,9 @@ from kvseg.data import transforms
 from kvseg.errors import DataError
 
 _RAW_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F", "L")
+_GRAY_MODES = (*_RAW_MODES, "1", "LA", "La")
+#: File suffixes kvseg takes for 2D images and masks (lower case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 
 
 def load_png(path: str | os.PathLike, *, labels: bool = False) -> np.ndarray:
@@ -79,22 +86,65 @@ def load_png(path: str | os.PathLike, *, labels: bool = False) -> np.ndarray:
     return arr
 
 
-def read_slice(path: str | os.PathLike, img_size: int) -> tuple[np.ndarray, torch.Tensor]:
+def image_info(path: str | os.PathLike) -> tuple[int, int, bool]:
+    """``(height, width, colour)`` from an image's header (the pixels are not decoded).
+
+    ``colour``: RGB, palette, CMYK, ... (anything :func:`load_png` would turn into luminance).
+    Raises like :func:`load_png`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: image file not found")
+    try:
+        with Image.open(p) as im:
+            return im.height, im.width, im.mode not in _GRAY_MODES
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{p}: unreadable image: cannot read image ({e})") from None
+
+
+def load_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
+    """Read an image with ``channels`` channels: 1 is :func:`load_png` (colour as luminance);
+    3 is RGB uint8 as stored (height, width, 3), a grayscale image repeated three times."""
+    if channels == 1:
+        return load_png(path)
+    arr = load_png(path) if image_info(path)[2] is False else None
+    if arr is not None:
+        return np.repeat(arr[..., None], 3, axis=-1)
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable image: cannot read image ({e})") from None
+
+
+def read_slice(path: str | os.PathLike, img_size: int, *, channels: int = 1,
+               window: tuple[float, float] | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Read one slice and prepare it for a model.
 
+    Args:
+        path: the image file.
+        img_size: side of the prepared square.
+        channels: 1 (luminance) or 3 (RGB, normalised with joint percentiles).
+        window: a fixed intensity window instead of the percentiles.
+
     Returns:
-        ``(raw, image)``: the :func:`load_png` array (height, width) and the
-        :func:`~kvseg.data.transforms.prepare_slices` output, float32 (1, img_size, img_size).
-        A :class:`~kvseg.errors.DataError` from the preprocessing (non-finite pixels) is raised
-        again with the file name in front.
+        ``(raw, image)``: the :func:`load_image` array ((height, width), or (height, width, 3))
+        and the :func:`~kvseg.data.transforms.prepare_slices` output, float32 (channels,
+        img_size, img_size). A :class:`~kvseg.errors.DataError` from the preprocessing
+        (non-finite pixels) is raised again with the file name in front.
     """
-    raw = load_png(path)
+    raw = load_image(path, channels)
+    stack = raw[None] if raw.ndim == 2 else raw.transpose(2, 0, 1)
     try:
         # looked up at call time: tests replace prepare_slices to see the raw values
-        image = transforms.prepare_slices(raw[None], img_size)
+        if channels == 1 and window is None:
+            image = transforms.prepare_slices(stack, img_size)
+        else:
+            image = transforms.prepare_slices(stack, img_size, window=window,
+                                              joint=channels > 1)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     return raw, image
 
 
-__all__ = ["load_png", "read_slice"]
+__all__ = ["IMAGE_SUFFIXES", "image_info", "load_image", "load_png", "read_slice"]

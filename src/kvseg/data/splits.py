@@ -2,12 +2,14 @@
 
 Folds are fixed by the dataset's full case list, before any exclusion, so excluding a scan or a
 case never moves the other cases between folds, and ``n_folds`` is checked against that same
-full list.
+full list. A "case" is any sortable key: the UW-Madison case number, or the group of a folder
+or volume dataset (a patient id, a file name). A dataset may instead list its split
+(:func:`select_listed`, the ``split:`` of a ``dataset.yaml``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -18,13 +20,14 @@ T = TypeVar("T")
 SPLITS = ("train", "val", "all")
 
 
-def case_folds(cases: Iterable[int], n_folds: int) -> dict[int, int]:
-    """Assign each case a fold: sorted case ids, a fixed permutation (seed 0), round-robin.
+def case_folds(cases: Iterable[Hashable], n_folds: int, seed: int = 0) -> dict:
+    """Assign each case a fold: sorted case ids, a fixed permutation (``seed``), round-robin.
 
     Deterministic and grouped by case (no case in two folds); fold sizes differ by at most one.
+    Case ids are ints (UW-Madison) or strings (group keys), not a mix.
     """
-    unique = sorted(set(int(c) for c in cases))
-    order = np.random.default_rng(0).permutation(len(unique))
+    unique = sorted(set(cases))
+    order = np.random.default_rng(seed).permutation(len(unique))
     return {unique[j]: k % n_folds for k, j in enumerate(order.tolist())}
 
 
@@ -49,8 +52,9 @@ def check_split(split: str, fold: int = 0, n_folds: int = 2, n_cases: int | None
         raise ConfigError(f"fold {fold}: expected 0..{n_folds - 1}")
 
 
-def select_split(items: Sequence[T], case_of: Callable[[T], int], all_cases: Iterable[int],
-                 split: str, fold: int, n_folds: int) -> list[T]:
+def select_split(items: Sequence[T], case_of: Callable[[T], Hashable],
+                 all_cases: Iterable[Hashable], split: str, fold: int, n_folds: int,
+                 seed: int = 0) -> list[T]:
     """The items of ``split``: ``"val"`` is fold ``fold``, ``"train"`` the others, ``"all"`` all.
 
     Args:
@@ -58,14 +62,37 @@ def select_split(items: Sequence[T], case_of: Callable[[T], int], all_cases: Ite
         case_of: an item's case id.
         all_cases: every case of the dataset, before exclusions: the folds come from these.
         split, fold, n_folds: as in :func:`check_split` (checked here).
+        seed: the permutation of :func:`case_folds`.
     """
-    all_cases = sorted(set(int(c) for c in all_cases))
+    all_cases = sorted(set(all_cases))
     check_split(split, fold, n_folds, len(all_cases))
     if split == "all":
         return list(items)
-    folds = case_folds(all_cases, n_folds)
+    folds = case_folds(all_cases, n_folds, seed)
     want_val = split == "val"
     return [it for it in items if (folds[case_of(it)] == fold) == want_val]
 
 
-__all__ = ["SPLITS", "case_folds", "check_split", "select_split"]
+def select_listed(items: Sequence[T], names_of: Callable[[T], Iterable[str]],
+                  lists: Mapping[str, Sequence[str]], split: str) -> list[T]:
+    """The items of ``split`` from a listed split (``{"train": [...], "val": [...]}``).
+
+    An item belongs to a list when one of ``names_of(item)`` (its volume id, its group) is in
+    it. With only ``val`` listed, ``train`` is everything else; with both, an item in neither
+    list is in ``"all"`` only. ``"all"`` is every item.
+    """
+    check_split(split)
+    if split == "all":
+        return list(items)
+    listed = {k: set(v) for k, v in lists.items()}
+
+    def member(it: T, key: str) -> bool:
+        return any(n in listed[key] for n in names_of(it))
+
+    if split in listed:
+        return [it for it in items if member(it, split)]
+    other = "val" if split == "train" else "train"
+    return [it for it in items if not member(it, other)]
+
+
+__all__ = ["SPLITS", "case_folds", "check_split", "select_listed", "select_split"]

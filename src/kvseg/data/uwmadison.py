@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kvseg.data.cache import SliceCache
-from kvseg.data.context import neighbour_table
+from kvseg.data.context import neighbour_table, scan_positions
 from kvseg.data.names import (
     BAD_SCANS,
     CLASSES,
@@ -265,6 +265,8 @@ class UWMadison(Dataset):
     """
 
     classes = CLASSES
+    task = "multilabel"  # the organs overlap: one sigmoid channel per class
+    preprocess = {"channels": 1, "window": None}
 
     def __init__(self, root: str | os.PathLike, *, split: str = "train", fold: int = 0,
                  n_folds: int = 5, img_size: int = 256, context: int = 0, augment: bool = False,
@@ -350,10 +352,7 @@ class UWMadison(Dataset):
 
     def scans(self) -> dict[str, list[int]]:
         """``{"caseC_dayD": [item indices sorted by slice]}`` for per-scan (3D) metrics."""
-        out: dict[str, list[int]] = {}
-        for i, r in enumerate(self.records):
-            out.setdefault(r.scan_id, []).append(i)
-        return out
+        return scan_positions(r.scan_id for r in self.records)
 
     def __repr__(self) -> str:
         return (f"UWMadison({str(self.root)!r}, split={self.split!r}, fold={self.fold}, "
