@@ -204,8 +204,9 @@ def test_a_diverged_variant_is_recorded_and_the_others_reported(tiny, tmp_path, 
         return summary
 
     monkeypatch.setattr(T, "train", train_that_diverges)
+    # jobs=1: the patched train must run in this process (worker processes import their own)
     summary = reproduce(data, tmp_path / "out", preset=str(preset),
-                        models=["setr_qkv", "setr_kv"], device="cpu", progress=False)
+                        models=["setr_qkv", "setr_kv"], device="cpu", jobs=1, progress=False)
     assert summary.trained == 2
     rows = {r["model"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
     assert rows["setr_kv"]["status"].startswith("diverged: non-finite training loss")
