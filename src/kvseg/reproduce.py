@@ -402,17 +402,30 @@ def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,
     picks = choose_samples(ds, n)
     if not picks:
         return None
+    from kvseg.metrics import predicted_masks, target_masks
+    from kvseg.predict import CLASS_COLORS
+
+    task = config.get("task", "multilabel")
     items = [ds[i] for i in picks]
     x = torch.stack([it["image"] for it in items])
-    masks = torch.stack([it["mask"] for it in items]).numpy() > 0.5
-    images = x[:, int(config["context"])].numpy()
+    masks = target_masks(torch.stack([it["mask"] for it in items]), task).numpy()
+    images = x[:, x.shape[1] // 2].numpy()  # the centre slice of the 2.5D stack
     preds = {}
     for name, run_dir in first_seed.items():
         model, cfg = load_run(run_dir, map_location="cpu")
         with torch.inference_mode():
-            probs = torch.sigmoid(model(x).float()).numpy()
-        preds[name] = probs >= float(cfg.get("threshold", 0.5))
+            preds[name] = predicted_masks(model(x).float(), cfg.get("task", "multilabel"),
+                                          float(cfg.get("threshold", 0.5))).numpy()
     plot_samples(images, masks.astype(np.uint8), {k: v.astype(np.uint8) for k, v in preds.items()},
                  [it["id"] for it in items], out / "samples.png")
-    return ("Validation slices: ground truth and each model's prediction (its first seed); "
-            "red = large bowel, green = small bowel, blue = stomach")
+    names = list(config.get("classes") or [])
+    legend = ", ".join(f"{_colour_name(CLASS_COLORS[i % len(CLASS_COLORS)])} = "
+                       f"{n.replace('_', ' ')}" for i, n in enumerate(names))
+    return ("Validation slices: ground truth and each model's prediction (its first seed)"
+            + (f"; {legend}" if legend else ""))
+
+
+def _colour_name(rgb: tuple[int, int, int]) -> str:
+    names = {(230, 60, 60): "red", (60, 200, 80): "green", (60, 120, 240): "blue",
+             (240, 200, 40): "yellow", (200, 60, 220): "magenta", (40, 210, 210): "cyan"}
+    return names.get(tuple(rgb), "colour")
