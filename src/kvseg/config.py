@@ -137,6 +137,8 @@ class TrainConfig:
     augment: bool = _opt(True, "training-time augmentation")
     cache: bool = _opt(True, "cache prepared slices on disk")
     cache_dir: str | None = _opt(None, "where to cache (none = the dataset's .kvseg_cache)")
+    train_fraction: float = _opt(1.0, "fraction of the training cases used (nested, grouped "
+                                      "by case; the validation fold is unchanged)")
     exclude: list = _opt([], "case-day ids to drop, e.g. case7_day0 (bad = the 12 known bad "
                              "scans)")
     workers: int | None = _opt(None, "DataLoader worker processes per process (none = auto: 0 on "
@@ -196,6 +198,7 @@ class TrainConfig:
         if not self.fold < self.n_folds:
             raise ConfigError(f"fold={self.fold}: must be in [0, n_folds={self.n_folds})")
         check_number("lr", self.lr, minimum=0, min_open=True)
+        check_number("train_fraction", self.train_fraction, minimum=0, maximum=1, min_open=True)
         check_number("encoder_lr_mult", self.encoder_lr_mult, minimum=0, min_open=True)
         from kvseg.models.kv_rules import RULES
         from kvseg.models.pretrained import LAYOUTS

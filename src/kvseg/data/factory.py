@@ -43,6 +43,7 @@ class DataOptions:
     augment: bool = False
     data_format: str = "auto"
     task: str = "auto"
+    train_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ def data_options(config: Mapping[str, Any] | object, split: str, *,
                        cache_dir=_get(config, "cache_dir", None), exclude=exclude,
                        augment=bool(augment),
                        data_format=check_data_format(str(_get(config, "data_format", "auto"))),
-                       task=str(_get(config, "task", "auto")))
+                       task=str(_get(config, "task", "auto")),
+                       train_fraction=float(_get(config, "train_fraction", 1.0)))
 
 
 def build_dataset(config: Mapping[str, Any] | object, split: str, *,
@@ -191,6 +193,10 @@ def build_dataset(config: Mapping[str, Any] | object, split: str, *,
         split: ``"train"``, ``"val"`` or ``"all"``.
         augment: ``None`` means ``config.augment`` for ``"train"`` and off otherwise.
 
+    ``train_fraction`` < 1 keeps that fraction of the training *cases* (patients, volumes):
+    nested (a fixed permutation of the training cases, so the 25 % subset lies inside the 50 %
+    one) and grouped (a case is in or out whole); the validation split is unchanged.
+
     Raises:
         ConfigError: no ``data`` ("data: the dataset root is required (--data DIR)"), or a bad
             split / fold / option.
@@ -203,7 +209,12 @@ def build_dataset(config: Mapping[str, Any] | object, split: str, *,
         name = detect_layout(options.data)
     elif not options.data.is_dir():
         raise FileNotFoundError(f"{options.data}: dataset root not found")
-    return LAYOUTS[name].build(options)
+    dataset = LAYOUTS[name].build(options)
+    if split == "train" and options.train_fraction < 1.0:
+        from kvseg.data.splits import GroupSubset
+
+        dataset = GroupSubset.fraction(dataset, options.train_fraction)
+    return dataset
 
 
 __all__ = ["LAYOUTS", "DataOptions", "Layout", "build_dataset", "check_data_format",

@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from kvseg.errors import ConfigError
 
@@ -95,4 +96,53 @@ def select_listed(items: Sequence[T], names_of: Callable[[T], Iterable[str]],
     return [it for it in items if not member(it, other)]
 
 
-__all__ = ["SPLITS", "case_folds", "check_split", "select_listed", "select_split"]
+def item_groups(dataset) -> list[Hashable]:
+    """The case (group) of every item of a kvseg dataset, without loading any image."""
+    records = getattr(dataset, "records", None)
+    if records is None:
+        raise ConfigError(f"{type(dataset).__name__}: cannot subset by case (no records)")
+    return [r.case if hasattr(r, "case") else r.group for r in records]
+
+
+def nested_cases(cases: Iterable[Hashable], fraction: float, seed: int = 0) -> list[Hashable]:
+    """The first ``ceil(fraction · n)`` (at least 1) of a fixed permutation of the sorted cases:
+    for fractions f1 < f2 the f1 subset lies inside the f2 subset."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"train_fraction={fraction}: must be in (0, 1]")
+    unique = sorted(set(cases))
+    order = np.random.default_rng(seed).permutation(len(unique)).tolist()
+    keep = max(1, int(np.ceil(fraction * len(unique) - 1e-9)))
+    return [unique[j] for j in order[:keep]]
+
+
+class GroupSubset(Dataset):
+    """A dataset restricted to some of its cases; forwards every other attribute (``classes``,
+    ``task``, ``preprocess`` ...) to the dataset it wraps."""
+
+    def __init__(self, dataset, indices: Sequence[int], cases: Sequence[Hashable]) -> None:
+        self.dataset, self.indices, self.cases = dataset, list(indices), list(cases)
+
+    @classmethod
+    def fraction(cls, dataset, fraction: float, seed: int = 0) -> GroupSubset:
+        groups = item_groups(dataset)
+        keep = set(nested_cases(groups, fraction, seed))
+        return cls(dataset, [i for i, g in enumerate(groups) if g in keep], sorted(keep))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, name: str):
+        if name in ("dataset", "indices", "cases") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    @property
+    def records(self):
+        return [self.dataset.records[i] for i in self.indices]
+
+
+__all__ = ["SPLITS", "GroupSubset", "case_folds", "check_split", "item_groups", "nested_cases",
+           "select_listed", "select_split"]
