@@ -196,8 +196,8 @@ def test_a_diverged_variant_is_recorded_and_the_others_reported(tiny, tmp_path, 
     data, preset = tiny
     real_train = T.train
 
-    def train_that_diverges(config):
-        summary = real_train(config)
+    def train_that_diverges(config, **kwargs):
+        summary = real_train(config, **kwargs)
         if config.model == "setr_kv":
             raise T.NonFiniteLossError("non-finite training loss (nan) at epoch 1 step 2; "
                                        "stopped")

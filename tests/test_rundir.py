@@ -44,6 +44,8 @@ def test_a_file_in_the_way_is_refused(tmp_path):
 def test_check_new_run_names_the_files_of_another_run(tmp_path):
     check_new_run(tmp_path / "absent")
     check_new_run(tmp_path)
+    (tmp_path / "config.yaml").write_text("model: setr_kv\n")  # a run killed in epoch 1
+    check_new_run(tmp_path)
     (tmp_path / "metrics.csv").write_text("epoch\n")
     with pytest.raises(RunDirError, match="metrics.csv"):
         check_new_run(tmp_path)

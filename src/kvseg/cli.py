@@ -278,6 +278,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--margin", type=_number(minimum=0),
                    help="non-inferiority margin of the verdicts in Jaccard points "
                         "(default: the preset's, 2)")
+    p.add_argument("--list-runs", action="store_true",
+                   help="print one `kvseg train` command per pending run (for a cluster "
+                        "scheduler) and exit; run reproduce again afterwards to report")
 
 
 def _run_reproduce(args) -> int:
@@ -285,8 +288,43 @@ def _run_reproduce(args) -> int:
 
     report = reproduce(args.data, args.out, preset=args.preset, models=args.models,
                        seeds=args.seeds, device=args.device, epochs=args.epochs,
-                       jobs=args.jobs, margin=args.margin)
+                       jobs=args.jobs, margin=args.margin, list_runs=args.list_runs)
     print(report)
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="KV vs QKV across heads, width, depth, resolution, data size",
+                       description="Train every model at every value of every factor (one "
+                                   "factor at a time, or --grid), same seeds and budget; "
+                                   "sweep.csv, report.md and one plot per factor.")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="ablation_smoke",
+                   help="ablation_smoke, ablation_paper, smoke, paper or a YAML file")
+    p.add_argument("--vary", action="append", metavar="NAME=V1,V2,...",
+                   help="a factor and its values (repeatable): a training option (img_size, "
+                        "train_fraction, lr, ...) or a model preset field (heads, dim, depth, "
+                        "patch_size, pos_dim, ...); default: the preset's vary")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
+                   help="every combination of the factors (default: one at a time)")
+    p.add_argument("--models", nargs="+", default=["all"])
+    p.add_argument("--seeds", nargs="+", type=ANY_INT)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=POSITIVE_INT, help="runs trained at once (as reproduce)")
+    p.add_argument("--margin", type=_number(minimum=0), help="verdict margin, Jaccard points")
+    p.add_argument("--list-runs", action="store_true",
+                   help="print one `kvseg train` command per pending run (for a cluster "
+                        "scheduler) and exit; run the sweep again afterwards to report")
+
+
+def _run_sweep(args) -> int:
+    from kvseg.sweep import parse_vary, sweep
+
+    summary = sweep(args.data, args.out, preset=args.preset, vary=parse_vary(args.vary),
+                    grid=args.grid, models=args.models, seeds=args.seeds, device=args.device,
+                    jobs=args.jobs, margin=args.margin, list_runs=args.list_runs)
+    print(summary)
     return 0
 
 
@@ -301,6 +339,7 @@ COMMANDS = {
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
     "reproduce": (_add_reproduce, _run_reproduce),
+    "sweep": (_add_sweep, _run_sweep),
 }
 
 

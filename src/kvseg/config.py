@@ -270,7 +270,7 @@ def packaged_configs() -> list[str]:
 
 
 #: The packaged configs that are ``kvseg reproduce`` presets.
-PRESET_NAMES = ("smoke", "paper", "paper_pretrained")
+PRESET_NAMES = ("smoke", "paper", "paper_pretrained", "ablation_smoke", "ablation_paper")
 #: The packaged configs that are ``kvseg train`` configs.
 TRAIN_CONFIG_NAMES = ("default", "train_micro", "train_paper")
 
@@ -386,6 +386,8 @@ class Preset:
     margin: float = _opt(2.0, "non-inferiority margin of the verdicts, in Jaccard points")
     resamples: int = _opt(2000, "bootstrap resamples of the validation case-days")
     notes: str = _opt("", "free text (not used)")
+    vary: dict = _opt({}, "kvseg sweep: factor -> list of values (one factor at a time)")
+    grid: bool = _opt(False, "kvseg sweep: every combination of the factors instead")
     train: dict = _opt({}, "TrainConfig options shared by every run")
     name: str = field(default="", metadata={"derived": True})
     path: str = field(default="", metadata={"derived": True})
@@ -408,6 +410,9 @@ class Preset:
         check_number("threads", self.threads, integer=True, minimum=1, optional=True)
         check_number("margin", self.margin, minimum=0)
         check_number("resamples", self.resamples, integer=True, minimum=1)
+        for factor, values in self.vary.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"vary.{factor}: expected a non-empty list of values")
         for key in self.RUN_KEYS:
             if key in self.train:
                 raise ConfigError(f"train.{key} is set per run by kvseg reproduce; remove it")
@@ -492,6 +497,34 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig, *,
                                 metavar=metavar, **kw)
 
 
+def config_to_flags(config: TrainConfig, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """The ``kvseg train`` flags that rebuild ``config``: every option that differs from its
+    default (the inverse of :func:`add_config_flags` + :func:`overrides_from_args`)."""
+    defaults = config_defaults()
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in skip or value == defaults[f.name]:
+            continue
+        flag = _flag(f.name)
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, *(f"{k}={_yaml_scalar(v)}" for k, v in value.items())]
+        elif value is None:
+            argv += [flag, "none"]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _yaml_scalar(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
 def overrides_from_args(args: argparse.Namespace, cls=TrainConfig) -> dict:
     """The options given on the command line (flags made by :func:`add_config_flags`)."""
     out = {}
@@ -509,6 +542,6 @@ def overrides_from_args(args: argparse.Namespace, cls=TrainConfig) -> dict:
 
 __all__ = ["AMP_CHOICES", "DERIVED_KEYS", "PRESET_NAMES", "RESUME_MAY_CHANGE", "TRAIN_CONFIG_NAMES",
            "Preset", "TrainConfig",
-           "add_config_flags", "check_number", "config_defaults", "config_path",
+           "add_config_flags", "check_number", "config_defaults", "config_path", "config_to_flags",
            "default_config_path", "load_config", "load_preset", "overrides_from_args",
            "packaged_configs", "read_yaml"]

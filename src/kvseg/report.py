@@ -1,8 +1,9 @@
-"""Tables and plots of a reproduction: results.csv/json, report.md and the figures.
+"""The text of kvseg's reports: a reproduction's report.md and a sweep's (the figures are in
+:mod:`kvseg.figures`).
 
 Everything here is a pure function of result rows (one :class:`kvseg.results.ResultRow` per
 model and seed, or a mapping that :meth:`~kvseg.results.ResultRow.from_dict` accepts) plus, for
-the figures, the runs' ``metrics.csv`` files and the sample predictions;
+the figures (:mod:`kvseg.figures`), the runs' ``metrics.csv`` files and the sample predictions;
 :func:`kvseg.reproduce.reproduce` gathers those and calls :func:`write_report`. The files
 results.csv/json are written and read by :mod:`kvseg.results` (``write_results`` and
 ``RESULT_COLUMNS`` are re-exported here).
@@ -15,14 +16,10 @@ those paired differences; parameter and MAC deltas are relative (%) and do not d
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-
-import numpy as np
 
 from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.results import (  # noqa: F401  (RESULT_COLUMNS, write_results: re-exported)
@@ -38,12 +35,10 @@ from kvseg.stats import (
     paired_difference,
     verdict_sentence,
 )
-from kvseg.utils import atomic_write_bytes, atomic_write_text
+from kvseg.utils import atomic_write_text
 
 #: Metrics averaged over seeds in the report: the float columns of results.csv.
 METRICS = METRIC_COLUMNS
-_MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^"}
-_LINESTYLES = {"qkv": "-", "kv": "--", "kv_pos": ":"}
 
 
 # --------------------------------------------------------------------------- numbers
@@ -276,161 +271,76 @@ def _missed_text(rows: Sequence[ResultRow | Mapping]) -> list[str]:
                       body), ""]
 
 
-# --------------------------------------------------------------------------- figures
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _family_colors(families: Iterable[str]) -> dict[str, str]:
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    return {f: palette[i % len(palette)] for i, f in enumerate(sorted(set(families)))}
+# --------------------------------------------------------------------------- sweeps
+def value_key(value):
+    """Sort factor values numerically where they are numbers, else as text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
 
 
-def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) -> Path:
-    """Validation Jaccard against GMACs, one panel per family (shared y axis).
+def sweep_deltas(rows: Sequence[Mapping], *, margin: float = DEFAULT_MARGIN,
+                 resamples: int = DEFAULT_RESAMPLES) -> dict[str, list[dict]]:
+    """Per factor, :func:`family_deltas` at each of its values (each dict gains ``value``)."""
+    out: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault((r["factor"], r["value"]), []).append(
+            {k: v for k, v in r.items() if k not in ("factor", "value")})
+    for (factor, value), group in sorted(groups.items(),
+                                         key=lambda kv: (kv[0][0], value_key(kv[0][1]))):
+        for d in family_deltas(group, margin=margin, resamples=resamples):
+            out.setdefault(factor, []).append({"value": value, **d})
+    return out
 
-    Each seed is a faint point; the mean over seeds is a large marker with an error bar of one
-    standard deviation. Modes differ by colour and marker (legend); the modes of a family have
-    nearly the same MACs, so their points are spread apart by a small horizontal offset (1 % of
-    the family's MACs per mode, said in the axis label) instead of being labelled in place; the
-    seeds sit just left of their mean.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Mapping,
+                       grid: bool, preset, margin: float = DEFAULT_MARGIN,
+                       device: str = "cpu") -> Path:
+    """report.md of a sweep and one ``sweep_<factor>.png`` per factor (see :mod:`kvseg.sweep`)."""
+    out_dir = Path(out_dir)
+    resamples = getattr(preset, "resamples", DEFAULT_RESAMPLES)
+    deltas = sweep_deltas(rows, margin=margin, resamples=resamples)
+    design = ("every combination of " if grid else "one factor at a time around the preset: ") \
+        + "; ".join(f"`{k}` = {', '.join(map(str, v))}" for k, v in vary.items())
+    seeds = sorted({int(r["seed"]) for r in rows})
+    parts = ["# kvseg sweep: does KV hold up across the factors?", "",
+             f"- **design**: {design}",
+             f"- **preset**: {preset.name} ({preset.path}); training options (the same for every "
+             f"run, apart from the factor): "
+             f"{', '.join(f'{k}={v}' for k, v in sorted(preset.train.items()))}",
+             f"- **models**: {', '.join(dict.fromkeys(r['model'] for r in rows))}",
+             f"- **seeds**: {', '.join(map(str, seeds))}; **device**: {device}",
+             f"- **rows**: `sweep.csv` / `sweep.json` ({len(rows)} rows: factor, value, model, "
+             "seed, then the results.csv columns)", "",
+             *statistics_text(margin, resamples), ""]
+    for factor, ds in deltas.items():
+        parts += [f"## {factor}", ""]
+        body = []
+        for d in ds:
+            verdict = d["jaccard_verdict"]
+            if verdict in ("better", "not worse", "worse", "inconclusive"):
+                verdict = verdict_sentence(verdict, margin, MODE_LABELS[d["attention"]])
+            body.append([str(d["value"]), d["family"], MODE_LABELS[d["attention"]],
+                         f"{d['params_pct']:+.2f} %", f"{d['macs_pct']:+.2f} %",
+                         _ci(d, "jaccard"), _ci(d, "weighted_jaccard"), str(d["seeds"]),
+                         verdict])
+        parts += [_md_table([factor, "family", "vs QKV", "params", "MACs",
+                             "Δ Jaccard (pts) [95% CI]", "Δ weighted Jaccard (pts) [95% CI]",
+                             "seeds", "verdict (Jaccard)"], body), ""]
+        png = f"sweep_{_safe_name(factor)}.png"
+        from kvseg.figures import plot_sweep
 
-    parsed = as_rows(rows)
-    agg = aggregate(parsed)
-    families = sorted({a["family"] for a in agg})
-    modes = [m for m in MODES if any(a["attention"] == m for a in agg)]
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    colors = {m: palette[i % len(palette)] for i, m in enumerate(modes)}
-    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(3.4 * max(1, len(families)), 3.8),
-                             sharey=True, squeeze=False)
-    for ax, family in zip(axes[0], families, strict=False):
-        fam = [a for a in agg if a["family"] == family]
-        ref = max(float(a["macs"]) for a in fam) / 1e9
-        for a in fam:
-            mode = a["attention"]
-            k = modes.index(mode) - (len(modes) - 1) / 2 if mode in modes else 0
-            x = float(a["macs"]) / 1e9 + 0.01 * ref * k
-            seeds = [r.jaccard for r in parsed if r.model == a["model"]
-                     and math.isfinite(r.jaccard)]
-            ax.scatter([x - 0.004 * ref] * len(seeds), seeds, s=14, alpha=0.35,
-                       color=colors.get(mode, "gray"), marker=_MARKERS.get(mode, "x"),
-                       linewidths=0)
-            std = a["jaccard_std"] if math.isfinite(a["jaccard_std"]) else 0.0
-            ax.errorbar(x, a["jaccard_mean"], yerr=std, capsize=3, markersize=8,
-                        marker=_MARKERS.get(mode, "x"), linestyle="none",
-                        color=colors.get(mode, "gray"))
-        ax.set_title(family, fontsize=9)
-        ax.set_xlabel("GMACs per image (batch 1)\n(modes offset by 1 % for visibility)",
-                      fontsize=7)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=7)
-        ax.set_xlim(min(float(a["macs"]) / 1e9 for a in fam) - 0.03 * ref, ref * 1.03)
-    axes[0][0].set_ylabel("validation Jaccard (mean over classes)", fontsize=8)
-    handles = [Line2D([], [], color=colors[m], marker=_MARKERS.get(m, "x"), linestyle="none",
-                      label=MODE_LABELS.get(m, m)) for m in modes]
-    handles.append(Line2D([], [], color="gray", marker="o", alpha=0.35, linestyle="none",
-                          label="one seed"))
-    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles),
-               frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = Path(path)
-    _save_figure(fig, path)
+        plot_sweep(ds, factor, out_dir / png)
+        parts += [f"![{factor}]({png})", ""]
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 
-def read_metrics_csv(path: str | Path) -> dict[str, list[float]]:
-    """A run's metrics.csv as columns of floats (empty cells become NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    cols: dict[str, list[float]] = {}
-    for row in rows:
-        for k, v in row.items():
-            try:
-                cols.setdefault(k, []).append(float(v) if v not in ("", None) else math.nan)
-            except ValueError:
-                cols.setdefault(k, []).append(math.nan)
-    return cols
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))
 
 
-def plot_training_curves(runs: Mapping[str, tuple[str, str, Path]], path: str | Path) -> Path:
-    """Training loss and validation Jaccard per epoch of every run.
 
-    ``runs`` maps a label (``model/seed``) to (family, attention, metrics.csv path); missing
-    files are skipped. Colour = family, line style = attention mode.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = _family_colors(f for f, _, _ in runs.values())
-    fig, (ax_loss, ax_jac) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, (family, mode, csv_path) in sorted(runs.items()):
-        if not Path(csv_path).is_file():
-            continue
-        cols = read_metrics_csv(csv_path)
-        epochs = cols.get("epoch") or list(range(1, len(next(iter(cols.values()), [])) + 1))
-        style = dict(color=colors[family], linestyle=_LINESTYLES.get(mode, "-"), marker=".",
-                     label=label)
-        if "train_loss" in cols:
-            ax_loss.plot(epochs, cols["train_loss"], **style)
-        if "jaccard" in cols:
-            ax_jac.plot(epochs, cols["jaccard"], **style)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    ax_jac.set(xlabel="epoch", ylabel="validation Jaccard", title="validation Jaccard")
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax_loss, ax_jac):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_jac.legend(fontsize=6, ncol=2, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    _save_figure(fig, path)
-    return path
-
-
-def plot_samples(images: np.ndarray, masks: np.ndarray, predictions: Mapping[str, np.ndarray],
-                 ids: Sequence[str], path: str | Path) -> Path:
-    """Grid: one row per validation slice; columns = ground truth, then each model's prediction,
-    as coloured overlays (:data:`kvseg.predict.CLASS_COLORS`).
-
-    ``images`` (N, S, S) float (the centre channel of the model input), ``masks`` and each
-    ``predictions[label]`` (N, classes, S, S) binary.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kvseg.predict import overlay
-
-    labels = list(predictions)
-    n, cols = len(images), 1 + len(labels)
-    fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.8 * n), squeeze=False)
-    for i in range(n):
-        panels = [("ground truth", masks[i])] + [(lab, predictions[lab][i]) for lab in labels]
-        for j, (title, mask) in enumerate(panels):
-            ax = axes[i][j]
-            ax.imshow(overlay(images[i], mask))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(title, fontsize=7)
-            if j == 0:
-                ax.set_ylabel(ids[i], fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    _save_figure(fig, path)
-    return path

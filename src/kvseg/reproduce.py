@@ -64,6 +64,16 @@ class ReproduceSummary:
                 f"(skipped); {self.seconds:.0f} s\nreport: {self.report}")
 
 
+@dataclass
+class ListedRuns:
+    """The pending runs as self-contained ``kvseg train`` commands (``--list-runs``)."""
+
+    commands: list[str]
+
+    def __str__(self) -> str:
+        return "\n".join(self.commands) if self.commands else "# every run is finished"
+
+
 def preset_path(preset: str) -> Path:
     """``smoke``/``paper`` -> the packaged YAML; anything else is taken as a YAML file path."""
     from kvseg.config import PRESET_NAMES, config_path
@@ -133,7 +143,8 @@ def default_jobs(device: torch.device, threads: int | None = None) -> int:
 def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
               models: list[str] | tuple[str, ...] = ("all",), seeds: list[int] | None = None,
               device: str = "auto", epochs: int | None = None, jobs: int | None = None,
-              margin: float | None = None, progress: bool = True) -> ReproduceSummary:
+              margin: float | None = None, list_runs: bool = False,
+              progress: bool = True) -> ReproduceSummary | ListedRuns:
     """Train, evaluate and profile every selected variant; write the results and the report.
 
     Args:
@@ -148,6 +159,8 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
             each run uses the preset's ``threads`` torch threads, so results do not depend on it.
         margin: the non-inferiority margin of the verdicts, in Jaccard points (None: the
             preset's).
+        list_runs: return the pending runs as ``kvseg train`` commands (:class:`ListedRuns`)
+            instead of running anything; run reproduce again after they ran to report.
         progress: show the overall progress bar.
 
     Profiling runs first, once per model, while nothing else runs (clean latency); then the
@@ -191,12 +204,16 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
                                         "device": str(device)})
             job_list.append(Job.make((name, seed), run_dir, config, profile=profile_settings))
 
+    if list_runs:
+        from kvseg.runner import untrained_jobs
+
+        return ListedRuns([job.train_command() for job in untrained_jobs(job_list)])
     with FolderLock(out, command_line()):
-        _profile_models(job_list, out, dev, cfg)
-        work = functools.partial(_train_and_evaluate, out=out, device=str(dev),
+        profile_models(job_list, dev, cfg)
+        work = functools.partial(train_and_evaluate, device=str(dev),
                                  progress=progress and n_jobs == 1)
         results = run_jobs(job_list, work, progress=progress, desc="reproduce", n_jobs=n_jobs,
-                           threads=cfg.threads, on_done=_log_finished)
+                           threads=cfg.threads, on_done=log_finished)
         rows = [r.row for r in results]
         run_dirs = {r.job.key: r.job.run_dir for r in results}
         report = _write_outputs(out, rows, run_dirs, cfg=cfg, data=data, train_opts=train_opts,
@@ -209,26 +226,27 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
                             seconds=time.perf_counter() - t_start)
 
 
-def _profile_path(out: Path, name: str) -> Path:
-    return out / "runs" / name / "profile.json"
+def _profile_path(job: Job) -> Path:
+    """Where a job's model profile lives: ``meta["profile"]``, else beside its seed folders."""
+    return Path(job.meta.get("profile", job.run_dir.parent / "profile.json"))
 
 
 def _profile_settings(job: Job) -> dict:
     return {k: v for k, v in job.settings.items() if k != "seed"}
 
 
-def _profile_models(jobs: list[Job], out: Path, device: torch.device, cfg: Preset) -> None:
-    """Profile every model with a pending run, once per model and before any training, so that
-    latency is measured on a quiet machine (params/MACs/latency do not depend on the seed)."""
-    from kvseg.runner import DONE, read_done
+def profile_models(jobs: list[Job], device: torch.device, cfg: Preset) -> None:
+    """Profile every model configuration with a pending run, once each and before any training,
+    so that latency is measured on a quiet machine (params/MACs/latency do not depend on the
+    seed). Jobs share a profile when they share :func:`_profile_path`."""
+    from kvseg.runner import pending_jobs
 
-    first: dict[str, Job] = {}
-    for job in jobs:
-        if read_done(job.run_dir / DONE) is None:
-            first.setdefault(job.key[0], job)
+    first: dict[Path, Job] = {}
+    for job in pending_jobs(jobs):
+        first.setdefault(_profile_path(job), job)
     shapes: dict[tuple, tuple[int, int]] = {}
-    for name, job in first.items():
-        path = _profile_path(out, name)
+    for path, job in first.items():
+        name = job.config.model
         key = fingerprint(_profile_settings(job))
         if _cached_profile(path, key) is not None:
             continue
@@ -267,7 +285,7 @@ def _cached_profile(path: Path, key: str) -> dict | None:
     return None
 
 
-def _train_and_evaluate(job: Job, *, out: Path, device: str, progress: bool) -> dict:
+def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
     """Train and evaluate one job (in this process or a worker); its result row, with the
     model's profile from profile.json. A diverged run is a result too."""
     from kvseg import train as T
@@ -288,9 +306,9 @@ def _train_and_evaluate(job: Job, *, out: Path, device: str, progress: bool) -> 
         status = f"diverged: {str(e).split(';')[0]}"
         summary = {"train_seconds": math.nan, "epochs": 0, "steps": 0}
         mean, cases = {}, None
-    prof = _cached_profile(_profile_path(out, name), fingerprint(_profile_settings(job)))
+    prof = _cached_profile(_profile_path(job), fingerprint(_profile_settings(job)))
     if prof is None:
-        raise RuntimeError(f"{_profile_path(out, name)}: missing profile (profiled first)")
+        raise RuntimeError(f"{_profile_path(job)}: missing profile (profiled first)")
     info = model_info(name)
     row = ResultRow(
         model=name, family=info["family"], attention=info["mode"], seed=seed,
@@ -306,7 +324,7 @@ def _train_and_evaluate(job: Job, *, out: Path, device: str, progress: bool) -> 
     return row.to_dict()
 
 
-def _log_finished(result) -> None:
+def log_finished(result) -> None:
     r = result.row
     log.info("%s seed %d: jaccard %s, missed %s (trained %s steps in %.0f s; %s)", r["model"],
              r["seed"], "–" if r["jaccard"] is None else f"{r['jaccard']:.4f}", r["missed"],
@@ -316,14 +334,9 @@ def _log_finished(result) -> None:
 def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], Path], *,
                    cfg: Preset, data: Path, train_opts: dict, device: torch.device,
                    seeds: list[int], margin: float, n_jobs: int) -> Path:
+    from kvseg.figures import plot_jaccard_vs_macs, plot_samples, plot_training_curves
     from kvseg.models.registry import model_info
-    from kvseg.report import (
-        plot_jaccard_vs_macs,
-        plot_samples,
-        plot_training_curves,
-        write_report,
-        write_results,
-    )
+    from kvseg.report import write_report, write_results
 
     write_results(rows, out)
     plot_jaccard_vs_macs(rows, out / "jaccard_vs_macs.png")

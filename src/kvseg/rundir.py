@@ -43,8 +43,10 @@ CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 CURVES = "curves.png"
 LOCK = ".kvseg.lock"
-#: Files whose presence means the folder holds (part of) a training run.
-RUN_FILES = (LAST, BEST, METRICS, CONFIG)
+#: Files whose presence means the folder holds (part of) a training run. ``config.yaml`` alone
+#: is not one: it is written when a run starts, so a run killed in its first epoch leaves only
+#: it, and starting again loses nothing.
+RUN_FILES = (LAST, BEST, METRICS)
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "jaccard", "weighted_jaccard", "dice",
                   "lr", "seconds", "steps")
 

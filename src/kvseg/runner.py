@@ -20,12 +20,13 @@ added to kvseg later counts as equal at its default and finished runs stay valid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 from kvseg.config import TrainConfig, config_defaults
 from kvseg.errors import RunDirError
 from kvseg.results import jsonable
-from kvseg.rundir import LAST
+from kvseg.rundir import LAST, METRICS
 from kvseg.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,33 @@ class Job:
         config: its training options.
         settings: what a finished run must match to be reused: by default the config without
             :data:`FREE_KEYS`; commands add their own (e.g. profiling settings).
+        meta: what the command keeps with the job (not compared), e.g. a sweep's factor.
     """
 
     key: tuple
     run_dir: Path
     config: TrainConfig
     settings: dict
+    meta: dict = field(default_factory=dict)
 
     @classmethod
-    def make(cls, key: tuple, run_dir: Path, config: TrainConfig, **extra) -> Job:
+    def make(cls, key: tuple, run_dir: Path, config: TrainConfig, *, meta: dict | None = None,
+             **extra) -> Job:
         settings = {k: v for k, v in vars(config).items() if k not in FREE_KEYS}
         settings.update(extra)
-        return cls(key, Path(run_dir), config, settings)
+        return cls(key, Path(run_dir), config, settings, dict(meta or {}))
+
+    def train_command(self) -> str:
+        """A self-contained ``kvseg train`` command line for this run (for a cluster
+        scheduler); ``--resume`` when the run was started already."""
+        import shlex
+
+        from kvseg.config import config_to_flags
+
+        argv = ["kvseg", "train", *config_to_flags(self.config, skip=("resume",))]
+        if (self.run_dir / LAST).is_file():
+            argv.append("--resume")
+        return shlex.join(argv)
 
     @property
     def label(self) -> str:
@@ -111,6 +127,27 @@ def read_done(path: Path) -> dict | None:
         log.warning("%s is unreadable; the run will be redone", path)
         return None
     return done if isinstance(done, dict) and isinstance(done.get("row"), dict) else None
+
+
+def pending_jobs(jobs: Sequence[Job]) -> list[Job]:
+    """The jobs without a finished run (``done.json``), in order."""
+    return [job for job in jobs if read_done(job.run_dir / DONE) is None]
+
+
+def untrained_jobs(jobs: Sequence[Job]) -> list[Job]:
+    """The pending jobs whose training has not finished all its epochs (``metrics.csv`` has
+    fewer rows than ``epochs``): what ``--list-runs`` hands to a scheduler. A run trained
+    elsewhere but not yet evaluated is not listed; the next reproduce/sweep evaluates it."""
+    out = []
+    for job in pending_jobs(jobs):
+        path = job.run_dir / METRICS
+        epochs = 0
+        if path.is_file() and (job.run_dir / LAST).is_file():
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                epochs = max(0, len(path.read_text(encoding="utf-8").splitlines()) - 1)
+        if epochs < job.config.epochs:
+            out.append(job)
+    return out
 
 
 def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], *, progress: bool = True,
@@ -216,5 +253,5 @@ def _init_worker(threads: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-__all__ = ["DONE", "FREE_KEYS", "Job", "JobResult", "fingerprint", "read_done", "run_jobs",
-           "same_settings"]
+__all__ = ["DONE", "FREE_KEYS", "Job", "JobResult", "fingerprint", "pending_jobs", "read_done",
+           "run_jobs", "same_settings", "untrained_jobs"]

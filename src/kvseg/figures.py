@@ -1,0 +1,233 @@
+"""Every figure kvseg writes (matplotlib, Agg, PNG): a reproduction's Jaccard-vs-MACs, training
+curves and sample predictions, and a sweep's per-factor plot.
+
+Pure functions of result rows (:class:`kvseg.results.ResultRow` or mappings), the statistics of
+:mod:`kvseg.report` and the runs' ``metrics.csv``; each writes its PNG atomically. The tables
+and text live in :mod:`kvseg.report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kvseg.layers.attention import MODE_LABELS, MODES
+from kvseg.results import ResultRow, as_rows
+from kvseg.utils import atomic_write_bytes
+
+MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^", "shared_kv": "D", "shared_qv": "v",
+           "single": "P", "kv_relpos": "*"}
+LINESTYLES = {"qkv": "-", "kv": "--", "kv_pos": ":", "shared_kv": "-.", "shared_qv": "-.",
+              "single": "--", "kv_relpos": ":"}
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _family_colors(families: Iterable[str]) -> dict[str, str]:
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    return {f: palette[i % len(palette)] for i, f in enumerate(sorted(set(families)))}
+
+
+def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) -> Path:
+    """Validation Jaccard against GMACs, one panel per family (shared y axis).
+
+    Each seed is a faint point; the mean over seeds is a large marker with an error bar of one
+    standard deviation. Modes differ by colour and marker (legend); the modes of a family have
+    nearly the same MACs, so their points are spread apart by a small horizontal offset (1 % of
+    the family's MACs per mode, said in the axis label) instead of being labelled in place; the
+    seeds sit just left of their mean.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from kvseg.report import aggregate
+
+    parsed = as_rows(rows)
+    agg = aggregate(parsed)
+    families = sorted({a["family"] for a in agg})
+    modes = [m for m in MODES if any(a["attention"] == m for a in agg)]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(modes)}
+    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(3.4 * max(1, len(families)), 3.8),
+                             sharey=True, squeeze=False)
+    for ax, family in zip(axes[0], families, strict=False):
+        fam = [a for a in agg if a["family"] == family]
+        ref = max(float(a["macs"]) for a in fam) / 1e9
+        for a in fam:
+            mode = a["attention"]
+            k = modes.index(mode) - (len(modes) - 1) / 2 if mode in modes else 0
+            x = float(a["macs"]) / 1e9 + 0.01 * ref * k
+            seeds = [r.jaccard for r in parsed if r.model == a["model"]
+                     and math.isfinite(r.jaccard)]
+            ax.scatter([x - 0.004 * ref] * len(seeds), seeds, s=14, alpha=0.35,
+                       color=colors.get(mode, "gray"), marker=MARKERS.get(mode, "x"),
+                       linewidths=0)
+            std = a["jaccard_std"] if math.isfinite(a["jaccard_std"]) else 0.0
+            ax.errorbar(x, a["jaccard_mean"], yerr=std, capsize=3, markersize=8,
+                        marker=MARKERS.get(mode, "x"), linestyle="none",
+                        color=colors.get(mode, "gray"))
+        ax.set_title(family, fontsize=9)
+        ax.set_xlabel("GMACs per image (batch 1)\n(modes offset by 1 % for visibility)",
+                      fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.set_xlim(min(float(a["macs"]) / 1e9 for a in fam) - 0.03 * ref, ref * 1.03)
+    axes[0][0].set_ylabel("validation Jaccard (mean over classes)", fontsize=8)
+    handles = [Line2D([], [], color=colors[m], marker=MARKERS.get(m, "x"), linestyle="none",
+                      label=MODE_LABELS.get(m, m)) for m in modes]
+    handles.append(Line2D([], [], color="gray", marker="o", alpha=0.35, linestyle="none",
+                          label="one seed"))
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles),
+               frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = Path(path)
+    _save_figure(fig, path)
+    return path
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[float]]:
+    """A run's metrics.csv as columns of floats (empty cells become NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            try:
+                cols.setdefault(k, []).append(float(v) if v not in ("", None) else math.nan)
+            except ValueError:
+                cols.setdefault(k, []).append(math.nan)
+    return cols
+
+
+def plot_training_curves(runs: Mapping[str, tuple[str, str, Path]], path: str | Path) -> Path:
+    """Training loss and validation Jaccard per epoch of every run.
+
+    ``runs`` maps a label (``model/seed``) to (family, attention, metrics.csv path); missing
+    files are skipped. Colour = family, line style = attention mode.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = _family_colors(f for f, _, _ in runs.values())
+    fig, (ax_loss, ax_jac) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, (family, mode, csv_path) in sorted(runs.items()):
+        if not Path(csv_path).is_file():
+            continue
+        cols = read_metrics_csv(csv_path)
+        epochs = cols.get("epoch") or list(range(1, len(next(iter(cols.values()), [])) + 1))
+        style = dict(color=colors[family], linestyle=LINESTYLES.get(mode, "-"), marker=".",
+                     label=label)
+        if "train_loss" in cols:
+            ax_loss.plot(epochs, cols["train_loss"], **style)
+        if "jaccard" in cols:
+            ax_jac.plot(epochs, cols["jaccard"], **style)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_jac.set(xlabel="epoch", ylabel="validation Jaccard", title="validation Jaccard")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_jac):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_jac.legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    _save_figure(fig, path)
+    return path
+
+
+def plot_samples(images: np.ndarray, masks: np.ndarray, predictions: Mapping[str, np.ndarray],
+                 ids: Sequence[str], path: str | Path) -> Path:
+    """Grid: one row per validation slice; columns = ground truth, then each model's prediction,
+    as coloured overlays (:data:`kvseg.predict.CLASS_COLORS`).
+
+    ``images`` (N, S, S) float (the centre channel of the model input), ``masks`` and each
+    ``predictions[label]`` (N, classes, S, S) binary.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kvseg.predict import overlay
+
+    labels = list(predictions)
+    n, cols = len(images), 1 + len(labels)
+    fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.8 * n), squeeze=False)
+    for i in range(n):
+        panels = [("ground truth", masks[i])] + [(lab, predictions[lab][i]) for lab in labels]
+        for j, (title, mask) in enumerate(panels):
+            ax = axes[i][j]
+            ax.imshow(overlay(images[i], mask))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(ids[i], fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    _save_figure(fig, path)
+    return path
+
+
+def plot_sweep(deltas: Sequence[Mapping], factor: str, path: str | Path) -> Path:
+    """Δ Jaccard (95% interval) and the parameter / MAC saving of each mode against QKV, per
+    family, against the factor's value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kvseg.report import value_key
+
+    values = sorted({d["value"] for d in deltas}, key=value_key)
+    numeric = all(value_key(v)[0] == 0 for v in values)
+    xpos = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+    colors = _family_colors(d["family"] for d in deltas)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    series: dict[tuple, list[Mapping]] = {}
+    for d in deltas:
+        series.setdefault((d["family"], d["attention"]), []).append(d)
+    for (family, mode), ds in sorted(series.items()):
+        ds = sorted(ds, key=lambda d: value_key(d["value"]))
+        x = [xpos[d["value"]] for d in ds]
+        y = [d["jaccard_pts"] for d in ds]
+        lo = [d["jaccard_pts"] - d["jaccard_low"] if math.isfinite(d["jaccard_low"]) else 0
+              for d in ds]
+        hi = [d["jaccard_high"] - d["jaccard_pts"] if math.isfinite(d["jaccard_high"]) else 0
+              for d in ds]
+        style = dict(color=colors[family], marker=MARKERS.get(mode, "x"),
+                     linestyle=LINESTYLES.get(mode, "-"), label=f"{family} {MODE_LABELS[mode]}")
+        ax1.errorbar(x, y, yerr=[lo, hi], capsize=3, **style)
+        ax2.plot(x, [-d["macs_pct"] for d in ds], **style)
+        ax2.plot(x, [-d["params_pct"] for d in ds], color=colors[family], alpha=0.35,
+                 marker=MARKERS.get(mode, "x"), linestyle=":")
+    ax1.axhline(0, color="gray", linewidth=0.8)
+    ax1.set(xlabel=factor, ylabel="Δ Jaccard vs QKV (points, 95% CI)")
+    ax2.set(xlabel=factor, ylabel="saving vs QKV (%): MACs solid, params faint")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax1.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    _save_figure(fig, path)
+    return path

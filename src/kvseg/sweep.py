@@ -1,0 +1,303 @@
+"""``kvseg sweep``: does KV hold up as heads, width, depth, resolution or data size change?
+
+Every listed model is trained at every value of every factor, one factor at a time around the
+preset's configuration (or, with ``grid``, at every combination), with the same seeds and budget
+as ``kvseg reproduce``, through the same job runner (skip finished runs, resume interrupted
+ones, refuse mixed settings, parallel runs) and the same profiling and evaluation.
+
+Factors (``--vary NAME=V1,V2,...`` or the preset's ``vary:``):
+
+- any :class:`~kvseg.config.TrainConfig` option: ``img_size``, ``train_fraction`` (a nested,
+  case-grouped fraction of the training cases), ``lr``, ``epochs`` ...;
+- any field of the model's size preset (set through ``model_overrides``): ``dim``, ``depth``,
+  ``num_heads`` (alias ``heads``), ``patch_size``, ``pos_dim``, ``mlp_ratio`` ... A family
+  without that field is not run for that factor (e.g. ``patch_size`` is SETR's alone). For CvT,
+  whose preset has one value per stage, ``heads``/``num_heads``, ``dim`` and ``depth`` set the
+  **last stage** (where most of its attention is) and scale the earlier stages' heads and
+  widths by the same ratio (rounded; widths to a multiple of the heads).
+
+Runs are stored by configuration: ``OUT/runs/<model>/<tag>/seed<k>`` where ``tag`` is a short
+hash of the run's options, so the preset's own configuration, which every factor passes
+through, is trained once and shared (``sweep.csv`` still has one row per factor, value, model
+and seed). ``--list-runs`` prints one self-contained ``kvseg train`` command per pending run
+for a cluster scheduler; running the sweep again afterwards finds them trained and only
+evaluates, profiles and reports.
+
+Outputs: ``sweep.csv`` / ``sweep.json`` (``factor, value`` then the results.csv columns),
+``report.md`` (per factor: each mode's Jaccard difference to QKV with its 95% interval and the
+parameter/MAC saving against the factor's value) and ``sweep_<factor>.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from kvseg.config import TrainConfig, check_number, config_defaults, load_config, load_preset
+from kvseg.errors import ConfigError
+from kvseg.results import RESULT_COLUMNS, jsonable
+from kvseg.rundir import FolderLock, command_line
+from kvseg.runner import Job, fingerprint, pending_jobs, run_jobs, untrained_jobs
+from kvseg.utils import atomic_write_text, resolve_device
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"heads": "num_heads"}
+#: CvT's per-stage fields a scalar factor sets at the last stage.
+_CVT_STAGE = {"num_heads": "num_heads", "dim": "dims", "depth": "depths"}
+SWEEP_COLUMNS = ("factor", "value", *RESULT_COLUMNS)
+
+
+@dataclass
+class SweepSummary:
+    """What :func:`sweep` did (its ``str`` is what the CLI prints)."""
+
+    out: Path
+    report: Path | None
+    trained: int
+    skipped: int
+    seconds: float
+    commands: list[str] | None = None
+
+    def __str__(self) -> str:
+        if self.commands is not None:
+            return "\n".join(self.commands) if self.commands else "# every run is finished"
+        return (f"{self.trained} run(s) trained, {self.skipped} already complete (skipped); "
+                f"{self.seconds:.0f} s\nreport: {self.report}")
+
+
+def parse_vary(items: list[str] | None) -> dict[str, list]:
+    """``["heads=2,4", "img_size=96,128"]`` -> ``{"heads": [2, 4], "img_size": [96, 128]}``
+    (each value read as YAML: numbers become numbers)."""
+    out: dict[str, list] = {}
+    for item in items or []:
+        name, sep, values = item.partition("=")
+        if not sep or not name or not values:
+            raise ConfigError(f"--vary {item!r}: expected NAME=V1,V2,...")
+        if name in out:
+            raise ConfigError(f"--vary {name}: given twice")
+        out[name] = [yaml.safe_load(v) for v in values.split(",")]
+    return out
+
+
+def apply_factor(name: str, value, options: dict, model: str, size: str) -> dict | None:
+    """``options`` (TrainConfig options) with factor ``name`` set to ``value`` for ``model``;
+    None when the model's family has no such field (it is not run for this factor)."""
+    from kvseg.models.registry import model_info, resolve_config
+
+    options = {**options, "model_overrides": dict(options.get("model_overrides") or {})}
+    if name in config_defaults():
+        options[name] = value
+        return options
+    field = ALIASES.get(name, name)
+    preset = resolve_config(model, size, **options["model_overrides"])
+    family = model_info(model)["family"]
+    if family == "setr_cvt" and field in _CVT_STAGE:
+        options["model_overrides"].update(_cvt_last_stage(preset, field, value))
+    elif not hasattr(preset, field):
+        return None
+    else:
+        options["model_overrides"][field] = value
+    return _without_preset_values(options, model, size)
+
+
+def _without_preset_values(options: dict, model: str, size: str) -> dict:
+    """Drop overrides equal to the size preset's own values, so that a factor at the preset's
+    value is the preset's run (shared by every factor), not a copy of it."""
+    from kvseg.models.registry import resolve_config
+
+    plain = resolve_config(model, size)
+    kept = {k: v for k, v in options["model_overrides"].items()
+            if (tuple(v) if isinstance(v, list) else v) != getattr(plain, k)}
+    return {**options, "model_overrides": kept}
+
+
+def _cvt_last_stage(preset, field: str, value) -> dict:
+    """CvT: the last stage takes ``value``; earlier heads and widths scale by the same ratio."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{field}={value!r}: expected a positive integer for CvT")
+    heads, dims, depths = list(preset.num_heads), list(preset.dims), list(preset.depths)
+    if field == "depth":
+        depths[-1] = value
+        return {"depths": depths}
+    if field == "num_heads":
+        heads = [max(1, round(h * value / heads[-1])) for h in heads]
+    else:
+        scale = value / dims[-1]
+        dims = [max(h, round(d * scale / h) * h) for d, h in zip(dims, heads, strict=True)]
+        dims[-1] = value
+    if any(d % h for d, h in zip(dims, heads, strict=True)):
+        raise ConfigError(f"{field}={value}: the CvT stage widths {dims} are not divisible by "
+                          f"their heads {heads}")
+    return {"num_heads": heads, "dims": dims}
+
+
+def _points(vary: dict[str, list], grid: bool) -> list[tuple[str, object, dict]]:
+    """(factor label, value label, {factor: value}) for every point of the design."""
+    if grid:
+        names = list(vary)
+        return [("grid", ",".join(f"{n}={v}" for n, v in zip(names, combo, strict=True)),
+                 dict(zip(names, combo, strict=True)))
+                for combo in itertools.product(*(vary[n] for n in names))]
+    return [(name, value, {name: value}) for name, values in vary.items() for value in values]
+
+
+def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
+          vary: dict[str, list] | None = None, grid: bool | None = None,
+          models: list[str] | tuple[str, ...] = ("all",), seeds: list[int] | None = None,
+          device: str = "auto", jobs: int | None = None, margin: float | None = None,
+          list_runs: bool = False, progress: bool = True) -> SweepSummary:
+    """Run (or list) the sweep and write its results and report (see the module docstring).
+
+    Args:
+        data: dataset root (any layout ``build_dataset`` knows).
+        out: output folder (owned by this process while it runs).
+        preset: a preset name or YAML file (its ``train``, ``models``, ``seeds``, ``vary``).
+        vary: factor -> values; overrides the preset's ``vary``.
+        grid: every combination instead of one factor at a time (None: the preset's).
+        models: ``["all"]`` (the preset's list) or variant names.
+        seeds: override the preset's seeds.
+        device: ``auto``, ``cpu``, ``cuda``.
+        jobs: runs trained at once (None: as ``kvseg reproduce``).
+        margin: the verdicts' non-inferiority margin (None: the preset's).
+        list_runs: print the pending runs as ``kvseg train`` commands instead of running them.
+        progress: the overall progress bar.
+    """
+    from kvseg.reproduce import (
+        default_jobs,
+        log_finished,
+        profile_models,
+        resolve_models,
+        train_and_evaluate,
+    )
+
+    t_start = time.perf_counter()
+    data, out = Path(data), Path(out)
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such folder")
+    cfg = load_preset(preset)
+    vary = dict(vary) if vary else dict(cfg.vary)
+    if not vary:
+        raise ConfigError("--vary: name at least one factor (e.g. --vary heads=2,4) or use a "
+                          "preset with a vary: section")
+    grid = cfg.grid if grid is None else bool(grid)
+    names = resolve_models(models if models and list(models) != ["all"] else cfg.models)
+    seeds = [int(s) for s in (seeds if seeds else cfg.seeds)]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {seeds}: repeated seed")
+    margin = cfg.margin if margin is None else check_number("--margin", margin, minimum=0)
+    dev = resolve_device(device)
+    n_jobs = default_jobs(dev, cfg.threads) if jobs is None else int(jobs)
+    check_number("--jobs", n_jobs, integer=True, minimum=1)
+    base = {**cfg.train, "data": str(data.resolve()), "device": str(device)}
+    size = base.get("size", TrainConfig().size)
+    profile_settings = {"latency_repeats": cfg.latency_repeats,
+                        "latency_warmup": cfg.latency_warmup,
+                        "latency_threads": cfg.latency_threads}
+    jobs_by_dir: dict[Path, Job] = {}
+    design: list[tuple[str, object, Job]] = []  # (factor, value, job) rows of sweep.csv
+    for factor, value, point in _points(vary, grid):
+        for name in names:
+            options = {**base, "model": name}
+            for f, v in point.items():
+                options = apply_factor(f, v, options, name, size) if options else None
+            if options is None:
+                continue
+            tag = fingerprint({k: v for k, v in options.items()
+                               if k not in ("data", "device")})[:10]
+            for seed in seeds:
+                run_dir = out / "runs" / name / tag / f"seed{seed}"
+                if run_dir not in jobs_by_dir:
+                    try:
+                        config = load_config(None, {**options, "seed": seed,
+                                                    "out": str(run_dir)})
+                    except ConfigError as e:
+                        raise ConfigError(f"--vary {factor}={value} for {name}: {e}") from None
+                    jobs_by_dir[run_dir] = Job.make(
+                        (name, seed), run_dir, config, profile=profile_settings,
+                        meta={"profile": run_dir.parent / "profile.json"})
+                design.append((factor, value, jobs_by_dir[run_dir]))
+    if not design:
+        raise ConfigError(f"--vary {', '.join(vary)}: no selected model has these fields")
+    job_list = list(jobs_by_dir.values())
+    if list_runs:
+        return SweepSummary(out, None, 0, len(job_list) - len(pending_jobs(job_list)),
+                            time.perf_counter() - t_start,
+                            commands=[job.train_command() for job in untrained_jobs(job_list)])
+    _check_base(out, base, profile_settings)
+    with FolderLock(out, command_line()):
+        _write_design(out, vary, grid, cfg, base, profile_settings)
+        profile_models(job_list, dev, cfg)
+        work = functools.partial(train_and_evaluate, device=str(dev),
+                                 progress=progress and n_jobs == 1)
+        results = run_jobs(job_list, work, progress=progress, desc="sweep", n_jobs=n_jobs,
+                           threads=cfg.threads, on_done=log_finished)
+        rows_by_dir = {r.job.run_dir: r.row for r in results}
+        rows = [{"factor": f, "value": v, **rows_by_dir[job.run_dir]} for f, v, job in design]
+        write_sweep_results(rows, out)
+        from kvseg.report import write_sweep_report
+
+        report = write_sweep_report(out, rows, vary=vary, grid=grid, preset=cfg,
+                                    margin=margin, device=str(dev))
+    trained = sum(not r.skipped for r in results)
+    return SweepSummary(out, report, trained, len(results) - trained,
+                        time.perf_counter() - t_start)
+
+
+DESIGN = "sweep_design.json"
+
+
+def _check_base(out: Path, base: dict, profile: dict) -> None:
+    """Refuse an ``out`` whose sweep used other base settings (training options, data,
+    profiling): its runs would sit beside these unnoticed. More factors, values, models or seeds
+    are fine: they add runs."""
+    from kvseg.errors import RunDirError
+    from kvseg.runner import same_settings
+
+    path = out / DESIGN
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RunDirError(f"{path}: unreadable; use another --out") from None
+    current = {k: v for k, v in base.items() if k != "device"}
+    if not (same_settings(stored.get("base"), current) and stored.get("profile") == profile):
+        raise RunDirError(f"{out} holds a sweep with other settings (preset, data or training "
+                          "options differ); use another --out")
+
+
+def _write_design(out: Path, vary: dict, grid: bool, cfg, base: dict, profile: dict) -> None:
+    """The factors, values and base settings of this sweep (checked by the next run)."""
+    atomic_write_text(out / DESIGN, json.dumps(jsonable(
+        {"vary": vary, "grid": grid, "preset": cfg.name, "profile": profile,
+         "base": {k: v for k, v in base.items() if k != "device"}}), indent=2) + "\n")
+
+
+def write_sweep_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    """sweep.csv (:data:`SWEEP_COLUMNS`; NaN / None as empty cells) and sweep.json."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SWEEP_COLUMNS, lineterminator="\n",
+                            extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v))
+                             else v) for k, v in row.items()})
+    csv_path, json_path = out / "sweep.csv", out / "sweep.json"
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(json_path, json.dumps(jsonable(rows), indent=2) + "\n")
+    return csv_path, json_path
+
+
+__all__ = ["SWEEP_COLUMNS", "SweepSummary", "apply_factor", "parse_vary", "sweep",
+           "write_sweep_results"]

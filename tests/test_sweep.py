@@ -1,0 +1,101 @@
+"""kvseg sweep: one factor at a time through the job runner; rows, report, plots, skip, list."""
+
+from __future__ import annotations
+
+import csv
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvseg import cli
+from kvseg.data.synth import generate
+from kvseg.errors import ConfigError
+from kvseg.sweep import apply_factor, parse_vary, sweep
+
+TINY = {"seeds": [0], "latency_repeats": 1, "latency_warmup": 0, "num_samples": 0, "threads": 1,
+        "models": ["setr_qkv", "setr_kv"],
+        "train": {"size": "micro", "img_size": 32, "n_folds": 3, "epochs": 1,
+                  "max_steps_per_epoch": 2, "batch_size": 4, "lr": 2e-3}}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sweep")
+    generate(base / "data", cases=3, days=1, slices=6, seed=1)
+    preset = base / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY))
+    return base / "data", preset
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_two_factors_two_values_rows_report_plots_and_a_rerun_skips(tiny, tmp_path):
+    data, preset = tiny
+    out = tmp_path / "out"
+    vary = {"heads": [2, 4], "depth": [2, 4]}
+    s = sweep(data, out, preset=str(preset), vary=vary, device="cpu", jobs=1, progress=False)
+    # micro SETR has 4 heads and depth 4: heads=4 and depth=4 are the same run, trained once
+    assert s.trained == 2 * 3 and s.skipped == 0
+    rows = _rows(out / "sweep.csv")
+    assert len(rows) == 2 * 2 * 2 * 1  # factors x values x models x seeds
+    assert {(r["factor"], r["value"], r["model"], r["seed"]) for r in rows} == {
+        (f, str(v), m, "0") for f in vary for v in vary[f] for m in TINY["models"]}
+    by = {(r["factor"], r["value"], r["model"]): r for r in rows}
+    assert by[("heads", "4", "setr_kv")]["jaccard"] == by[("depth", "4", "setr_kv")]["jaccard"]
+    assert int(by[("depth", "2", "setr_qkv")]["params"]) < int(by[("depth", "4", "setr_qkv")]
+                                                                ["params"])
+    for f in vary:
+        assert (out / f"sweep_{f}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "## heads" in report and "## depth" in report and "[95% CI]" in report
+    again = sweep(data, out, preset=str(preset), vary=vary, device="cpu", jobs=1,
+                  progress=False)
+    assert again.trained == 0 and again.skipped == 6
+    # the same folder with another budget is refused, not mixed
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 2}}))
+    with pytest.raises(ValueError, match="other settings"):
+        sweep(data, out, preset=str(other), vary=vary, device="cpu", jobs=1, progress=False)
+
+
+def test_list_runs_prints_train_commands_that_the_sweep_then_reports(tiny, tmp_path, capsys):
+    data, preset = tiny
+    out = tmp_path / "out"
+    argv = ["sweep", "--data", str(data), "--out", str(out), "--preset", str(preset),
+            "--vary", "img_size=32", "--models", "setr_kv", "--device", "cpu", "--jobs", "1"]
+    assert cli.main([*argv, "--list-runs"]) == 0
+    commands = [c for c in capsys.readouterr().out.splitlines() if c.startswith("kvseg ")]
+    assert len(commands) == 1 and not (out / "runs").exists()
+    # the scheduler runs it ...
+    args = shlex.split(commands[0])
+    assert args[:2] == ["kvseg", "train"] and "--out" in args and "--seed" not in args
+    assert cli.main(args[1:]) == 0
+    capsys.readouterr()
+    # ... and the sweep finds it trained: it only evaluates, profiles and reports
+    assert cli.main([*argv, "--list-runs"]) == 0
+    assert "every run is finished" in capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert len(_rows(out / "sweep.csv")) == 1
+
+
+def test_factors_map_onto_each_family():
+    base = {"size": "micro", "lr": 1e-3}
+    assert apply_factor("lr", 5e-4, base, "setr_kv", "micro")["lr"] == 5e-4
+    assert apply_factor("heads", 2, base, "setr_kv", "micro")["model_overrides"] == {
+        "num_heads": 2}
+    assert apply_factor("heads", 4, base, "setr_kv", "micro")["model_overrides"] == {}  # preset
+    assert apply_factor("patch_size", 4, base, "setr_conv_kv", "micro") is None  # no such field
+    cvt = apply_factor("heads", 8, base, "setr_cvt_kv", "micro")["model_overrides"]
+    assert cvt["num_heads"][-1] == 8 and cvt["num_heads"] == [2, 4, 8]  # micro (1, 2, 4) x 2
+    depth = apply_factor("depth", 3, base, "setr_cvt_kv", "micro")["model_overrides"]
+    assert depth["depths"][-1] == 3
+    assert parse_vary(["heads=2,4", "img_size=96"]) == {"heads": [2, 4], "img_size": [96]}
+    for bad in (["heads"], ["heads=2", "heads=4"], ["=2"]):
+        with pytest.raises(ConfigError, match="--vary"):
+            parse_vary(bad)
