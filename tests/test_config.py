@@ -175,3 +175,9 @@ def test_config_show_prints_the_packaged_file(capsys):
     assert "smoke" in listed and "paper" in listed
     assert cli.main(["config", "show", "nope"]) == 2
     assert "not a packaged config" in capsys.readouterr().err
+
+
+def test_every_named_preset_exists_and_loads():
+    for name in C.PRESET_NAMES:
+        preset = C.load_preset(name)
+        assert preset.name == name and preset.seeds

@@ -99,3 +99,25 @@ def test_factors_map_onto_each_family():
     for bad in (["heads"], ["heads=2", "heads=4"], ["=2"]):
         with pytest.raises(ConfigError, match="--vary"):
             parse_vary(bad)
+
+
+@pytest.mark.parametrize("name", ["ablation_smoke", "ablation_paper"])
+def test_packaged_ablation_presets_build_every_run(tiny, tmp_path, name):
+    from kvseg.config import load_preset
+    from kvseg.reproduce import resolve_models
+
+    data, _ = tiny
+    listed = sweep(data, tmp_path / "out", preset=name, device="cpu", list_runs=True)
+    cfg = load_preset(name)
+    per_model = 1 + sum(len([v for v in values]) - 1 for values in cfg.vary.values())
+    names = resolve_models(cfg.models)
+    models = len(names)
+    outs = [c.split(" --out ")[1] for c in listed.commands]
+    assert len(set(outs)) == len(outs)  # every run once
+    if name == "ablation_smoke":
+        # one factor at a time: every value once, the preset's own run shared (each factor's
+        # values include the preset's value for every family)
+        assert len(listed.commands) == per_model * models * len(cfg.seeds)
+    else:  # CvT-13's last stage has depth 10, not among the depth values: one run more per mode
+        cvt = sum(n.startswith("setr_cvt_") for n in names)
+        assert len(listed.commands) == (per_model * models + cvt) * len(cfg.seeds)

@@ -213,8 +213,13 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
                 options = apply_factor(f, v, options, name, size) if options else None
             if options is None:
                 continue
-            tag = fingerprint({k: v for k, v in options.items()
-                               if k not in ("data", "device")})[:10]
+            try:
+                resolved = load_config(None, options).to_dict()
+            except ConfigError as e:
+                raise ConfigError(f"--vary {factor}={value} for {name}: {e}") from None
+            # runs are stored by their resolved options, so equal configurations share a run
+            tag = fingerprint({k: v for k, v in resolved.items()
+                               if k not in ("data", "device", "out", "seed", "resume")})[:10]
             for seed in seeds:
                 run_dir = out / "runs" / name / tag / f"seed{seed}"
                 if run_dir not in jobs_by_dir:
