@@ -10,29 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
+from conftest import make_tiny
 from kvseg import cli
-from kvseg.data.synth import generate
 from kvseg.profile import profile_model
 from kvseg.report import aggregate, family_deltas, mean_std, results_table, write_results
 from kvseg.reproduce import choose_samples, reproduce, resolve_models
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"seeds": [0], "latency_repeats": 2, "latency_warmup": 1, "num_samples": 2, "threads": 1,
-        "train": {"size": "micro", "img_size": 32, "n_folds": 3, "epochs": 1,
-                  "max_steps_per_epoch": 2, "batch_size": 4, "lr": 2e-3}}
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny synthetic twin and a preset of one epoch, two steps, 32 px."""
-    base = tmp_path_factory.mktemp("reproduce")
-    generate(base / "data", cases=3, days=1, slices=6, seed=2)
-    preset = base / "tiny.yaml"
-    preset.write_text(yaml.safe_dump(TINY))
-    return base / "data", preset
+    return make_tiny(tmp_path_factory.mktemp("reproduce"), seed=2)
 
 
 @pytest.mark.slow

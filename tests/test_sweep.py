@@ -9,24 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY_PRESET, make_tiny
 from kvseg import cli
-from kvseg.data.synth import generate
 from kvseg.errors import ConfigError
 from kvseg.sweep import apply_factor, parse_vary, sweep
 
-TINY = {"seeds": [0], "latency_repeats": 1, "latency_warmup": 0, "num_samples": 0, "threads": 1,
-        "models": ["setr_qkv", "setr_kv"],
-        "train": {"size": "micro", "img_size": 32, "n_folds": 3, "epochs": 1,
-                  "max_steps_per_epoch": 2, "batch_size": 4, "lr": 2e-3}}
+TINY = {**TINY_PRESET, "latency_repeats": 1, "latency_warmup": 0, "num_samples": 0,
+        "models": ["setr_qkv", "setr_kv"]}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sweep")
-    generate(base / "data", cases=3, days=1, slices=6, seed=1)
-    preset = base / "tiny.yaml"
-    preset.write_text(yaml.safe_dump(TINY))
-    return base / "data", preset
+    return make_tiny(tmp_path_factory.mktemp("sweep"), seed=1, **TINY)
 
 
 def _rows(path: Path) -> list[dict]:
