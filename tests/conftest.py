@@ -3,9 +3,14 @@ tiny synthetic twin + preset that the multi-run commands (reproduce, sweep) are 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import torch
+# as `kvseg` does before torch loads (kvseg.cli._reproducible_blas): in-process runs and
+# `python -m kvseg` subprocesses then compute alike (the SIGKILL + resume test compares them)
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import torch  # noqa: E402
 import yaml
 
 torch.set_num_threads(1)
