@@ -269,6 +269,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--preset", default="smoke",
                    help="smoke, paper, or a YAML file (`kvseg config show smoke` prints one)")
     p.add_argument("--models", nargs="+", default=["all"])
+    p.add_argument("--modes", nargs="+", metavar="MODE",
+                   help="attention modes to run: 'all' or names (qkv kv kv_pos shared_kv "
+                        "shared_qv single kv_relpos); default: the paper's qkv kv kv_pos")
     p.add_argument("--seeds", nargs="+", type=ANY_INT)
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's epochs")
@@ -288,7 +291,8 @@ def _run_reproduce(args) -> int:
 
     report = reproduce(args.data, args.out, preset=args.preset, models=args.models,
                        seeds=args.seeds, device=args.device, epochs=args.epochs,
-                       jobs=args.jobs, margin=args.margin, list_runs=args.list_runs)
+                       jobs=args.jobs, margin=args.margin, list_runs=args.list_runs,
+                       modes=args.modes)
     print(report)
     return 0
 
@@ -309,6 +313,9 @@ def _add_sweep(sub) -> None:
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
                    help="every combination of the factors (default: one at a time)")
     p.add_argument("--models", nargs="+", default=["all"])
+    p.add_argument("--modes", nargs="+", metavar="MODE",
+                   help="attention modes to run: 'all' or names (qkv kv kv_pos shared_kv "
+                        "shared_qv single kv_relpos); default: the paper's qkv kv kv_pos")
     p.add_argument("--seeds", nargs="+", type=ANY_INT)
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=POSITIVE_INT, help="runs trained at once (as reproduce)")
@@ -323,7 +330,8 @@ def _run_sweep(args) -> int:
 
     summary = sweep(args.data, args.out, preset=args.preset, vary=parse_vary(args.vary),
                     grid=args.grid, models=args.models, seeds=args.seeds, device=args.device,
-                    jobs=args.jobs, margin=args.margin, list_runs=args.list_runs)
+                    jobs=args.jobs, margin=args.margin, list_runs=args.list_runs,
+                    modes=args.modes)
     print(summary)
     return 0
 

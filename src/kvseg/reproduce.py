@@ -81,21 +81,32 @@ def preset_path(preset: str) -> Path:
     return config_path(preset, option="--preset", names=PRESET_NAMES)
 
 
-def resolve_models(names: list[str] | tuple[str, ...]) -> list[str]:
-    """``["all"]`` -> the nine names; otherwise validate each name (order kept, no repeats)."""
-    from kvseg import list_models
+def resolve_models(names: list[str] | tuple[str, ...],
+                   modes: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The variants to run: ``["all"]`` -> every family in ``modes``; otherwise validate each
+    name (order kept, no repeats) and, when ``modes`` are given, keep those in them.
+
+    ``modes``: None (for ``all``: the paper's ``qkv kv kv_pos``; named models are kept as
+    named), ``["all"]`` or mode names (:func:`kvseg.layers.attention.resolve_modes`).
+    """
+    from kvseg.layers.attention import resolve_modes
+    from kvseg.models.registry import list_models, model_info
 
     known = list_models()
+    keep = resolve_modes(modes)
     if not names or list(names) == ["all"]:
-        return known
+        return list_models(keep)
     out = []
     for name in names:
         if name == "all":
             raise ConfigError("--models: 'all' cannot be combined with names")
         if name not in known:
             raise ConfigError(f"--models {name!r}: unknown; valid: all, {', '.join(known)}")
-        if name not in out:
+        if name not in out and (modes is None or model_info(name)["mode"] in keep):
             out.append(name)
+    if not out:
+        raise ConfigError(f"--modes {' '.join(keep)}: none of the models {' '.join(names)} "
+                          "is in these modes")
     return out
 
 
@@ -144,6 +155,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
               models: list[str] | tuple[str, ...] = ("all",), seeds: list[int] | None = None,
               device: str = "auto", epochs: int | None = None, jobs: int | None = None,
               margin: float | None = None, list_runs: bool = False,
+              modes: list[str] | tuple[str, ...] | None = None,
               progress: bool = True) -> ReproduceSummary | ListedRuns:
     """Train, evaluate and profile every selected variant; write the results and the report.
 
@@ -161,6 +173,8 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
             preset's).
         list_runs: return the pending runs as ``kvseg train`` commands (:class:`ListedRuns`)
             instead of running anything; run reproduce again after they ran to report.
+        modes: attention modes to run (:func:`resolve_models`; None: the paper's three for
+            ``all``, ``["all"]``: every mode).
         progress: show the overall progress bar.
 
     Profiling runs first, once per model, while nothing else runs (clean latency); then the
@@ -178,7 +192,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         from kvseg.data import detect_layout
 
         detect_layout(data)  # a folder no layout knows: one line naming it, before any work
-    names = resolve_models(models if models and list(models) != ["all"] else cfg.models)
+    names = resolve_models(models if models and list(models) != ["all"] else cfg.models, modes)
     seeds = [int(s) for s in (seeds if seeds else cfg.seeds)]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {seeds}: repeated seed")

@@ -156,7 +156,8 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
           vary: dict[str, list] | None = None, grid: bool | None = None,
           models: list[str] | tuple[str, ...] = ("all",), seeds: list[int] | None = None,
           device: str = "auto", jobs: int | None = None, margin: float | None = None,
-          list_runs: bool = False, progress: bool = True) -> SweepSummary:
+          list_runs: bool = False, modes: list[str] | tuple[str, ...] | None = None,
+          progress: bool = True) -> SweepSummary:
     """Run (or list) the sweep and write its results and report (see the module docstring).
 
     Args:
@@ -171,6 +172,7 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
         jobs: runs trained at once (None: as ``kvseg reproduce``).
         margin: the verdicts' non-inferiority margin (None: the preset's).
         list_runs: print the pending runs as ``kvseg train`` commands instead of running them.
+        modes: attention modes to run (as ``kvseg reproduce``; None: the paper's three).
         progress: the overall progress bar.
     """
     from kvseg.reproduce import (
@@ -191,7 +193,7 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
         raise ConfigError("--vary: name at least one factor (e.g. --vary heads=2,4) or use a "
                           "preset with a vary: section")
     grid = cfg.grid if grid is None else bool(grid)
-    names = resolve_models(models if models and list(models) != ["all"] else cfg.models)
+    names = resolve_models(models if models and list(models) != ["all"] else cfg.models, modes)
     seeds = [int(s) for s in (seeds if seeds else cfg.seeds)]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {seeds}: repeated seed")

@@ -1,6 +1,6 @@
-"""KV-pos caches its key encoding; one made under ``torch.inference_mode()`` must not leak into
-training (autograd refuses inference tensors: "Inference tensors cannot be saved for
-backward")."""
+"""KV-pos caches its key encoding, KV-relpos its bias index; one made under
+``torch.inference_mode()`` must not leak into training (autograd refuses inference tensors:
+"Inference tensors cannot be saved for backward")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 import kvseg
 from kvseg.models.registry import model_info
 
-KV_POS_MODELS = [m for m in kvseg.list_models() if model_info(m)["mode"] == "kv_pos"]
+KV_POS_MODELS = [m for m in kvseg.list_models()
+                 if model_info(m)["mode"] in ("kv_pos", "kv_relpos")]
 
 
 @pytest.mark.parametrize("name", KV_POS_MODELS)

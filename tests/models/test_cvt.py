@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import kvseg
+from kvseg.layers import MODES
 from kvseg.models.cvt import ConvAttention, dw_bn
 
 
@@ -35,22 +36,23 @@ def test_stride2_dw_bn_equals_subsampled_stride1(h, w):
     torch.testing.assert_close(s1(x)[:, :, ::2, ::2], s2(x), atol=1e-6, rtol=1e-6)
 
 
-def reference_kv_conv_attention(attn: ConvAttention, x: torch.Tensor, h: int, w: int):
-    """KV CvT attention written out with a *separate* stride-2 key branch (the same weights):
-    queries K = Linear(BN(dwconv_s1(x))), keys Linear(BN(dwconv_s2(x))), values likewise."""
+def reference_conv_attention(attn: ConvAttention, x: torch.Tensor, h: int, w: int):
+    """CvT attention in any mode written out with *separate* stride-2 branches for the keys and
+    values (the same weights as the shared branch they come from): queries
+    Linear(BN(dwconv_s1(x))) of the query branch, keys and values Linear(BN(dwconv_s2(x))) of
+    theirs; the KV-pos terms and a loop-built relative-position bias."""
     b, n, c = x.shape
     m = x.transpose(1, 2).reshape(b, c, h, w)
+    spec = attn.spec
 
-    def branch(seq, stride):
-        conv, bn = seq
+    def branch(p, stride):
+        conv, bn = getattr(attn, f"conv_proj_{p}")
         y = F.conv2d(m, conv.weight, None, stride, 1, groups=c)
         y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
                          bn.eps)
-        return y.flatten(2).transpose(1, 2)
+        return getattr(attn, f"proj_{p}")(y.flatten(2).transpose(1, 2))
 
-    q = attn.proj_k(branch(attn.conv_proj_k, 1))
-    k = attn.proj_k(branch(attn.conv_proj_k, 2))
-    v = attn.proj_v(branch(attn.conv_proj_v, 2))
+    q, k, v = branch(spec.query, 1), branch("k", 2), branch(spec.value, 2)
     heads = attn.num_heads
     d = c // heads
 
@@ -62,26 +64,49 @@ def reference_kv_conv_attention(attn: ConvAttention, x: torch.Tensor, h: int, w:
     if attn.mode == "kv_pos":
         t, g = attn.pos(k.shape[1])
         logits = t * logits + g
+    if attn.mode == "kv_relpos":
+        table = attn.rel_pos.resized_table(h, w)
+        keys = [(r, cc) for r in range(0, h, 2) for cc in range(0, w, 2)]
+        bias = torch.stack([torch.stack([table[:, i // w - r + h - 1, i % w - cc + w - 1]
+                                         for r, cc in keys], -1) for i in range(h * w)], -2)
+        logits = logits + bias
     probs = logits.softmax(-1)
     out = torch.einsum("bhij,bhjd->bhid", probs, split(v)).transpose(1, 2).reshape(b, n, c)
     return attn.proj(out), probs
 
 
 @pytest.mark.parametrize("attn_scale", ["dim", "head"])
-@pytest.mark.parametrize("mode", ["kv", "kv_pos"])
-def test_kv_conv_attention_matches_separate_stride2_branch(mode, attn_scale):
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_attention_matches_separate_stride2_branches(mode, attn_scale):
+    """Every mode's subsampled branches equal stride-2 branches with the same weights."""
     torch.manual_seed(1)
     for h, w, c, heads in [(8, 8, 16, 2), (7, 9, 12, 3)]:
-        attn = ConvAttention(c, heads, mode, attn_scale=attn_scale)
+        attn = ConvAttention(c, heads, mode, attn_scale=attn_scale, grid_size=(6, 6))
         _random_bn_stats(attn)
+        if attn.rel_pos is not None:
+            with torch.no_grad():
+                attn.rel_pos.table.normal_()
         attn.eval()
         x = torch.randn(2, h * w, c)
         out, probs = attn(x, h, w, return_attention=True)
-        ref_out, ref_probs = reference_kv_conv_attention(attn, x, h, w)
+        ref_out, ref_probs = reference_conv_attention(attn, x, h, w)
         assert probs.shape == (2, heads, h * w, math.ceil(h / 2) * math.ceil(w / 2))
         torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(attn(x, h, w), ref_out, atol=1e-5, rtol=1e-5)  # SDPA path
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_branches_per_mode(mode):
+    """The query branch at stride 1, every other at stride 2; one branch per projection."""
+    attn = ConvAttention(24, 3, mode, grid_size=(4, 4))
+    spec = attn.spec
+    for p in ("q", "k", "v"):
+        assert hasattr(attn, f"conv_proj_{p}") is hasattr(attn, f"proj_{p}") is \
+            (p in spec.projections), (mode, p)
+        if p in spec.projections:
+            stride = getattr(attn, f"conv_proj_{p}")[0].stride
+            assert stride == ((1, 1) if p == spec.query else (2, 2)), (mode, p)
 
 
 def test_kv_removes_exactly_the_query_branch():
@@ -91,6 +116,10 @@ def test_kv_removes_exactly_the_query_branch():
     n_kv = sum(p.numel() for p in kv.parameters())
     assert n_qkv - n_kv == 9 * c + 2 * c + c * c + c  # dw 3×3, BN, Linear with bias
     assert not hasattr(kv, "conv_proj_q") and not hasattr(kv, "proj_q")
+    branch = 9 * c + 2 * c + c * c + c
+    for mode, removed in [("shared_kv", 1), ("shared_qv", 1), ("single", 2)]:
+        n = sum(p.numel() for p in ConvAttention(c, 3, mode).parameters())
+        assert n_qkv - n == removed * branch, mode
 
 
 def test_official_defaults_scale_activation_and_drop_path_per_stage():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kvseg
+import kvseg.layers
 from kvseg.models.registry import PRESETS, model_info, resolve_config
 from kvseg.profile import build_on_meta, count_params
 
@@ -17,10 +18,18 @@ NAMES = kvseg.list_models()
 
 
 def test_registry_names():
-    assert NAMES == ["setr_qkv", "setr_kv", "setr_kvpos", "setr_conv_qkv", "setr_conv_kv",
-                     "setr_conv_kvpos", "setr_cvt_qkv", "setr_cvt_kv", "setr_cvt_kvpos"]
+    paper = ["setr_qkv", "setr_kv", "setr_kvpos", "setr_conv_qkv", "setr_conv_kv",
+             "setr_conv_kvpos", "setr_cvt_qkv", "setr_cvt_kv", "setr_cvt_kvpos"]
+    assert NAMES[:9] == paper == kvseg.models.list_models(None)  # the paper's nine first
+    others = [f"{f}_{m}" for f in ("setr", "setr_conv", "setr_cvt")
+              for m in ("sharedkv", "sharedqv", "single", "kvrelpos")]
+    assert NAMES[9:] == others and len(NAMES) == 21
     assert model_info("setr_conv_kvpos") == {"family": "setr_conv", "mode": "kv_pos"}
-    assert {model_info(n)["mode"] for n in NAMES} == {"qkv", "kv", "kv_pos"}
+    assert model_info("setr_conv_single") == {"family": "setr_conv", "mode": "single"}
+    assert model_info("setr_cvt_kvrelpos") == {"family": "setr_cvt", "mode": "kv_relpos"}
+    assert {model_info(n)["mode"] for n in NAMES} == set(kvseg.layers.MODES)
+    assert kvseg.models.list_models(["single"]) == ["setr_single", "setr_conv_single",
+                                                    "setr_cvt_single"]
 
 
 @pytest.mark.parametrize("name", NAMES)

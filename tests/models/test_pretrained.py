@@ -308,3 +308,25 @@ def test_an_explicit_layout_overrides_detection(files):
         _micro("setr_kv", pretrained=str(files / "vit.pth"), pretrained_layout="microsoft_cvt")
     model = _micro("setr_kv", pretrained=str(files / "vit.pth"), pretrained_layout="timm_vit")
     assert model.pretrained_report.layout == "timm_vit"
+
+
+@pytest.mark.parametrize("family,file", [("setr", "vit.pth"), ("setr_conv", "R50+ViT-B_16.npz"),
+                                         ("setr_cvt", "CvT-13.pth")])
+def test_kv_relpos_converts_as_kv_with_a_fresh_zero_table(files, family, file):
+    """kv_relpos takes KV's conversion; its table (no counterpart) stays zero, so the converted
+    KV-relpos model is the converted KV model."""
+    kv = _micro(f"{family}_kv", seed=3, pretrained=str(files / file)).eval()
+    rel = _micro(f"{family}_kvrelpos", seed=3, pretrained=str(files / file)).eval()
+    tables = [k for k in rel.pretrained_report.missing if k.endswith("rel_pos.table")]
+    assert tables and all("starts at zero" in rel.pretrained_report.missing[k] for k in tables)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        # equal up to float rounding: SDPA's masked (math) and mask-free (flash) kernels
+        torch.testing.assert_close(rel.encoder(x)[-1], kv.encoder(x)[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("suffix,mode", [("sharedkv", "shared_kv"), ("sharedqv", "shared_qv"),
+                                         ("single", "single")])
+def test_sharing_modes_without_a_rule_are_one_line_errors(files, suffix, mode):
+    with pytest.raises(ValueError, match=f"no QKV -> {mode} conversion"):
+        _micro(f"setr_{suffix}", pretrained=str(files / "vit.pth"))

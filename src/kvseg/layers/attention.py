@@ -1,142 +1,81 @@
-"""Multi-head self-attention in three modes: ``qkv``, ``kv`` and ``kv_pos``.
+"""Multi-head self-attention in seven modes, one small class each, chosen by name.
 
-* ``qkv``: softmax(Q Kᵀ · s) V, one fused Q/K/V projection (the standard Transformer).
-* ``kv`` (Borji's Key-Value Transformer): no query projection exists; the keys serve as queries,
-  softmax(K Kᵀ · s) V. The pre-softmax logits are symmetric in (i, j).
-* ``kv_pos`` (Borji's asymmetric KV): a fixed sinusoidal encoding P(i, j) of the
-  (query index i, key index j) plane, ``pos_dim`` channels, is added to every logit and a learned
-  ``Linear(pos_dim, 1)`` per layer maps the sum back to one logit:
-  ``L'_ij = w · (S_ij + P(i, j)) + b = (Σw) S_ij + w · P(i, j) + b``.
-  Every channel of P depends on i alone or on j alone (first half: i, second half: j), so
-  ``w · P(i, j) = f(i) + g(j)``; f(i) and b are constant along a softmax row and cancel. What is
-  left, exactly, is a learned temperature Σw on K Kᵀ plus a per-key bias g(j):
-  ``softmax_j(L'_ij) = softmax_j((Σw) S_ij + g(j))``. That is what is computed here (a (1, N)
-  bias instead of Borji's (B, heads, N, N, pos_dim) tensor); ``tests/layers`` keep the naive form
-  as the reference and ``docs/models.md`` explains it.
+Borji's three (the paper's study) and the other projection-sharing variants of Kayyam, Madan
+Gopal & Lewis (2026), whose notation is in brackets ("−" separates different projections, "="
+joins shared ones; "⁺" a positional correction):
+
+* ``qkv`` [QKV]: softmax(Q Kᵀ · s) V, one fused Q/K/V projection (the standard Transformer).
+* ``kv`` [Q=K−V] (Borji's Key-Value Transformer): no query projection; the keys serve as
+  queries, softmax(K Kᵀ · s) V. The pre-softmax logits are symmetric in (i, j).
+* ``kv_pos`` [(Q=K−V)⁺] (Borji's asymmetric KV, his own label ``kv``): a fixed sinusoidal
+  encoding P(i, j) of the (query index i, key index j) plane, ``pos_dim`` channels, is added to
+  every logit and a learned ``Linear(pos_dim, 1)`` per layer maps the sum back to one logit:
+  ``L'_ij = w · (S_ij + P(i, j)) + b = (Σw) S_ij + w · P(i, j) + b``. Every channel of P depends
+  on i alone or on j alone, so ``w · P(i, j) = f(i) + g(j)``; f(i) and b are constant along a
+  softmax row and cancel. What is left, exactly, is a learned temperature Σw on K Kᵀ plus a
+  per-key bias g(j), computed by :class:`~kvseg.layers.position.KVPosBias`.
+* ``shared_kv`` [Q−K=V]: projections Q and K; the keys are also the values, softmax(Q Kᵀ s) K.
+* ``shared_qv`` [Q=V−K, not in Kayyam et al.]: projections Q and K; the queries are also the
+  values, softmax(Q Kᵀ s) Q.
+* ``single`` [Q=K=V]: one projection K serves as queries, keys and values, softmax(K Kᵀ s) K;
+  symmetric logits.
+* ``kv_relpos``: ``kv`` plus a learned 2D relative-position bias per head over the token grid
+  (:class:`~kvseg.layers.position.RelPosBias`): softmax(K Kᵀ s + B[Δrow, Δcol]) V. B(Δ) ≠ B(−Δ),
+  so the logits are pairwise asymmetric while the projections stay query-free.
 
 The scale s is 1/sqrt(head_dim) in every mode. (Borji's ViT scripts and CvT's code use
 1/sqrt(model width) instead; his synthetic/NLP code uses the head dim, as here.)
 
-Each mode is one small class (:class:`QKVAttention`, :class:`KVAttention`,
-:class:`KVPosAttention`) that builds its q, k, v and hands them to :class:`AttentionCore`, a
-parameter-free module shared with CvT's convolutional attention, so that the maths (and the MAC
-count) lives in one place. Each class carries a :class:`ModeSpec`: the mode's one spelling in
-code (``kv_pos``), its display name (``KV-pos``) and the two facts other layers decide on (the
-keys serve as queries; a KV-pos key bias). :data:`ATTENTION_LAYERS` maps the name to the class
-and everything else derives from it: :data:`MODES`, :data:`MODE_LABELS`, :func:`mode_suffix`
-(the model-name suffix, ``kvpos``). ``Attention(dim, num_heads, mode)`` builds the class of
-``mode``. Adding a mode is adding a class and its row in :data:`ATTENTION_LAYERS`.
+Each mode is one small class that builds its projection and hands q, k, v to
+:class:`AttentionCore`, a parameter-free module shared with CvT's convolutional attention, so
+that the maths (and the MAC count) lives in one place. Each class carries a :class:`ModeSpec`:
+the mode's one spelling in code (``kv_pos``), its display name (``KV-pos``) and the facts other
+layers decide on (which projection the queries and the values come from; a KV-pos key bias; a
+relative-position bias). :data:`ATTENTION_LAYERS` maps the name to the class and everything
+else derives from it: :data:`MODES`, :data:`MODE_LABELS`, :func:`mode_suffix` (the model-name
+suffix, ``kvpos``). ``Attention(dim, num_heads, mode)`` builds the class of ``mode``. Adding a
+mode is adding a class and its row in :data:`ATTENTION_LAYERS`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kvseg.errors import ConfigError
+from kvseg.layers.position import KVPosBias, RelPosBias, sinusoidal_2d
 
-
-def sinusoidal_2d(num_rows: int, num_cols: int, pos_dim: int, *, device=None,
-                  dtype=torch.float32) -> torch.Tensor:
-    """The fixed 2D sinusoidal encoding P of a (row, col) plane: (num_rows, num_cols, pos_dim).
-
-    Follows ``positional_encodings.torch_encodings.PositionalEncoding2D`` (the encoding Borji's
-    KV-pos uses): ``c = 2·ceil(pos_dim / 4)`` channels encode the row index as interleaved
-    (sin, cos) pairs with inverse frequencies ``10000^(-2k/c)``, the next channels encode the
-    column index the same way, and the result is truncated to ``pos_dim`` channels (for 50: 26 row
-    channels, 24 column channels).
-    """
-    row, col = _axis_encodings(num_rows, num_cols, pos_dim, device=device, dtype=dtype)
-    return torch.cat((row[:, None, :].expand(-1, num_cols, -1),
-                      col[None, :, :].expand(num_rows, -1, -1)), dim=-1)
-
-
-def _sincos(positions: torch.Tensor, channels: int) -> torch.Tensor:
-    """(n,) positions -> (n, channels) interleaved sin/cos features (channels even)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, channels, 2, device=positions.device,
-                                             dtype=torch.float32) / channels))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (n, channels/2)
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)
-
-
-def _axis_encodings(num_rows: int, num_cols: int, pos_dim: int, *, device=None,
-                    dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row part (num_rows, n_row) and the column part (num_cols, n_col) of P.
-
-    ``n_row + n_col == pos_dim``; P(i, j) = concat(row[i], col[j]).
-    """
-    channels = 2 * math.ceil(pos_dim / 4)
-    n_row = min(channels, pos_dim)
-    n_col = pos_dim - n_row
-    row = _sincos(torch.arange(num_rows, device=device), channels)[:, :n_row]
-    col = _sincos(torch.arange(num_cols, device=device), channels)[:, :n_col]
-    return row.to(dtype), col.to(dtype)
-
-
-class KVPosBias(nn.Module):
-    """Borji's ``map_pos = Linear(pos_dim, 1)`` in its factored form.
-
-    ``forward(num_keys)`` returns ``(temperature, key_bias)``: the scalar Σw that multiplies the
-    logits and the (num_keys,) bias g(j) + b, g(j) = w_col · P_col(j), added to every query row.
-    The query part f(i) cancels in the softmax and is not computed. b cancels too; it is kept in
-    the bias (one add) so that it stays a used parameter (DDP-safe) whose gradient is zero, as in
-    Borji's naive layer; parameter count and checkpoints match the naive form.
-
-    MACs: ``num_keys · n_col`` per forward (the per-key bias), reported by :meth:`macs`.
-    """
-
-    def __init__(self, pos_dim: int = 50) -> None:
-        super().__init__()
-        if pos_dim < 2:
-            raise ConfigError(f"pos_dim={pos_dim}: KV-pos needs at least 2 channels")
-        self.pos_dim = pos_dim
-        # PyTorch's default Linear init, as in Borji's ViT_pos.py.
-        self.map_pos = nn.Linear(pos_dim, 1)
-        self.map_pos._kvseg_keep_init = True
-        # P_col for each key count seen: fixed sinusoids, so cached (not state, not saved).
-        self._col_cache: dict[tuple, torch.Tensor] = {}
-
-    @property
-    def num_col_channels(self) -> int:
-        return self.pos_dim - min(2 * math.ceil(self.pos_dim / 4), self.pos_dim)
-
-    def forward(self, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.map_pos.weight[0]  # (pos_dim,)
-        key = (num_keys, w.device, w.dtype)
-        col = self._col_cache.get(key)
-        # an encoding made under torch.inference_mode() (model.predict) is an inference tensor,
-        # which autograd refuses to save for backward: make it again for training
-        if col is None or (col.is_inference() and not torch.is_inference_mode_enabled()):
-            _, col = _axis_encodings(1, num_keys, self.pos_dim, device=w.device, dtype=w.dtype)
-            self._col_cache = {key: col}  # one entry: the current input size
-        n_row = self.pos_dim - col.shape[1]
-        key_bias = col @ w[n_row:] + self.map_pos.bias  # (num_keys,)
-        return w.sum(), key_bias
-
-    def macs(self, args: tuple, output) -> int:
-        return int(args[0]) * self.num_col_channels
+#: SDPA's fused kernels want a head dim that is a multiple of this (FlashAttention on CUDA).
+HEAD_DIM_MULTIPLE = 8
 
 
 class AttentionCore(nn.Module):
-    """The attention products, parameter-free: softmax(q kᵀ · scale · temperature + bias) v.
+    """The attention products, parameter-free:
+    softmax(q kᵀ · scale · temperature + key_bias + attn_bias) v.
 
     Args (forward):
         q: queries (B, heads, Nq, d).
         k: keys (B, heads, Nk, d).
         v: values (B, heads, Nk, dv).
-        temperature: optional scalar tensor multiplying the logits (KV-pos Σw); folded into q.
+        temperature: optional scalar tensor multiplying the logits (KV-pos Σw).
         key_bias: optional (Nk,) additive bias per key (KV-pos g(j)), broadcast over queries.
         return_attention: also return the post-softmax probabilities (B, heads, Nq, Nk),
             computed explicitly (same maths, dropout applied to them in training).
+        attn_bias: optional additive bias (heads, Nq, Nk) (the relative-position bias).
     Returns (B, heads, Nq, dv), or (out, attention).
 
     Runs through ``F.scaled_dot_product_attention`` unless ``return_attention``; dropout only in
-    training. MACs (:meth:`macs`): ``B·heads·Nq·Nk·(d + dv)`` (QKᵀ and AV).
+    training. A per-key bias needs no mask: it is one more channel of the dot product, q' = [t·q,
+    1, 0…] and k' = [k, g / scale, 0…] (zero-padded to a multiple of
+    :data:`HEAD_DIM_MULTIPLE`, v too), so s·q'·k' = s·t·q·k + g(j) and SDPA keeps its fused,
+    mask-free kernels (a learned float mask would need its (B, heads, Nq, Nk) gradient and the
+    unfused kernel). MACs (:meth:`macs`): ``B·heads·Nq·Nk·(d + dv)`` (QKᵀ and AV, the unpadded
+    widths: the padding is a kernel detail, not the model's arithmetic).
     """
 
     def __init__(self, scale: float, attn_drop: float = 0.0) -> None:
@@ -144,22 +83,73 @@ class AttentionCore(nn.Module):
         self.scale = scale
         self.attn_drop = attn_drop
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                temperature: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
-                return_attention: bool = False):
+    def logits(self, q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor | None = None,
+               key_bias: torch.Tensor | None = None,
+               attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The pre-softmax logits (B, heads, Nq, Nk), written out (arguments as forward)."""
         if temperature is not None:
             q = q * temperature  # (q·t) kᵀ = t (q kᵀ): a learned temperature, exact
-        mask = None if key_bias is None else key_bias.to(q.dtype).view(1, 1, 1, -1)
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if key_bias is not None:
+            logits = logits + key_bias.to(q.dtype).view(1, 1, 1, -1)
+        if attn_bias is not None:
+            logits = logits + attn_bias.to(q.dtype)
+        return logits
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                temperature: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
+                return_attention: bool = False, *, attn_bias: torch.Tensor | None = None):
         dropout_p = self.attn_drop if self.training else 0.0
-        if not return_attention:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                  scale=self.scale)
-        logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, Nq, Nk)
-        if mask is not None:
-            logits = logits + mask
-        attn = logits.softmax(dim=-1)
-        probs = F.dropout(attn, dropout_p) if dropout_p > 0 else attn
-        return probs @ v, attn
+        if return_attention:
+            attn = self.logits(q, k, temperature, key_bias, attn_bias).softmax(dim=-1)
+            probs = F.dropout(attn, dropout_p) if dropout_p > 0 else attn
+            return probs @ v, attn
+        if key_bias is not None:
+            return self._key_bias_attention(q, k, v, temperature, key_bias, dropout_p)
+        if temperature is not None:
+            q = q * temperature
+        mask = None if attn_bias is None else attn_bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              scale=self.scale)
+
+    def _key_bias_attention(self, q, k, v, temperature, key_bias, dropout_p):
+        """SDPA with the key bias folded into one more channel of q and k (no mask).
+
+        When gradients are needed the folding and SDPA are recomputed in the backward pass
+        (:func:`torch.utils.checkpoint.checkpoint`): only q, k, v (the projection's output,
+        which a KV layer keeps too), t and g are saved, and the padded q', k', v' and SDPA's
+        padded output never outlive the forward. That keeps KV-pos's training memory at KV's,
+        for one more SDPA forward in the backward pass.
+        """
+        dv = int(v.shape[-1])  # fixed by the model (a constant in an export)
+        shared = q is k  # KV-pos: the keys serve as queries
+
+        def run(q, k, v, t, g):
+            q2, k2, v2 = self._fold_key_bias(k if shared else q, k, v, t, g)
+            out = F.scaled_dot_product_attention(q2, k2, v2, dropout_p=dropout_p,
+                                                 scale=self.scale)  # (B, h, Nq, width)
+            return out.transpose(1, 2)[..., :dv].flatten(2)  # heads merged: (B, Nq, h·dv)
+
+        t = temperature if temperature is not None else q.new_ones(())
+        args = (q, k, v, t, key_bias)
+        if torch.is_grad_enabled() and not (torch.jit.is_tracing() or
+                                            torch.compiler.is_compiling()):
+            merged = checkpoint(run, *args, use_reentrant=False)
+        else:
+            merged = run(*args)
+        return merged.unflatten(-1, (-1, dv)).transpose(1, 2)  # (B, h, Nq, dv), a view
+
+    def _fold_key_bias(self, q, k, v, t, key_bias):
+        """q, k, v widened so that scale·q'·k' = scale·t·q·k + g(j) (see the class docstring)."""
+        d, dv = int(q.shape[-1]), int(v.shape[-1])  # head widths: fixed by the model
+        m = HEAD_DIM_MULTIPLE
+        width = -(-max(d + 1, dv) // m) * m
+        g = (key_bias.to(k.dtype) / self.scale).view(1, 1, -1, 1).expand_as(k[..., :1])
+        k2 = F.pad(torch.cat((k, g), dim=-1), (0, width - d - 1))  # [k, g/s, 0…]
+        q2 = F.pad(torch.cat((q * t, torch.ones_like(q[..., :1])), dim=-1),
+                   (0, width - d - 1))  # [t·q, 1, 0…]
+        v2 = F.pad(v, (0, width - dv)) if width != dv else v
+        return q2, k2, v2
 
     def macs(self, args: tuple, output) -> int:
         q, k, v = args[:3]
@@ -174,19 +164,52 @@ class ModeSpec:
     Args:
         name: the one spelling in code and configs, e.g. ``"kv_pos"``.
         label: the display name in tables and plots, e.g. ``"KV-pos"``.
-        shared_query: no query projection exists; the keys serve as queries.
+        query: where the queries come from: ``"q"`` (their own projection) or ``"k"`` (the
+            keys serve as queries; no query projection exists).
+        value: where the values come from: ``"v"`` (their own projection), ``"k"`` (V = K) or
+            ``"q"`` (V = Q).
         key_bias: a :class:`KVPosBias` gives the logits a learned temperature and a per-key bias.
+        rel_pos: a :class:`RelPosBias` adds a learned bias per head and 2D token offset.
+        notation: the mode in Kayyam et al.'s notation (``Q=K−V`` for ``kv``).
     """
 
     name: str
     label: str
-    shared_query: bool
-    key_bias: bool
+    query: str = "q"
+    value: str = "v"
+    key_bias: bool = False
+    rel_pos: bool = False
+    notation: str = ""
+
+    def __post_init__(self) -> None:
+        if self.query not in ("q", "k") or self.value not in ("v", "k", "q"):
+            raise ConfigError(f"ModeSpec {self.name!r}: query={self.query!r}, "
+                              f"value={self.value!r}: expected q|k and v|k|q")
+        if self.value == "q" and self.query == "k":
+            raise ConfigError(f"ModeSpec {self.name!r}: V = Q without a query projection is "
+                              "V = K (value='k')")
 
     @property
     def suffix(self) -> str:
         """The model-name suffix: the name without underscores (``kv_pos`` -> ``kvpos``)."""
         return self.name.replace("_", "")
+
+    @property
+    def shared_query(self) -> bool:
+        """No query projection exists; the keys serve as queries."""
+        return self.query == "k"
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The distinct projections, in q, k, v order: ``("q", "k", "v")`` for ``qkv``,
+        ``("k", "v")`` for ``kv``, ``("q", "k")`` for ``shared_kv``, ``("k",)`` for ``single``."""
+        used = {self.query, "k", self.value}
+        return tuple(p for p in ("q", "k", "v") if p in used)
+
+    @property
+    def symmetric(self) -> bool:
+        """The pre-softmax logits are symmetric by construction (Q = K and no position term)."""
+        return self.shared_query and not (self.key_bias or self.rel_pos)
 
 
 def check_heads(dim: int, num_heads: int) -> None:
@@ -195,30 +218,45 @@ def check_heads(dim: int, num_heads: int) -> None:
         raise ConfigError(f"dim={dim} is not divisible by num_heads={num_heads}")
 
 
-def attend(core: AttentionCore, pos: KVPosBias | None, q: torch.Tensor, k: torch.Tensor,
-           v: torch.Tensor, return_attention: bool = False):
-    """Run q, k, v through ``core``, with ``pos``'s temperature and key bias unless it is None.
+def position_terms(pos: KVPosBias | None, rel_pos: RelPosBias | None, num_keys: int,
+                   grid: tuple[int, int] | None, key_stride: int = 1) -> dict:
+    """The keyword arguments of :class:`AttentionCore` that a mode's position modules give.
+
+    Args:
+        pos: the KV-pos bias of the layer, or None.
+        rel_pos: the relative-position bias of the layer, or None.
+        num_keys: Nk.
+        grid: the (h, w) of the query tokens (needed with ``rel_pos``).
+        key_stride: the keys sit on every ``key_stride``-th row and column of the grid.
+    """
+    terms = {}
+    if pos is not None:
+        terms["temperature"], terms["key_bias"] = pos(num_keys)
+    if rel_pos is not None:
+        terms["attn_bias"] = rel_pos(grid, key_stride)
+    return terms
+
+
+def attend(core: AttentionCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           return_attention: bool = False, **terms):
+    """Run q, k, v through ``core`` with the mode's position ``terms`` (:func:`position_terms`).
 
     Args:
         core: the shared products.
-        pos: the KV-pos bias of the layer, or None.
         q: queries (B, heads, Nq, d).
         k: keys (B, heads, Nk, d).
         v: values (B, heads, Nk, dv).
         return_attention: also compute the post-softmax probabilities (B, heads, Nq, Nk).
+        **terms: ``temperature``, ``key_bias``, ``attn_bias`` as :class:`AttentionCore` takes.
 
     Returns ``(out, attention)``: out (B, Nq, heads·dv) with the heads merged, attention None
     unless ``return_attention``.
     """
-    temperature = key_bias = None
-    if pos is not None:
-        temperature, key_bias = pos(k.shape[-2])
-    out = core(q, k, v, temperature, key_bias, return_attention)
+    out = core(q, k, v, return_attention=return_attention, **terms)
     attn = None
     if return_attention:
         out, attn = out
-    b, _, nq, _ = out.shape
-    return out.transpose(1, 2).reshape(b, nq, -1), attn
+    return out.transpose(1, 2).flatten(2), attn
 
 
 class Attention(nn.Module):
@@ -230,18 +268,24 @@ class Attention(nn.Module):
     Args:
         dim: token width.
         num_heads: heads (``dim`` must be divisible by it).
-        mode: ``"qkv"`` (default), ``"kv"`` or ``"kv_pos"``; a mode class, by default, its own.
+        mode: one of :data:`MODES` (default ``"qkv"``); a mode class, by default, its own.
         qkv_bias: bias in the q/k/v projection.
         attn_drop: dropout on the attention probabilities (training only).
         proj_drop: dropout after the output projection.
         pos_dim: channels of the KV-pos encoding (``kv_pos`` only).
+        grid_size: the (h, w) token grid the model is built for; sizes the relative-position
+            table (``kv_relpos``, where it is required) and is the default ``grid``.
 
-    Parameters: ``qkv`` Linear(dim, 3·dim) in ``qkv`` mode, ``kv`` Linear(dim, 2·dim) otherwise
-    (no query parameter exists), ``proj`` Linear(dim, dim), and in ``kv_pos`` ``pos.map_pos``
-    Linear(pos_dim, 1). Scale 1/sqrt(head_dim) in every mode (Borji's ViT uses 1/sqrt(dim)).
+    Parameters: one fused input projection named after the projections it holds (``qkv``
+    Linear(dim, 3·dim); ``kv`` Linear(dim, 2·dim) in ``kv``, ``kv_pos``, ``kv_relpos``; ``qk``
+    Linear(dim, 2·dim) in ``shared_kv`` and ``shared_qv``; ``k`` Linear(dim, dim) in
+    ``single``), ``proj`` Linear(dim, dim), ``pos.map_pos`` Linear(pos_dim, 1) in ``kv_pos``,
+    ``rel_pos.table`` (heads, 2h − 1, 2w − 1) in ``kv_relpos``. Scale 1/sqrt(head_dim).
 
-    ``forward(x, return_attention=True)`` returns ``(out, attention)`` with the post-softmax
-    probabilities (B, heads, N, N).
+    ``forward(x, return_attention=False, grid=None)``: ``grid`` is the actual (h, w) of the
+    tokens (row-major; default ``grid_size``; only ``kv_relpos`` uses it). With
+    ``return_attention=True`` it returns ``(out, attention)``, the post-softmax probabilities
+    (B, heads, N, N).
     """
 
     spec: ClassVar[ModeSpec]
@@ -253,14 +297,20 @@ class Attention(nn.Module):
         return super().__new__(cls)
 
     def __init__(self, dim: int, num_heads: int, mode: str | None = None, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, pos_dim: int = 50) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, pos_dim: int = 50,
+                 grid_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         if mode is not None and mode != self.spec.name:
             raise ConfigError(f"mode={mode!r}: {type(self).__name__} is {self.spec.name!r}")
         check_heads(dim, num_heads)
+        if self.spec.rel_pos and grid_size is None:
+            raise ConfigError(f"mode={self.spec.name!r} needs grid_size=(h, w): the token grid "
+                              "that sizes its relative-position table")
         self.mode, self.num_heads, self.head_dim = self.spec.name, num_heads, dim // num_heads
+        self.grid_size = None if grid_size is None else tuple(int(s) for s in grid_size)
         self.build_projection(dim, qkv_bias)
         self.pos = KVPosBias(pos_dim) if self.spec.key_bias else None
+        self.rel_pos = RelPosBias(num_heads, self.grid_size) if self.spec.rel_pos else None
         self.core = AttentionCore(self.head_dim ** -0.5, attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -278,16 +328,24 @@ class Attention(nn.Module):
         return t.view(b, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     @overload
-    def forward(self, x: torch.Tensor, return_attention: Literal[False] = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: Literal[False] = False,
+                grid: tuple[int, int] | None = None) -> torch.Tensor:
         ...
 
     @overload
-    def forward(self, x: torch.Tensor,
-                return_attention: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, return_attention: Literal[True],
+                grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        out, attn = attend(self.core, self.pos, *self.project(x), return_attention)
+    def forward(self, x: torch.Tensor, return_attention: bool = False,
+                grid: tuple[int, int] | None = None):
+        q, k, v = self.project(x)
+        grid = grid if grid is not None else self.grid_size
+        if self.rel_pos is not None and grid[0] * grid[1] != x.shape[1]:
+            raise ConfigError(f"grid={tuple(grid)}: {x.shape[1]} tokens are not a "
+                              f"{grid[0]}×{grid[1]} grid")
+        terms = position_terms(self.pos, self.rel_pos, k.shape[-2], grid)
+        out, attn = attend(self.core, q, k, v, return_attention, **terms)
         out = self.proj_drop(self.proj(out))  # (B, N, dim)
         return (out, attn) if return_attention else out
 
@@ -295,7 +353,7 @@ class Attention(nn.Module):
 class QKVAttention(Attention):
     """``qkv``: the standard Transformer, one fused Linear(dim, 3·dim) for q, k and v."""
 
-    spec = ModeSpec("qkv", "QKV", shared_query=False, key_bias=False)
+    spec = ModeSpec("qkv", "QKV", notation="QKV")
 
     def build_projection(self, dim: int, qkv_bias: bool) -> None:
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -308,7 +366,7 @@ class QKVAttention(Attention):
 class KVAttention(Attention):
     """``kv``: Borji's Key-Value Transformer, Linear(dim, 2·dim) for k and v; k is the query."""
 
-    spec = ModeSpec("kv", "KV", shared_query=True, key_bias=False)
+    spec = ModeSpec("kv", "KV", query="k", notation="Q=K−V")
 
     def build_projection(self, dim: int, qkv_bias: bool) -> None:
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
@@ -321,15 +379,63 @@ class KVAttention(Attention):
 class KVPosAttention(KVAttention):
     """``kv_pos``: KV plus the factored KV-pos bias (``pos``, a :class:`KVPosBias`)."""
 
-    spec = ModeSpec("kv_pos", "KV-pos", shared_query=True, key_bias=True)
+    spec = ModeSpec("kv_pos", "KV-pos", query="k", key_bias=True, notation="(Q=K−V)⁺")
 
 
-#: The mode registry, in the paper's order: name -> the token attention class of that mode.
+class SharedKVAttention(Attention):
+    """``shared_kv``: Linear(dim, 2·dim) for q and k; the keys are also the values."""
+
+    spec = ModeSpec("shared_kv", "Q−K=V", value="k", notation="Q−K=V")
+
+    def build_projection(self, dim: int, qkv_bias: bool) -> None:
+        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k = self._split(self.qk(x), 2)
+        return q, k, k  # V = K
+
+
+class SharedQVAttention(SharedKVAttention):
+    """``shared_qv``: Linear(dim, 2·dim) for q and k; the queries are also the values."""
+
+    spec = ModeSpec("shared_qv", "Q=V−K", value="q", notation="Q=V−K")
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k = self._split(self.qk(x), 2)
+        return q, k, q  # V = Q
+
+
+class SingleAttention(Attention):
+    """``single``: one Linear(dim, dim); k serves as queries, keys and values."""
+
+    spec = ModeSpec("single", "Q=K=V", query="k", value="k", notation="Q=K=V")
+
+    def build_projection(self, dim: int, qkv_bias: bool) -> None:
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self._split(self.k(x), 1)[0]
+        return k, k, k
+
+
+class KVRelPosAttention(KVAttention):
+    """``kv_relpos``: KV plus a learned 2D relative-position bias per head (``rel_pos``)."""
+
+    spec = ModeSpec("kv_relpos", "KV-relpos", query="k", rel_pos=True,
+                    notation="Q=K−V + B[Δ]")
+
+
+#: The mode registry, the paper's three first: name -> the token attention class of that mode.
 ATTENTION_LAYERS: dict[str, type[Attention]] = {
-    cls.spec.name: cls for cls in (QKVAttention, KVAttention, KVPosAttention)}
-#: The mode names (paper order): ``("qkv", "kv", "kv_pos")``.
+    cls.spec.name: cls for cls in (QKVAttention, KVAttention, KVPosAttention, SharedKVAttention,
+                                   SharedQVAttention, SingleAttention, KVRelPosAttention)}
+#: Every mode name: ``("qkv", "kv", "kv_pos", "shared_kv", "shared_qv", "single",
+#: "kv_relpos")``.
 MODES: tuple[str, ...] = tuple(ATTENTION_LAYERS)
-#: Display names by mode: ``{"qkv": "QKV", "kv": "KV", "kv_pos": "KV-pos"}``.
+#: The three modes of Hwa et al.'s study (Borji's QKV, KV, KV-pos): the default selection of
+#: ``kvseg reproduce`` and ``kvseg sweep``.
+PAPER_MODES: tuple[str, ...] = ("qkv", "kv", "kv_pos")
+#: Display names by mode: ``{"qkv": "QKV", "kv": "KV", "kv_pos": "KV-pos", ...}``.
 MODE_LABELS: dict[str, str] = {name: cls.spec.label for name, cls in ATTENTION_LAYERS.items()}
 
 
@@ -338,7 +444,8 @@ def attention_layer(mode: str) -> type[Attention]:
     try:
         return ATTENTION_LAYERS[mode]
     except (KeyError, TypeError):
-        raise ConfigError(f"mode={mode!r}: expected one of {', '.join(MODES)}") from None
+        raise ConfigError(f"mode={mode!r}: expected one of {', '.join(ATTENTION_LAYERS)}") \
+            from None
 
 
 def mode_spec(mode: str) -> ModeSpec:
@@ -347,10 +454,34 @@ def mode_spec(mode: str) -> ModeSpec:
 
 
 def mode_label(mode: str) -> str:
-    """The display name of ``mode``: ``QKV``, ``KV``, ``KV-pos``."""
+    """The display name of ``mode``: ``QKV``, ``KV``, ``KV-pos``, ``Q−K=V`` ..."""
     return mode_spec(mode).label
 
 
 def mode_suffix(mode: str) -> str:
-    """The model-name suffix of ``mode``: ``qkv``, ``kv``, ``kvpos``."""
+    """The model-name suffix of ``mode``: ``qkv``, ``kv``, ``kvpos``, ``sharedkv`` ..."""
     return mode_spec(mode).suffix
+
+
+def resolve_modes(modes: list[str] | tuple[str, ...] | str | None) -> tuple[str, ...]:
+    """A mode selection: None -> :data:`PAPER_MODES`; ``"all"`` (alone) -> :data:`MODES`;
+    otherwise the names, validated (:class:`ConfigError` naming an unknown one), in
+    :data:`MODES` order without repeats."""
+    if modes is None:
+        return PAPER_MODES
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if modes == ["all"]:
+        return MODES
+    for m in modes:
+        if m == "all":
+            raise ConfigError("--modes: 'all' cannot be combined with names")
+        attention_layer(m)
+    return tuple(m for m in MODES if m in modes)
+
+
+__all__ = ["ATTENTION_LAYERS", "HEAD_DIM_MULTIPLE", "MODES", "MODE_LABELS", "PAPER_MODES",
+           "Attention", "AttentionCore", "KVAttention", "KVPosAttention", "KVPosBias",
+           "KVRelPosAttention", "ModeSpec", "QKVAttention", "RelPosBias", "SharedKVAttention",
+           "SharedQVAttention", "SingleAttention", "attend", "attention_layer", "check_heads",
+           "mode_label", "mode_spec", "mode_suffix", "position_terms", "resolve_modes",
+           "sinusoidal_2d"]

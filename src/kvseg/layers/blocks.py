@@ -55,21 +55,26 @@ class DropPath(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x)); (B, N, dim) -> (B, N, dim)."""
+    """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x)); (B, N, dim) -> (B, N, dim).
+
+    ``grid_size``: the token grid the model is built for (sizes ``kv_relpos``'s table);
+    ``forward(x, grid)`` passes the actual (h, w) of the tokens on to the attention.
+    """
 
     def __init__(self, dim: int, num_heads: int, mode: str = "qkv", mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, pos_dim: int = 50) -> None:
+                 drop_path: float = 0.0, pos_dim: int = 50,
+                 grid_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, mode, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                              proj_drop=drop, pos_dim=pos_dim)
+                              proj_drop=drop, pos_dim=pos_dim, grid_size=grid_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), grid=grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -116,7 +121,7 @@ def init_weights(module: nn.Module) -> None:
     """ViT-style init: Linear trunc-normal(0.02) with zero bias, LayerNorm (1, 0).
 
     Convolutions keep PyTorch's default (Kaiming-uniform); layers flagged ``_kvseg_keep_init``
-    (KV-pos ``map_pos``) keep theirs.
+    (KV-pos ``map_pos``) keep theirs; the relative-position table stays zero.
     """
     for m in module.modules():
         if isinstance(m, nn.Linear) and not getattr(m, "_kvseg_keep_init", False):

@@ -1,4 +1,4 @@
-"""The three model families (SETR, conv hybrid, CvT) in three attention modes, by name."""
+"""The three model families (SETR, conv hybrid, CvT) in every attention mode, by name."""
 
 from __future__ import annotations
 

@@ -168,7 +168,8 @@ class HybridEncoder(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.dim, cfg.num_heads, mode, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop,
-                             cfg.attn_drop, rates[i], cfg.pos_dim) for i in range(cfg.depth))
+                             cfg.attn_drop, rates[i], cfg.pos_dim, (grid, grid))
+            for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -177,7 +178,7 @@ class HybridEncoder(nn.Module):
         h, w = x.shape[-2:]
         x = map_to_tokens(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, (h, w))
         return feats[:3] + [tokens_to_map(self.norm(x), h, w)]
 
 

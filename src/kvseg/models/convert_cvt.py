@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvseg.models.convert_vit import CLASS_TOKEN, CLASSIFIER, FRESH_MAP_POS
+from kvseg.models.convert_vit import CLASS_TOKEN, CLASSIFIER, FRESH_MAP_POS, FRESH_REL_POS
 from kvseg.models.kv_rules import asymmetry, convert_qk, logit_error, sample_tokens
 from kvseg.models.pretrained import Converted, SourceTensors, adapt_input_conv
 
@@ -89,6 +89,8 @@ def _attention(src: SourceTensors, conv: Converted, attn: nn.Module, f: str, o: 
     if spec.key_bias:
         for name in ("weight", "bias"):
             conv.fresh[f"{o}.pos.map_pos.{name}"] = FRESH_MAP_POS
+    if spec.rel_pos:
+        conv.fresh[f"{o}.rel_pos.table"] = FRESH_REL_POS
 
 
 def cvt_from_microsoft(src: SourceTensors, model: nn.Module, rule: str) -> Converted:

@@ -47,6 +47,7 @@ from kvseg.models.pretrained import Converted, SourceTensors, adapt_input_conv
 CLASSIFIER = "ImageNet classifier"
 CLASS_TOKEN = "class token (kvseg's encoders have none)"
 FRESH_MAP_POS = "KV-pos map_pos: no counterpart in a QKV file, starts fresh"
+FRESH_REL_POS = "relative-position table: no counterpart in a QKV file, starts at zero"
 
 
 def google_to_timm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,6 +183,8 @@ def convert_vit_encoder(src: SourceTensors, tgt: ViTTarget, conv: Converted) -> 
         if spec.key_bias:
             for name in ("weight", "bias"):
                 conv.fresh[f"{o}attn.pos.map_pos.{name}"] = FRESH_MAP_POS
+        if spec.rel_pos:
+            conv.fresh[f"{o}attn.rel_pos.table"] = FRESH_REL_POS
     if tgt.final_norm:
         conv.put("encoder.norm.weight", src.pop("norm.weight"))
         conv.put("encoder.norm.bias", src.pop("norm.bias"))

@@ -11,6 +11,8 @@ eval) and the Linear act per token. So the Q branch (dw conv, BN, Linear) and th
 stride-2 K branch are replaced by one stride-1 K branch. Per layer, with C channels, N query
 tokens and M = ceil(h/2)·ceil(w/2) key tokens, this removes 9C + 2C + C² + C parameters and
 M·(9C + C²) MACs (the K branch now runs on N tokens instead of M, the Q branch's N disappears).
+The other sharing modes follow the same rule (the branch giving the queries runs at stride 1,
+a key or value taken from it is its subsample; :class:`ConvAttention`).
 
 As the official code (``microsoft/CvT`` ``cls_cvt.py``, ``cvt-13-224x224.yaml``) by default:
 the attention scale is 1/sqrt(dim), the stage width (``attn_scale="dim"``; ``"head"`` gives the
@@ -23,6 +25,7 @@ Pretrained weights: Microsoft's CvT-13/21 ``.pth`` through :mod:`kvseg.models.co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvseg.errors import ConfigError
-from kvseg.layers.attention import AttentionCore, KVPosBias, attend, check_heads, mode_spec
+from kvseg.layers.attention import (
+    AttentionCore,
+    attend,
+    check_heads,
+    mode_spec,
+    position_terms,
+)
 from kvseg.layers.blocks import DropPath, Mlp, conv_bn_relu, init_weights, map_to_tokens
+from kvseg.layers.position import KVPosBias, RelPosBias
 from kvseg.models.base import SegmentationModel
 
 ATTN_SCALES = ("dim", "head")
@@ -72,44 +82,64 @@ def dw_bn(dim: int, stride: int) -> nn.Sequential:
 class ConvAttention(nn.Module):
     """CvT attention on a token map: x (B, h·w, C) with its (h, w) -> (B, h·w, C).
 
-    The mode's :class:`~kvseg.layers.attention.ModeSpec` decides the branches. Separate query
-    (``qkv``): Q = Linear(dw_bn_s1(x)), K = Linear(dw_bn_s2(x)), V = Linear(dw_bn_s2(x)).
-    Shared query (``kv``, ``kv_pos``): K_full = Linear(dw_bn_s1(x)) serves as the queries and its
-    stride-2 subsample as the keys; V as above. A key bias (``kv_pos``) adds the factored KV-pos
-    temperature and bias over the key indices. The products run in the shared
-    :class:`AttentionCore`.
+    Every projection is a branch ``conv_proj_X`` (``dw_bn``) + ``proj_X`` (Linear), X in the
+    mode's :attr:`~kvseg.layers.attention.ModeSpec.projections`. The branch that gives the
+    queries runs at stride 1 (N tokens), the others at ``stride_kv`` (M tokens); where the keys
+    or values come from the query branch they are its stride-``stride_kv`` subsample
+    ``t[:, ::s, ::s]`` (exact: the 3×3 conv with padding 1 at stride s is the stride-1 conv
+    sampled there, and BN and the Linear act per token). So, with s = ``stride_kv``:
+
+    * ``qkv``: Q at stride 1; K and V each from their own stride-s branch (the official CvT).
+    * ``kv``, ``kv_pos``, ``kv_relpos``: one stride-1 K branch gives the queries, its subsample
+      the keys; V from its stride-s branch.
+    * ``shared_kv``: Q at stride 1; one stride-s K branch gives keys and values.
+    * ``shared_qv``: Q at stride 1 gives the queries and, subsampled, the values; K at stride s.
+    * ``single``: one stride-1 K branch gives the queries and, subsampled, keys and values.
+
+    ``kv_pos`` adds the factored KV-pos temperature and bias over the key indices;
+    ``kv_relpos`` a relative-position bias between each query and each (stride-s) key, in
+    query-grid offsets. The products run in the shared :class:`AttentionCore`.
 
     Args:
         dim: channels C.
         num_heads: heads (``dim`` must be divisible by it).
-        mode: ``"qkv"``, ``"kv"`` or ``"kv_pos"``.
+        mode: one of :data:`kvseg.layers.MODES`.
         qkv_bias: bias in the q/k/v Linear layers.
         attn_drop: dropout on the attention probabilities (training only).
         proj_drop: dropout after the output projection.
         pos_dim: channels of the KV-pos encoding (``kv_pos`` only).
         stride_kv: stride of the key/value convolutions.
         attn_scale: ``"dim"`` (1/sqrt(dim), the official CvT) or ``"head"`` (1/sqrt(head_dim)).
+        grid_size: the stage's token grid at the model's ``img_size`` (sizes ``kv_relpos``'s
+            table; required there).
     """
 
     def __init__(self, dim: int, num_heads: int, mode: str = "qkv", qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pos_dim: int = 50,
-                 stride_kv: int = 2, attn_scale: str = "dim") -> None:
+                 stride_kv: int = 2, attn_scale: str = "dim",
+                 grid_size: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.spec = mode_spec(mode)
+        self.spec = spec = mode_spec(mode)
         check_heads(dim, num_heads)
         if attn_scale not in ATTN_SCALES:
             raise ConfigError(f"attn_scale={attn_scale!r}: expected one of "
                               f"{', '.join(ATTN_SCALES)}")
-        self.mode, self.num_heads, self.stride_kv = self.spec.name, num_heads, stride_kv
-        shared = self.spec.shared_query
-        if not shared:
+        if spec.rel_pos and grid_size is None:
+            raise ConfigError(f"mode={mode!r} needs grid_size=(h, w)")
+        self.mode, self.num_heads, self.stride_kv = spec.name, num_heads, stride_kv
+        branches = spec.projections
+        # registration order: q, then the k and v convs, then the k and v Linears (init order)
+        if "q" in branches:
             self.conv_proj_q = dw_bn(dim, 1)
             self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.conv_proj_k = dw_bn(dim, 1 if shared else stride_kv)
-        self.conv_proj_v = dw_bn(dim, stride_kv)
+        self.conv_proj_k = dw_bn(dim, 1 if spec.query == "k" else stride_kv)
+        if "v" in branches:
+            self.conv_proj_v = dw_bn(dim, stride_kv)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.pos = KVPosBias(pos_dim) if self.spec.key_bias else None
+        if "v" in branches:
+            self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.pos = KVPosBias(pos_dim) if spec.key_bias else None
+        self.rel_pos = RelPosBias(num_heads, grid_size) if spec.rel_pos else None
         self.attn_scale = attn_scale
         self.core = AttentionCore((dim if attn_scale == "dim" else dim // num_heads) ** -0.5,
                                   attn_drop)
@@ -123,16 +153,18 @@ class ConvAttention(nn.Module):
     def forward(self, x: torch.Tensor, h: int, w: int, return_attention: bool = False):
         b, n, c = x.shape
         m = x.transpose(1, 2).reshape(b, c, h, w)  # token map (B, C, h, w)
-        if self.spec.shared_query:
-            q = self.proj_k(map_to_tokens(self.conv_proj_k(m)))  # K at stride 1: (B, N, C)
-            s = self.stride_kv
-            k = q.view(b, h, w, c)[:, ::s, ::s].reshape(b, -1, c)  # its stride-s subsample
-        else:
-            q = self.proj_q(map_to_tokens(self.conv_proj_q(m)))  # (B, N, C)
-            k = self.proj_k(map_to_tokens(self.conv_proj_k(m)))  # (B, M, C)
-        v = self.proj_v(map_to_tokens(self.conv_proj_v(m)))  # (B, M, C)
-        out, attn = attend(self.core, self.pos, self._heads(q), self._heads(k), self._heads(v),
-                           return_attention)
+        spec, s = self.spec, self.stride_kv
+        tokens = {p: getattr(self, f"proj_{p}")(map_to_tokens(getattr(self, f"conv_proj_{p}")(m)))
+                  for p in spec.projections}  # the query branch (B, N, C), the others (B, M, C)
+
+        def coarse(p: str) -> torch.Tensor:  # on the key grid: the query branch subsampled
+            t = tokens[p]
+            return t.view(b, h, w, c)[:, ::s, ::s].reshape(b, -1, c) if p == spec.query else t
+
+        q, k, v = tokens[spec.query], coarse("k"), coarse(spec.value)
+        terms = position_terms(self.pos, self.rel_pos, k.shape[1], (h, w), s)
+        out, attn = attend(self.core, self._heads(q), self._heads(k), self._heads(v),
+                           return_attention, **terms)
         out = self.proj_drop(self.proj(out))  # (B, N, C)
         return (out, attn) if return_attention else out
 
@@ -141,11 +173,11 @@ class CvTBlock(nn.Module):
     """Pre-norm block with convolutional attention; (B, N, C), (h, w) -> (B, N, C)."""
 
     def __init__(self, dim: int, num_heads: int, mode: str, cfg: CvTConfig,
-                 drop_path: float) -> None:
+                 drop_path: float, grid_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = ConvAttention(dim, num_heads, mode, cfg.qkv_bias, cfg.attn_drop, cfg.drop,
-                                  cfg.pos_dim, cfg.stride_kv, cfg.attn_scale)
+                                  cfg.pos_dim, cfg.stride_kv, cfg.attn_scale, grid_size)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop, cfg.act)
         self.drop_path = DropPath(drop_path)
@@ -161,11 +193,11 @@ class CvTStage(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, depth: int, num_heads: int, patch: int,
                  stride: int, padding: int, mode: str, cfg: CvTConfig,
-                 drop_paths: list[float]) -> None:
+                 drop_paths: list[float], grid_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.embed = nn.Conv2d(in_channels, dim, patch, stride, padding)
         self.norm = nn.LayerNorm(dim)
-        self.blocks = nn.ModuleList(CvTBlock(dim, num_heads, mode, cfg, drop_paths[i])
+        self.blocks = nn.ModuleList(CvTBlock(dim, num_heads, mode, cfg, drop_paths[i], grid_size)
                                     for i in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,9 +210,13 @@ class CvTStage(nn.Module):
 
 
 class CvTEncoder(nn.Module):
-    """Three stages -> [1/4, 1/8, 1/16] maps with ``dims`` channels."""
+    """Three stages -> [1/4, 1/8, 1/16] maps with ``dims`` channels.
 
-    def __init__(self, in_channels: int, cfg: CvTConfig, mode: str) -> None:
+    ``img_size`` gives each stage's token grid (its embedding conv's output for the input padded
+    to the total stride), which sizes ``kv_relpos``'s tables; other modes do not use it.
+    """
+
+    def __init__(self, in_channels: int, cfg: CvTConfig, mode: str, img_size: int = 224) -> None:
         super().__init__()
         n = len(cfg.dims)
         fields = (cfg.depths, cfg.num_heads, cfg.patch_sizes, cfg.patch_strides,
@@ -192,11 +228,15 @@ class CvTEncoder(nn.Module):
                               f"patch_padding={cfg.patch_padding}, drop_path={cfg.drop_path}: "
                               "expected one value per stage")
         stages, c = [], in_channels
+        side = -(-img_size // math.prod(cfg.patch_strides)) * math.prod(cfg.patch_strides)
         for i in range(n):
             d = cfg.depths[i]  # official: torch.linspace(0, DROP_PATH_RATE[i], DEPTH[i])
             rates = [cfg.drop_path[i] * j / max(d - 1, 1) for j in range(d)]
+            k, st, pad = cfg.patch_sizes[i], cfg.patch_strides[i], cfg.patch_padding[i]
+            side = (side + 2 * pad - k) // st + 1
             stages.append(CvTStage(c, cfg.dims[i], d, cfg.num_heads[i], cfg.patch_sizes[i],
-                                   cfg.patch_strides[i], cfg.patch_padding[i], mode, cfg, rates))
+                                   cfg.patch_strides[i], cfg.patch_padding[i], mode, cfg, rates,
+                                   (max(side, 1), max(side, 1))))
             c = cfg.dims[i]
         self.stages = nn.ModuleList(stages)
 
@@ -227,8 +267,9 @@ class FusionDecoder(nn.Module):
 
 def build_cvt(cfg: CvTConfig, mode: str, *, in_channels: int, num_classes: int,
               img_size: int) -> SegmentationModel:
-    """SETR-CvT; ``img_size`` is unused (CvT has no position embedding)."""
-    encoder = CvTEncoder(in_channels, cfg, mode)
+    """SETR-CvT; ``img_size`` only sizes ``kv_relpos``'s tables (CvT has no position
+    embedding)."""
+    encoder = CvTEncoder(in_channels, cfg, mode, img_size)
     init_weights(encoder)
     decoder = FusionDecoder(cfg.dims, cfg.decoder_channels)
     head = nn.Conv2d(cfg.decoder_channels, num_classes, 1)

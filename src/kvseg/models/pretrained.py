@@ -267,6 +267,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, *, layout: str 
         if layout == "kvseg":
             report = _load_by_name(model, tensors, strict)
         else:
+            _check_convertible(model, layout)
             converted = _converter(family, layout)(SourceTensors(tensors, layout), model, rule)
             report = _load_converted(model, converted)
     except CheckpointError as e:
@@ -274,6 +275,19 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, *, layout: str 
     report.source, report.layout = str(path), layout
     log.debug("pretrained %s", report.summary())
     return report
+
+
+#: Attention modes an official QKV file converts to (the other sharing modes have no rule).
+CONVERTIBLE_MODES = ("qkv", "kv", "kv_pos", "kv_relpos")
+
+
+def _check_convertible(model: nn.Module, layout: str) -> None:
+    """:class:`ConfigError` unless the model's attention mode has a QKV -> mode rule."""
+    modes = {m.mode for m in model.modules() if hasattr(m, "spec") and hasattr(m, "mode")}
+    for mode in sorted(modes - set(CONVERTIBLE_MODES)):
+        raise ConfigError(f"pretrained {layout} weights: no QKV -> {mode} conversion (modes "
+                          f"with one: {', '.join(CONVERTIBLE_MODES)}; a kvseg checkpoint of "
+                          "the same mode loads by name)")
 
 
 def _load_converted(model: nn.Module, conv: Converted) -> LoadReport:

@@ -1,7 +1,11 @@
-"""The nine variants by name, their size presets, and ``create_model``.
+"""The variants by name (three families × seven attention modes), their size presets, and
+``create_model``.
 
-A variant is a row: (family, attention mode). A preset is a dataclass instance; keyword
-overrides go through ``dataclasses.replace`` after a check that names any unknown key.
+A variant is a row: (family, attention mode), named ``{family}_{mode without underscores}``
+(``setr_kvpos``, ``setr_conv_single``, ``setr_cvt_kvrelpos``). The nine variants of the paper
+(the three families in QKV, KV and KV-pos) come first in :func:`list_models`. A preset is a
+dataclass instance; keyword overrides go through ``dataclasses.replace`` after a check that
+names any unknown key.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 from torch import nn
 
 from kvseg.errors import ConfigError
-from kvseg.layers.attention import MODES, mode_suffix
+from kvseg.layers.attention import MODES, PAPER_MODES, mode_suffix, resolve_modes
 from kvseg.models.conv_hybrid import HybridConfig, build_conv_hybrid
 from kvseg.models.cvt import CvTConfig, build_cvt
 from kvseg.models.setr import SETRConfig, build_setr
@@ -56,19 +60,30 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "setr_cvt": build_cvt,
 }
 
-#: Variant name -> (family, mode): ``{family}_{mode_suffix(mode)}``, e.g. ``setr_conv_kvpos``.
+#: Variant name -> (family, mode): ``{family}_{mode_suffix(mode)}``, e.g. ``setr_conv_kvpos``;
+#: the paper's nine first (family by family), then the other modes' (family by family).
 _VARIANTS: dict[str, tuple[str, str]] = {
-    f"{family}_{mode_suffix(mode)}": (family, mode) for family in BUILDERS for mode in MODES
+    f"{family}_{mode_suffix(mode)}": (family, mode)
+    for group in (PAPER_MODES, tuple(m for m in MODES if m not in PAPER_MODES))
+    for family in BUILDERS for mode in group
 }
 
 
-def list_models() -> list[str]:
-    """The nine variant names: ``setr|setr_conv|setr_cvt`` × the mode suffixes ``qkv|kv|kvpos``."""
-    return list(_VARIANTS)
+def list_models(modes: list[str] | tuple[str, ...] | str | None = "all") -> list[str]:
+    """The variant names: the paper's nine (``setr|setr_conv|setr_cvt`` × ``qkv|kv|kvpos``)
+    first, then every family in the other modes (``sharedkv``, ``sharedqv``, ``single``,
+    ``kvrelpos``).
+
+    Args:
+        modes: ``"all"`` (default: every variant), None (the paper's three modes) or mode
+            names (:func:`kvseg.layers.attention.resolve_modes`); only those modes' variants.
+    """
+    keep = set(resolve_modes(modes))
+    return [name for name, (_, mode) in _VARIANTS.items() if mode in keep]
 
 
 def model_info(name: str) -> dict[str, str]:
-    """``{"family": "setr"|"setr_conv"|"setr_cvt", "mode": "qkv"|"kv"|"kv_pos"}`` for a name."""
+    """``{"family": "setr"|"setr_conv"|"setr_cvt", "mode": "qkv"|"kv"|...}`` for a name."""
     family, mode = _lookup(name)
     return {"family": family, "mode": mode}
 

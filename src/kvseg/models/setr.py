@@ -78,7 +78,8 @@ class ViTEncoder(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.dim, cfg.num_heads, mode, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop,
-                             cfg.attn_drop, rates[i], cfg.pos_dim) for i in range(cfg.depth))
+                             cfg.attn_drop, rates[i], cfg.pos_dim, (grid, grid))
+            for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6) if final_norm else None
         self.out_indices = list(out_indices)
 
@@ -88,7 +89,7 @@ class ViTEncoder(nn.Module):
         x = map_to_tokens(x)  # (B, h·w, dim)
         outs = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, (h, w))
             if i in self.out_indices:
                 last = i == len(self.blocks) - 1
                 y = self.norm(x) if last and self.norm is not None else x
