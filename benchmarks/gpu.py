@@ -4,9 +4,10 @@
    base models at ``--img-size`` on a fixed batch: ms per step, slices/s, achieved TFLOP/s
    (6 x forward MACs per slice) and its fraction of the dense bf16 peak, in bf16 (or fp16 where
    bf16 is not native) and fp32 with TF32; channels_last for the convolutional families.
-2. ``attention``: one SDPA call at SETR-base's shape per kernel (Flash, memory-efficient, math)
-   for KV (no mask) and KV-pos (a float key bias): which kernels run and how fast. The Flash
-   kernel takes no float mask, so KV-pos cannot use it.
+2. ``attention``: one SDPA call at SETR-base's shape per kernel (Flash, memory-efficient,
+   cuDNN, math) for KV (no mask), KV-pos as it runs (its key bias folded into a padded extra
+   q/k channel, no mask), KV-pos as a float mask (as before) and KV-relpos (a float bias):
+   which kernels run and how fast (Flash takes no float mask), and the folding's error.
 3. ``loader``: the augmented cached loader (synthetic twin, pinned memory) per worker count.
 4. ``pipeline``: ``kvseg.train`` of setr_kv base for two short epochs with ``workers: auto``:
    steps/s of the second epoch against the pure step rate of (1) (loader-bound or not).
@@ -100,31 +101,57 @@ def _max_memory_gib() -> float | None:
 
 
 def attention_kernels(batch: int, heads: int, tokens: int, head_dim: int) -> list[dict]:
+    """Forward + backward of one SDPA call per kernel, for the ways the modes call it: KV (no
+    mask), KV-pos as it runs now (its key bias folded into one more q/k channel, head dim
+    padded to a multiple of 8, no mask), KV-pos as a float mask (how it ran before) and
+    KV-relpos (a (heads, N, N) float bias). ``fold_error``: the folded KV-pos output in the
+    autocast dtype against the float mask in fp32."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kvseg.layers.attention import HEAD_DIM_MULTIPLE
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_for("auto", DEVICE),
                                                                  torch.float32)
-    q = torch.randn(batch, heads, tokens, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
-    v = torch.randn_like(q, requires_grad=True)
-    bias = torch.randn(tokens, device=DEVICE, dtype=dtype).view(1, 1, 1, -1)
-    rows = []
-    for mode, mask in (("kv", None), ("kv_pos", bias)):
+    scale = head_dim ** -0.5
+    q = torch.randn(batch, heads, tokens, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn_like(q)
+    g = torch.randn(tokens, device=DEVICE, dtype=dtype)
+    width = -(-(head_dim + 1) // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+    pad = (0, width - head_dim - 1)
+    k2 = F.pad(torch.cat((q, (g / scale).view(1, 1, -1, 1).expand_as(q[..., :1])), -1), pad)
+    q2 = F.pad(torch.cat((q, torch.ones_like(q[..., :1])), -1), pad)
+    v2 = F.pad(v, (0, width - head_dim))
+    relpos = torch.randn(1, heads, tokens, tokens, device=DEVICE, dtype=dtype)
+    calls = {"kv": (q, q, v, None), "kv_pos_folded": (q2, k2, v2, None),
+             "kv_pos_float_mask": (q, q, v, g.view(1, 1, 1, -1)),
+             "kv_relpos_float_bias": (q, q, v, relpos)}
+    folded = F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :head_dim]
+    reference = F.scaled_dot_product_attention(q.float(), q.float(), v.float(),
+                                               attn_mask=g.float().view(1, 1, 1, -1),
+                                               scale=scale)
+    rows = [{"fold_error_max_abs": float((folded.float() - reference).abs().max()),
+             "dtype": str(dtype)}]
+    print(f"sdpa kv_pos folded vs float mask (fp32): max abs diff "
+          f"{rows[0]['fold_error_max_abs']:.2e} in {dtype}", flush=True)
+    for mode, (qq, kk, vv, mask) in calls.items():
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (qq, kk, vv))
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH):
-            def call(mask=mask):
-                out = F.scaled_dot_product_attention(q, q, v, attn_mask=mask)
+                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+            def call(qq=qq, kk=kk, vv=vv, mask=mask):
+                out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
                 out.sum().backward()
 
-            row = {"mode": mode, "backend": backend.name, "shape": [batch, heads, tokens,
-                                                                    head_dim]}
+            row = {"mode": mode, "backend": backend.name,
+                   "shape": [batch, heads, tokens, int(qq.shape[-1])]}
             try:
                 with sdpa_kernel(backend), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    row["fwd_bwd_ms"] = time_fn(call, repeats=20, warmup=3, device=DEVICE).median_ms
+                    row["fwd_bwd_ms"] = time_fn(call, repeats=20, warmup=3,
+                                                device=DEVICE).median_ms
             except RuntimeError as e:
                 row["error"] = str(e).splitlines()[0][:160]
             rows.append(row)
-            print(f"sdpa {mode:<7}{backend.name:<22}"
+            print(f"sdpa {mode:<22}{backend.name:<22}"
                   f"{row.get('fwd_bwd_ms', float('nan')):8.3f} ms {row.get('error', '')}",
                   flush=True)
     return rows
