@@ -262,6 +262,29 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_attention(sub) -> None:
+    p = sub.add_parser("attention", help="a run's attention maps for one image (PNG + JSON)",
+                       description="Per attention layer and head: the post-softmax attention "
+                                   "of query points over the slice, the logits' symmetry "
+                                   "index and the mean attention distance (kvseg.explain).")
+    p.add_argument("--run", required=True)
+    p.add_argument("--input", required=True, help="an image file")
+    p.add_argument("--points", nargs="+", metavar="X,Y",
+                   help="query points in the image's pixels (default: the centre)")
+    p.add_argument("--layers", nargs="+", type=ANY_INT, metavar="I",
+                   help="attention layers in forward order, negative from the end "
+                        "(default: all)")
+    p.add_argument("--out", required=True, help="folder for attention.png and attention.json")
+
+
+def _run_attention(args) -> int:
+    from kvseg.explain import explain_run, parse_point
+
+    points = [parse_point(t) for t in args.points] if args.points else None
+    print(explain_run(args.run, args.input, args.out, points=points, layers=args.layers))
+    return 0
+
+
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="train, evaluate and profile every variant; report")
     p.add_argument("--data", required=True)
@@ -346,6 +369,7 @@ COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
+    "attention": (_add_attention, _run_attention),
     "reproduce": (_add_reproduce, _run_reproduce),
     "sweep": (_add_sweep, _run_sweep),
 }

@@ -270,7 +270,8 @@ def packaged_configs() -> list[str]:
 
 
 #: The packaged configs that are ``kvseg reproduce`` presets.
-PRESET_NAMES = ("smoke", "paper", "paper_pretrained", "ablation_smoke", "ablation_paper")
+PRESET_NAMES = ("smoke", "paper", "paper_pretrained", "ablation_smoke", "ablation_paper",
+                "sharing_smoke")
 #: The packaged configs that are ``kvseg train`` configs.
 TRAIN_CONFIG_NAMES = ("default", "train_micro", "train_paper")
 

@@ -343,4 +343,26 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))
 
 
+def attention_section(entries: Sequence[Mapping], *, slice_id: str,
+                      point: tuple[float, float], figure: str) -> list[str]:
+    """The reproduction report's attention section: the side-by-side figure and a table of each
+    variant's last encoder layer: symmetry index of its pre-softmax logits and mean attention
+    distance, both averaged over the heads (:mod:`kvseg.explain`).
 
+    ``entries``: one mapping per variant with ``model``, ``family``, ``attention`` (the mode),
+    ``layer`` (module name), ``symmetry``, ``distance`` (model-input pixels).
+    """
+    body = [[MODE_LABELS.get(e["attention"], e["attention"]), e["model"], e["family"],
+             f"`{e['layer']}`", f"{e['symmetry']:.4f}", f"{e['distance']:.1f}"]
+            for e in entries]
+    return ["## Attention (last encoder layer)", "",
+            f"One validation slice (`{slice_id}`), query point (x, y) = ({point[0]:.0f}, "
+            f"{point[1]:.0f}) in model-input pixels: each variant's head-mean attention of "
+            "that point (first seed). Symmetry index: ‖L − Lᵀ‖/‖L‖ of the pre-softmax logits "
+            "on the slice, mean over heads (0 for the Q = K modes by construction; CvT: the "
+            "queries at the keys' stride-2 positions against the keys); distance: the "
+            "attention-weighted mean distance between query and key cells, mean over heads "
+            "and all queries (`kvseg attention` gives every layer and head).", "",
+            f"![attention of one query point, last encoder layer]({figure})", "",
+            _md_table(["attention", "model", "family", "layer", "symmetry index",
+                       "mean distance (px)"], body), ""]

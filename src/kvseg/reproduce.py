@@ -363,6 +363,9 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
     sample_note = _write_samples(out, run_dirs, cfg.num_samples, plot_samples)
     if sample_note:
         figures.append((sample_note, "samples.png"))
+    from kvseg.explain import write_attention_comparison
+
+    attention = write_attention_comparison(out, run_dirs)
 
     threads = cfg.latency_threads or torch.get_num_threads()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -406,9 +409,16 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
         "interpreter, the dataset cache and earlier training.",
         "Training time and steps per run are in results.csv (`train_seconds`, `steps`).",
     ]
-    title = f"kvseg reproduction: QKV vs KV vs KV-pos attention ({cfg.name} preset)"
-    return write_report(out, rows, title=title, settings=settings, measured=measured,
+    from kvseg.layers.attention import MODES, mode_label
+
+    modes = [m for m in MODES if any(r["attention"] == m for r in rows)]
+    title = (f"kvseg reproduction: {' vs '.join(mode_label(m) for m in modes)} attention "
+             f"({cfg.name} preset)")
+    path = write_report(out, rows, title=title, settings=settings, measured=measured,
                         figures=figures, margin=margin, resamples=cfg.resamples)
+    if attention:  # the attention section goes after the other figures
+        atomic_write_text(path, path.read_text() + "\n" + "\n".join(attention))
+    return path
 
 
 def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,

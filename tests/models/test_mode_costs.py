@@ -79,3 +79,4 @@ def test_the_numbers_in_the_docs():
     assert token_deltas("kv_relpos", 12, 768, 12, 14) == (-7_087_104 + 12 * 12 * 729,
                                                           -1_387_266_048)
     assert cvt_deltas("single") == (-3_207_680, -185_475_584)
+    assert cvt_deltas("kv_relpos") == (-1_603_840 + 74_211, -92_737_792)
