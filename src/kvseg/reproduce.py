@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvseg.config import PRESET_NAMES, Preset, check_number, load_config, load_preset
+from kvseg.config import PRESET_NAMES, check_number, load_config
 from kvseg.errors import ConfigError
+from kvseg.presets import Preset, load_preset
 from kvseg.profile import profile_model
 from kvseg.results import ResultRow, jsonable
 from kvseg.rundir import FolderLock, command_line

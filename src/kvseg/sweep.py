@@ -43,8 +43,9 @@ from pathlib import Path
 
 import yaml
 
-from kvseg.config import TrainConfig, check_number, config_defaults, load_config, load_preset
+from kvseg.config import TrainConfig, check_number, config_defaults, load_config
 from kvseg.errors import ConfigError
+from kvseg.presets import load_preset
 from kvseg.results import RESULT_COLUMNS, jsonable
 from kvseg.rundir import FolderLock, command_line
 from kvseg.runner import Job, fingerprint, pending_jobs, run_jobs, untrained_jobs

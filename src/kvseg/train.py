@@ -43,14 +43,12 @@ import itertools
 import json
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -72,6 +70,7 @@ from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig 
     load_config,
 )
 from kvseg.errors import CheckpointError, ConfigError
+from kvseg.loaders import train_loader, val_loader
 from kvseg.losses import BCEDiceLoss, CEDiceLoss
 from kvseg.metrics import SegmentationMetrics
 from kvseg.precision import autocast, backend_settings, dtype_of, precision_for
@@ -114,77 +113,6 @@ def build_datasets(config: TrainConfig):
     from kvseg.data import build_dataset
 
     return build_dataset(config, "train"), build_dataset(config, "val")
-
-
-def _worker_init(worker_id: int) -> None:
-    # torch seeds each worker with base_seed + worker_id (base_seed from the loader's
-    # generator); derive NumPy's and Python's seeds from it so augmentations are reproducible
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
-def _seed_globals(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)  # the CPU generator only, never CUDA's
-
-
-class _SeededItems(torch.utils.data.Dataset):
-    """``dataset[(index, seed)]``: item ``index`` made with the global RNGs seeded from ``seed``.
-
-    The augmentation of a slice then depends only on its (epoch seed, index), not on which
-    worker made it, how many workers there are, or whether they persist across epochs (a
-    persistent worker is seeded once, which would otherwise make a resumed run differ). In the
-    main process (``workers: 0``) the RNG states are restored afterwards, so dropout's stream is
-    untouched.
-    """
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        if torch.utils.data.get_worker_info() is not None:
-            _seed_globals(seed)
-            return self.dataset[index]
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:
-            _seed_globals(seed)
-            return self.dataset[index]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
-
-
-class _EpochSampler(torch.utils.data.Sampler):
-    """Yields ``(index, seed)`` for :class:`_SeededItems`, from exactly one draw of ``gen`` per
-    epoch (``gen`` is checkpointed, so a resumed epoch draws the same).
-
-    The order is a permutation of ``range(n)`` seeded by that draw, or ``inner``'s order (a
-    ``DistributedSampler``, which shuffles from ``seed + epoch``). One draw, however far the
-    epoch is read: ``RandomSampler`` draws again when exhausted, which DataLoader workers'
-    prefetching does and a ``max_steps_per_epoch`` cut without workers does not.
-    """
-
-    def __init__(self, n: int, gen: torch.Generator, inner=None) -> None:
-        self.n, self.gen, self.inner = n, gen, inner
-
-    def __len__(self) -> int:
-        return self.n if self.inner is None else len(self.inner)
-
-    def __iter__(self):
-        base = int(torch.randint(0, 2**62, (1,), generator=self.gen))
-        if self.inner is None:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(base)).tolist()
-        else:
-            order = [int(i) for i in self.inner]
-        for i in order:
-            yield i, (base + 0x9E3779B97F4A7C15 * (i + 1)) % 2**63
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -287,34 +215,12 @@ class _Trainer:
         return autocast(self.device, self.precision)
 
     def _train_loader(self):
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        c = self.config
-        sampler = None
-        if self.info.enabled:
-            sampler = DistributedSampler(self.train_ds, num_replicas=self.info.world_size,
-                                         rank=self.info.rank, shuffle=True, seed=c.seed)
-        # the loader's own generator only seeds the workers, whose items are seeded anyway
-        loader = DataLoader(_SeededItems(self.train_ds), batch_size=c.batch_size,
-                            sampler=_EpochSampler(len(self.train_ds), self.gen, sampler),
-                            drop_last=False,
-                            generator=torch.Generator().manual_seed(c.seed),
-                            **self._loader_options())
-        return loader, sampler
-
-    def _loader_options(self) -> dict:
-        """Workers (persistent across epochs), pinned memory on CUDA."""
-        return dict(num_workers=self.workers, persistent_workers=self.workers > 0,
-                    worker_init_fn=_worker_init, pin_memory=self.device.type == "cuda")
+        return train_loader(self.train_ds, self.config.batch_size, self.gen, self.info,
+                            seed=self.config.seed, workers=self.workers, device=self.device)
 
     def _val_loader(self):
-        from torch.utils.data import DataLoader, Subset
-
-        # a disjoint, unpadded shard per rank (DistributedSampler would pad with duplicates
-        # and bias the counts)
-        shard = Subset(self.val_ds, range(self.info.rank, len(self.val_ds), self.info.world_size))
-        return DataLoader(shard, batch_size=self.config.batch_size, shuffle=False,
-                          generator=torch.Generator().manual_seed(0), **self._loader_options())
+        return val_loader(self.val_ds, self.config.batch_size, self.info, workers=self.workers,
+                          device=self.device)
 
     # ---- checkpoints
     def _ckpt_state(self) -> dict:
