@@ -48,6 +48,8 @@ RECIPES = {
              "warmup_epochs": 1.0, "dice_weight": 2.0},
     "px96_low_lr": {"img_size": 96, "epochs": 6, "max_steps_per_epoch": 80, "lr": 5e-4,
                     "warmup_epochs": 1.0, "dice_weight": 2.0},
+    "px96_long": {"img_size": 96, "epochs": 8, "max_steps_per_epoch": 80, "lr": 5e-4,
+                  "warmup_epochs": 1.0, "dice_weight": 2.0},
 }
 MODELS = ["setr_qkv", "setr_conv_qkv", "setr_cvt_qkv"]
 
