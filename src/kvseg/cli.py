@@ -207,10 +207,14 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-def _add_precision(p) -> None:
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+def _add_precision(p, int8: bool = False) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"] + ["int8"] * int8,
+                   default="auto",
                    help="autocast of the model (auto: on CUDA the precision the run trained "
-                        "in, when this GPU has it; fp32 on the CPU)")
+                        "in, when this GPU has it; fp32 on the CPU)" + (
+                       "; on the CPU bf16 runs bf16 weights and int8 an ONNX Runtime model "
+                       "calibrated on the run's training slices (kvseg.runtime)" if int8
+                       else ""))
 
 
 # --------------------------------------------------------------------------- use
@@ -229,7 +233,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an OUT used by an earlier predict (its old outputs are "
                         "removed; files predict did not write are kept)")
-    _add_precision(p)
+    _add_precision(p, int8=True)
 
 
 def _run_predict(args) -> int:
@@ -250,15 +254,62 @@ def _add_export(sub) -> None:
                    help="input size (default: the run's img_size)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
-                   help="auto: torch.export (dynamo), the TorchScript exporter if that fails")
+                   help="auto: torch.export (dynamo), the TorchScript exporter if that fails "
+                        "(int8: torchscript)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8: static quantisation calibrated on training slices; written only "
+                        "if its masks match PyTorch fp32's (IoU >= --min-iou per class)")
+    p.add_argument("--calibration-data", help="int8: dataset root (default: the run's data)")
+    p.add_argument("--calibration-slices", type=POSITIVE_INT, default=32,
+                   help="int8: slices to calibrate on, and as many others to check on")
+    p.add_argument("--min-iou", type=PROBABILITY, default=0.99,
+                   help="int8: the least mask IoU per class against PyTorch fp32")
 
 
 def _run_export(args) -> int:
     from kvseg.export import export_onnx
 
     report = export_onnx(args.run, args.onnx, img_size=args.img_size, dynamic=args.dynamic,
-                         exporter=args.exporter)
+                         exporter=args.exporter, quantize=args.quantize,
+                         calibration_data=args.calibration_data,
+                         calibration_slices=args.calibration_slices, min_iou=args.min_iou)
     print(report)
+    return 0
+
+
+def _add_benchmark(sub) -> None:
+    from kvseg.benchmark import DEFAULT_MODELS
+
+    p = sub.add_parser("benchmark", help="inference latency, throughput and memory per variant "
+                                         "and path (CPU torch/ONNX Runtime, CUDA); KV/QKV ratios",
+                       description="Time every model on every inference path side by side "
+                                   "(round-robin); a Markdown table on stdout, JSON with --out.")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help="variant names or 'all' (default: each family's QKV and KV)")
+    p.add_argument("--size", default="base")
+    p.add_argument("--img-size", type=POSITIVE_INT, default=256)
+    p.add_argument("--batch", nargs="+", type=ANY_INT, default=[1], help="batch sizes")
+    p.add_argument("--device", nargs="+", default=["cpu"], help="cpu and/or cuda")
+    p.add_argument("--onnx", action="store_true", help="also ONNX Runtime fp32 on the CPU")
+    p.add_argument("--precision", nargs="+", default=["fp32"],
+                   help="fp32, bf16, int8 (int8: ONNX Runtime on the CPU; torch fp32 is always "
+                        "measured as the reference)")
+    p.add_argument("--threads", type=POSITIVE_INT,
+                   help="CPU threads for torch and ONNX Runtime (default: torch's)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=5, help="timed calls per row")
+    p.add_argument("--in-channels", type=POSITIVE_INT, default=3)
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=3)
+    p.add_argument("--out", help="JSON file for the results")
+
+
+def _run_benchmark(args) -> int:
+    from kvseg.benchmark import benchmark, format_table
+
+    result = benchmark(args.models, size=args.size, img_size=args.img_size, batches=args.batch,
+                       devices=args.device, onnx=args.onnx, precisions=args.precision,
+                       threads=args.threads, repeats=args.repeats,
+                       in_channels=args.in_channels, num_classes=args.num_classes, out=args.out)
+    print(format_table(result))
     return 0
 
 
@@ -369,6 +420,7 @@ COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
+    "benchmark": (_add_benchmark, _run_benchmark),
     "attention": (_add_attention, _run_attention),
     "reproduce": (_add_reproduce, _run_reproduce),
     "sweep": (_add_sweep, _run_sweep),

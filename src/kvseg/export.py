@@ -12,6 +12,18 @@ absolute difference to the PyTorch logits must stay below ``tolerance`` (1e-4). 
 written (atomically) only if the check passes; otherwise :class:`ExportCheckError` says by how
 much it failed.
 
+int8 (``quantize="int8"``, :func:`export_int8`): the model, with the hybrid's weight
+standardisation folded into its kernels (:func:`kvseg.runtime.inference_copy`), is exported
+and checked in fp32 as above, then quantised statically by ONNX Runtime (QDQ format, int8
+weights per output channel, uint8 activations per tensor from min/max calibration on slices of
+the run's training data; the convolutions and the weight matmuls; the attention's own
+activation-by-activation products and its softmax stay float32, where 8 bits cost accuracy and
+ONNX Runtime's quantised softmax was slower than float32). A quantised model cannot match
+logits to 1e-4; what must hold is the segmentation: on other training slices (not those it was
+calibrated on) the int8 masks (thresholded or argmax, as the run predicts) must overlap the
+PyTorch fp32 masks with an IoU of at least ``min_iou`` (0.99) in every class, over all check
+slices together (a class empty in both counts as 1). Otherwise nothing is written.
+
 Exporters: ``"dynamo"`` is ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript),
 ``"torchscript"`` the legacy tracer (``dynamo=False``). ``"auto"`` tries dynamo and, if it
 raises, the TorchScript exporter; the report names the exporter used and why.
@@ -62,6 +74,12 @@ class ExportReport:
     checks: list[tuple[tuple[int, ...], float]] = field(default_factory=list)
     seconds: float = 0.0
     note: str = ""
+    quantize: str | None = None
+    calibration_slices: int = 0
+    check_slices: int = 0
+    mask_iou: list[float] = field(default_factory=list)
+    min_iou: float | None = None
+    max_prob_diff: float = float("nan")
 
     @property
     def max_abs_diff(self) -> float:
@@ -69,7 +87,8 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff < self.tolerance
+        int8_ok = self.min_iou is None or not self.mask_iou or min(self.mask_iou) >= self.min_iou
+        return self.max_abs_diff < self.tolerance and int8_ok
 
     def __str__(self) -> str:
         axes = "dynamic batch/height/width" if self.dynamic else "static shape"
@@ -78,20 +97,44 @@ class ExportReport:
                  f" opset {self.opset}, {axes}, {self.seconds:.1f} s)"]
         if self.note:
             lines.append(f"note: {self.note}")
+        graph = "fp32 graph before quantisation, " if self.quantize else ""
         for shape, diff in self.checks:
-            lines.append(f"onnxruntime check {tuple(shape)}: max abs diff {diff:.3g} "
+            lines.append(f"onnxruntime check ({graph}{tuple(shape)}): max abs diff {diff:.3g} "
                          f"({'<' if diff < self.tolerance else '>='} {self.tolerance:g}) "
                          f"{'OK' if diff < self.tolerance else 'FAILED'}")
+        if self.quantize:
+            lines.append(f"{self.quantize}: static QDQ, calibrated on {self.calibration_slices} "
+                         "training slices")
+        if self.mask_iou:
+            worst = min(self.mask_iou)
+            ok = self.min_iou is None or worst >= self.min_iou
+            ious = ", ".join(f"{v:.4f}" for v in self.mask_iou)
+            bound = "" if self.min_iou is None else f" ({'>=' if ok else '<'} {self.min_iou:g})"
+            lines.append(f"{self.quantize} check on {self.check_slices} other slices: mask IoU "
+                         f"vs PyTorch fp32 per class {ious}, min {worst:.4f}{bound}, max abs "
+                         f"probability diff {self.max_prob_diff:.3g} {'OK' if ok else 'FAILED'}")
         return "\n".join(lines)
 
 
 def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | None = None,
-                dynamic: bool = False, exporter: str = "auto",
-                tolerance: float = 1e-4) -> ExportReport:
+                dynamic: bool = False, exporter: str = "auto", tolerance: float = 1e-4,
+                quantize: str | None = None, calibration_data: str | Path | None = None,
+                calibration_slices: int = 32, min_iou: float = 0.99) -> ExportReport:
     """Export ``RUN_DIR``'s best model to ``onnx_path`` and check it with onnxruntime.
 
-    ``img_size`` defaults to the run's training size; the input has the run's channel count
-    (2·context + 1).
+    Args:
+        run_dir: the training run folder.
+        onnx_path: the ``.onnx`` file to write (only if the check passes).
+        img_size: the input size (default: the run's training size); the input has the run's
+            channel count.
+        dynamic: free batch, height and width.
+        exporter: ``auto``, ``dynamo`` or ``torchscript``.
+        tolerance: max abs logit difference of the fp32 graph.
+        quantize: None (fp32) or ``"int8"`` (:func:`export_int8`).
+        calibration_data: int8: the dataset root to calibrate on (default: the run's data).
+        calibration_slices: int8: training slices to calibrate on, and as many others to
+            check on (:func:`kvseg.runtime.calibration_inputs`).
+        min_iou: int8: the least mask IoU per class against PyTorch fp32.
     """
     from kvseg.checkpoint import load_run
 
@@ -103,6 +146,21 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
     if size < 16:
         raise ConfigError(f"--img-size {size}: expected at least 16")
     in_channels = int(config.get("in_channels") or 2 * int(config.get("context", 0) or 0) + 1)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize!r}: expected int8")
+    if quantize == "int8":
+        from kvseg.runtime import calibration_inputs
+
+        if Path(onnx_path).suffix.lower() != ".onnx":
+            raise ConfigError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
+        calibration, check = calibration_inputs({**config, "img_size": size}, calibration_data,
+                                                calibration_slices)
+        return export_int8(model, onnx_path, calibration=calibration, check=check,
+                           dynamic=dynamic, exporter="torchscript" if exporter == "auto"
+                           else exporter, tolerance=tolerance,
+                           task=config.get("task") or "multilabel",
+                           threshold=float(config.get("threshold", 0.5)), min_iou=min_iou,
+                           name=str(config.get("model", run_dir.name)))
     return export_model(model, onnx_path, input_shape=(1, in_channels, size, size),
                         dynamic=dynamic, exporter=exporter, tolerance=tolerance,
                         name=str(config.get("model", run_dir.name)))
@@ -152,6 +210,133 @@ def export_model(model: torch.nn.Module, onnx_path: str | Path, *,
                 f"ONNX check failed for {name}: max abs diff {report.max_abs_diff:.3g} >= "
                 f"{tolerance:g} ({report.exporter} exporter); {onnx_path} not written")
     return report
+
+
+def export_int8(model: torch.nn.Module, onnx_path: str | Path, *, calibration: np.ndarray,
+                check: np.ndarray | None, dynamic: bool = False, exporter: str = "torchscript",
+                tolerance: float = 1e-4, task: str = "multilabel", threshold: float = 0.5,
+                min_iou: float | None = 0.99, name: str = "model") -> ExportReport:
+    """Export ``model`` to an int8 ONNX file, calibrated on ``calibration`` and checked on
+    ``check`` (see the module docstring); nothing is written when a check fails.
+
+    Args:
+        model: the fp32 PyTorch model (the reference of the checks).
+        onnx_path: the ``.onnx`` file to write.
+        calibration: model inputs (N, C, H, W) float32 for the activation ranges; their
+            (C, H, W) is the export's input shape.
+        check: other inputs (M, C, H, W) on which the masks are compared (None: no check, for
+            speed measurements on untrained models).
+        dynamic: free batch, height and width.
+        exporter: the fp32 exporter (``torchscript``: ~10x quicker than dynamo here).
+        tolerance: max abs logit difference of the fp32 graph before quantisation.
+        task: ``multilabel`` (sigmoid >= threshold) or ``multiclass`` (argmax).
+        threshold: the run's sigmoid threshold.
+        min_iou: the least mask IoU per class (None: report only).
+        name: the model's name in the report.
+    """
+    import tempfile
+
+    from kvseg.runtime import inference_copy
+
+    onnx_path = Path(onnx_path)
+    if onnx_path.suffix.lower() != ".onnx":
+        raise ConfigError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if calibration.ndim != 4 or not len(calibration):
+        raise ConfigError(f"calibration inputs of shape {calibration.shape}: expected (N, C, H, "
+                          "W) with N >= 1")
+    model = model.eval()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvseg-int8-") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        report = export_model(inference_copy(model), fp32_path,
+                              input_shape=(1, *calibration.shape[1:]), dynamic=dynamic,
+                              exporter=exporter, tolerance=tolerance, name=name)
+        report.path, report.quantize, report.min_iou = onnx_path, "int8", min_iou
+        report.calibration_slices = len(calibration)
+        with atomic_path(onnx_path) as out:
+            quantize_int8(fp32_path, out, calibration, Path(tmp))
+            if check is not None:
+                report.check_slices = len(check)
+                report.mask_iou, report.max_prob_diff = _mask_agreement(
+                    model, out, np.ascontiguousarray(check, dtype=np.float32), task, threshold,
+                    chunk=8 if dynamic else 1)
+            report.seconds = time.perf_counter() - start
+            if not report.passed:
+                raise ExportCheckError(
+                    f"int8 check failed for {name}: mask IoU vs PyTorch fp32 "
+                    f"{min(report.mask_iou):.4f} < {min_iou:g} on {len(check)} training slices; "
+                    f"{onnx_path} not written")
+    return report
+
+
+def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, workdir: Path) -> None:
+    """Static QDQ int8 quantisation of the fp32 graph ``src`` into ``dst`` (see the module
+    docstring for what is quantised), calibrated by min/max on ``calibration`` one slice at a
+    time (a static graph takes batch 1)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from kvseg.runtime import cpu_info
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calibration[i:i + 1] for i in range(len(calibration)))
+
+        def get_next(self):
+            item = next(self.items, None)
+            return None if item is None else {"image": item}
+
+    pre = workdir / "pre.onnx"
+    with _quiet(root=True):
+        # constant folding and Conv+BatchNorm fusion first, so the fused kernels are quantised
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        graph = onnx.load(str(pre)).graph
+        constants = {t.name for t in graph.initializer} | {
+            o for n in graph.node if n.op_type == "Constant" for o in n.output}
+        # attention's Q·Kᵀ and P·V: both operands are activations
+        products = [n.name for n in graph.node
+                    if n.op_type == "MatMul" and not constants.intersection(n.input)]
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=cpu_info()["int8"] == "none",
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        nodes_to_exclude=products, calibrate_method=CalibrationMethod.MinMax)
+
+
+def _mask_agreement(model: torch.nn.Module, path: Path, inputs: np.ndarray, task: str,
+                    threshold: float, chunk: int) -> tuple[list[float], float]:
+    """``(IoU per class of the ONNX masks against the PyTorch masks over all inputs together,
+    max abs probability difference)``; a class empty in both has IoU 1."""
+    from kvseg.metrics import predicted_masks
+    from kvseg.runtime import ort_session
+
+    session = ort_session(path)
+    inter = union = None
+    worst = 0.0
+    for lo in range(0, len(inputs), chunk):
+        x = inputs[lo:lo + chunk]
+        got = torch.from_numpy(session.run(["logits"], {"image": x})[0])
+        with torch.inference_mode():
+            want = model(torch.from_numpy(x)).float()
+        if got.shape != want.shape:
+            raise ExportCheckError(f"ONNX output shape {tuple(got.shape)} != PyTorch "
+                                   f"{tuple(want.shape)} for input {x.shape}")
+        act = (lambda t: t.softmax(1)) if task == "multiclass" else torch.sigmoid
+        worst = max(worst, float((act(got) - act(want)).abs().max()))
+        a, b = predicted_masks(got, task, threshold), predicted_masks(want, task, threshold)
+        dims = (0, *range(2, a.ndim))
+        i, u = (a & b).sum(dims), (a | b).sum(dims)
+        inter, union = (i, u) if inter is None else (inter + i, union + u)
+    iou = [1.0 if int(u) == 0 else int(i) / int(u) for i, u in zip(inter, union, strict=True)]
+    return iou, worst
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, *, dynamic: bool,
@@ -207,10 +392,11 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Pat
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence the exporters' console chatter and deprecation warnings (kept in debug logs)."""
+def _quiet(root: bool = False):
+    """Silence the exporters' console chatter and deprecation warnings (kept in debug logs);
+    ``root``: also the root logger, where ONNX Runtime's quantisation tools log."""
     buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS + (("",) if root else ())]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

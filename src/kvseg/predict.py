@@ -62,7 +62,7 @@ from kvseg.data.inputs import SliceInput, discover_inputs, read_image  # noqa: F
 from kvseg.data.manifest import read_manifest, remove_files, write_manifest
 from kvseg.data.png import read_slice
 from kvseg.errors import ConfigError, DataError, RunDirError
-from kvseg.precision import autocast, device_capability, inference_precision, resolve_precision
+from kvseg.precision import autocast, device_capability, resolve_precision
 from kvseg.rundir import LOCK, FolderLock, command_line
 from kvseg.utils import atomic_path, atomic_write_text, resolve_device
 
@@ -249,9 +249,12 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
             prediction would overwrite is an error.
         precision: ``auto`` (on CUDA the precision the run trained in, when this GPU has it;
             fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``
-            (:func:`kvseg.precision.inference_precision`).
+            (:func:`kvseg.precision.inference_precision`); on the CPU ``bf16`` runs bf16
+            weights and ``int8`` an ONNX Runtime model calibrated on and checked against the
+            run's training slices (:func:`kvseg.runtime.prepare_for_inference`).
     """
     from kvseg.checkpoint import load_run
+    from kvseg.runtime import prepare_for_inference
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -263,8 +266,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
     model, config = load_run(run_dir, map_location="cpu")
     if threshold is None:
         threshold = float(config.get("threshold", 0.5))
-    precision = inference_precision(precision, dev.type, device_capability(dev),
-                                    config.get("precision"))
+    model, precision = prepare_for_inference(model, config, precision, dev)
     pre = config.get("preprocess") or {}
     return predict_with_model(model.to(dev).eval(), items, out, precision=precision,
                               task=config.get("task") or "multilabel",

@@ -1,0 +1,251 @@
+"""How a trained model runs for inference on the CPU: fp32, bf16 or int8, and what the CPU has.
+
+One home for "which CPU inference path", used by ``kvseg predict`` and ``kvseg benchmark``:
+
+- ``fp32``: the PyTorch model as trained, with the hybrid's weight-standardised convolutions
+  folded into plain ones (:func:`inference_copy`; the standardisation is a function of the
+  weights alone, recomputed at every forward in training);
+- ``bf16``: a copy with bfloat16 weights (:class:`Bf16Model`: float32 in, float32 logits out).
+  Fast where the CPU multiplies bf16 in hardware at a higher rate than fp32 (AMX); AVX-512 BF16
+  alone runs bf16 dot products at the fp32 FMA rate, and without either bf16 is emulated
+  (:func:`cpu_info` says which, ``kvseg benchmark`` measures it);
+- ``int8``: an ONNX Runtime session of the model exported to ONNX and quantised statically with
+  calibration (:func:`kvseg.export.export_int8`: weights per channel, activations per tensor
+  from min/max over calibration slices of the run's training data), checked against the fp32
+  masks before it is used (:class:`OrtModel`).
+
+On CUDA the precision is an autocast (:mod:`kvseg.precision`); :func:`prepare_for_inference`
+picks between the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kvseg.errors import ConfigError, DataError, KvsegError
+
+log = logging.getLogger(__name__)
+
+#: The CPU inference paths.
+CPU_PRECISIONS = ("fp32", "bf16", "int8")
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
+          "amx_int8")
+
+
+# --------------------------------------------------------------------------- the CPU
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The CPU's model name and the instruction-set flags that decide bf16 and int8 speed.
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (read when None; absent outside Linux).
+
+    Returns ``name`` (the first ``model name``, else ``platform.processor()``), ``cores``,
+    ``flags`` (those of avx2, avx512f, avx512_bf16, avx512_vnni, avx_vnni, amx_* present),
+    ``bf16``: ``"amx"`` (AMX tiles), ``"avx512_bf16"`` (bf16 dot products at the fp32 FMA rate),
+    or ``"emulated"`` (converted to fp32 in software), ``int8``: ``"amx"``, ``"vnni"`` or
+    ``"none"`` (ONNX Runtime's u8s8 kernels then saturate: activations use a reduced range),
+    and ``mkldnn_bf16`` (oneDNN's own bf16 check).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    name, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    try:
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        mkldnn_bf16 = False
+    if not flags and mkldnn_bf16:  # no /proc/cpuinfo: trust oneDNN
+        flags.add("avx512_bf16")
+    bf16 = ("amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags
+            else "emulated")
+    int8 = ("amx" if "amx_int8" in flags
+            else "vnni" if flags & {"avx512_vnni", "avx_vnni"} else "none")
+    return {"name": name or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "flags": [f for f in _FLAGS if f in flags], "bf16": bf16, "int8": int8,
+            "mkldnn_bf16": mkldnn_bf16}
+
+
+def bf16_note(info: Mapping) -> str:
+    """One line on how this CPU runs bf16 (for the benchmark's and predict's output)."""
+    return {"amx": "bf16 on AMX tiles (native, faster than fp32)",
+            "avx512_bf16": "bf16 on AVX-512 BF16 without AMX: native dot products at the fp32 "
+                           "FMA rate, plus conversions (not expected to beat fp32)",
+            "emulated": "bf16 is EMULATED on this CPU (no AVX-512 BF16, no AMX): converted to "
+                        "fp32 in software, slower than fp32"}[info["bf16"]]
+
+
+# --------------------------------------------------------------------------- models
+def inference_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every weight-standardised convolution
+    (:class:`kvseg.models.conv_hybrid.StdConv2d`) replaced by a plain ``nn.Conv2d`` holding the
+    standardised kernel: the same function, without recomputing the standardisation at every
+    forward, and a constant weight that ONNX int8 quantisation can quantise."""
+    from kvseg.models.conv_hybrid import StdConv2d
+
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, StdConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                 child.stride, child.padding, child.dilation, child.groups,
+                                 bias=child.bias is not None, padding_mode=child.padding_mode)
+                with torch.no_grad():
+                    w = child.weight
+                    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+                    conv.weight.copy_((w - mean) / torch.sqrt(var + child.eps))
+                    if child.bias is not None:
+                        conv.bias.copy_(child.bias)
+                setattr(parent, name, conv.to(w.device))
+    return model
+
+
+class Bf16Model(nn.Module):
+    """``model`` with bfloat16 weights and activations: (B, C, H, W) float32 -> float32 logits.
+
+    The norms and softmax keep float32 accumulators inside PyTorch's bf16 CPU kernels.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = inference_copy(model).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.bfloat16)).float()
+
+
+def ort_session(model: str | os.PathLike | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session (all graph optimisations; ``threads`` intra-op threads,
+    None: ONNX Runtime's default, one per core)."""
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise KvsegError("ONNX Runtime is not installed: pip install 'kvseg[onnx]'") from e
+    return onnxruntime
+
+
+class OrtModel(nn.Module):
+    """An exported graph (``image`` -> ``logits``) behind the ``nn.Module`` call of a model:
+    (B, C, H, W) float32 tensor -> float32 logits tensor on the CPU. Not trainable."""
+
+    def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
+        super().__init__()
+        self.session = ort_session(model, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = x.detach().float().cpu().contiguous().numpy()
+        (logits,) = self.session.run(["logits"], {"image": image})
+        return torch.from_numpy(logits)
+
+
+# --------------------------------------------------------------------------- calibration
+def calibration_inputs(config: Mapping, data: str | os.PathLike | None = None, n: int = 32,
+                       split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """``(calibration, check)`` model inputs (N, C, S, S) float32 from a run's dataset: 2·n
+    slices evenly spaced over ``split`` (case order), alternately for calibrating the int8
+    activation ranges and for checking the quantised model on slices it was not calibrated on.
+
+    Args:
+        config: the run's config (its dataset options: data, fold, img_size, context, ...).
+        data: the dataset root (default: the run's ``data``).
+        n: slices of each kind (fewer when the split is smaller; at least one of each).
+        split: the split to draw from (``train``: the validation split stays unseen).
+    """
+    from kvseg.data import build_dataset
+
+    root = data or config.get("data")
+    if not root or not Path(root).is_dir():
+        raise ConfigError(f"int8 calibration needs slices of the run's dataset: "
+                          f"{root or '--data'} not found (pass --calibration-data DIR)")
+    if n < 1:
+        raise ConfigError(f"--calibration-slices {n}: expected >= 1")
+    ds = build_dataset({**config, "data": str(root), "cache": False}, split, augment=False)
+    if len(ds) < 2:
+        raise DataError(f"{root}: split {split!r} has {len(ds)} slice(s); int8 calibration "
+                        "needs at least 2")
+    count = min(2 * n, len(ds))
+    index = np.unique(np.linspace(0, len(ds) - 1, count).round().astype(int))
+    images = np.stack([ds[int(i)]["image"].numpy() for i in index]).astype(np.float32)
+    return images[0::2], images[1::2]
+
+
+# --------------------------------------------------------------------------- the choice
+def prepare_for_inference(model: nn.Module, config: Mapping, precision: str,
+                          device: torch.device, *, data: str | os.PathLike | None = None,
+                          threads: int | None = None) -> tuple[nn.Module, str]:
+    """``(model to call, autocast precision)`` for ``precision`` on ``device``.
+
+    On the CPU ``fp32``, ``bf16`` and ``int8`` are the paths of the module docstring (int8:
+    calibrated on the run's training slices, refused with
+    :class:`kvseg.export.ExportCheckError` when its masks disagree with fp32's); their
+    autocast is ``fp32``. Otherwise (CUDA, ``auto``, ``fp16``) the model is returned as it is
+    with :func:`kvseg.precision.inference_precision`'s choice (on the CPU ``auto`` is fp32).
+    """
+    from kvseg.precision import device_capability, inference_precision
+
+    if precision == "int8" and device.type != "cpu":
+        raise ConfigError(f"--precision int8 runs on the CPU (ONNX Runtime), not {device}; pass "
+                          "--device cpu")
+    if device.type == "cpu" and precision in ("auto", *CPU_PRECISIONS):
+        precision = "fp32" if precision == "auto" else precision
+        if precision == "bf16":
+            if cpu_info()["bf16"] == "emulated":
+                log.warning(bf16_note(cpu_info()))
+            return Bf16Model(model), "fp32"
+        if precision == "int8":
+            return int8_model(model, config, data=data, threads=threads), "fp32"
+        return inference_copy(model), "fp32"
+    return model, inference_precision(precision, device.type, device_capability(device),
+                                      config.get("precision"))
+
+
+def int8_model(model: nn.Module, config: Mapping, *, data: str | os.PathLike | None = None,
+               n: int = 32, threads: int | None = None, min_iou: float = 0.99) -> OrtModel:
+    """The int8 ONNX Runtime model of a run's ``model``, calibrated on and checked against
+    slices of its training data (:func:`calibration_inputs`, :func:`kvseg.export.export_int8`)."""
+    import tempfile
+
+    from kvseg.export import export_int8
+
+    calibration, check = calibration_inputs(config, data, n)
+    with tempfile.TemporaryDirectory(prefix="kvseg-int8-") as tmp:
+        path = Path(tmp) / "model-int8.onnx"
+        report = export_int8(model, path, calibration=calibration, check=check, dynamic=True,
+                             task=config.get("task") or "multilabel",
+                             threshold=float(config.get("threshold", 0.5)), min_iou=min_iou,
+                             name=str(config.get("model", "model")))
+        log.info("%s", report)
+        return OrtModel(path.read_bytes(), threads)
+
+
+__all__ = ["CPU_PRECISIONS", "Bf16Model", "OrtModel", "bf16_note", "calibration_inputs",
+           "cpu_info", "import_onnxruntime", "inference_copy", "int8_model", "ort_session",
+           "prepare_for_inference"]

@@ -1,0 +1,111 @@
+"""kvseg.runtime: CPU feature detection, the fp32/bf16 model copies, and predict's CPU paths
+(bf16 weights, int8 through ONNX Runtime calibrated on the run's training slices)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kvseg
+from kvseg import cli
+from kvseg.checkpoint import save_model
+from kvseg.data import CLASSES
+from kvseg.runtime import Bf16Model, OrtModel, cpu_info, inference_copy, prepare_for_inference
+
+
+@pytest.mark.parametrize("flags, bf16, int8", [
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni amx_tile amx_bf16 amx_int8", "amx", "amx"),
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16", "vnni"),
+    ("fpu avx2 avx_vnni", "emulated", "vnni"),
+    ("fpu sse4_2", "emulated", "none"),
+])
+def test_cpu_features_from_cpuinfo(flags, bf16, int8):
+    text = (f"processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: {flags}\n\n"
+            "processor\t: 1\n")
+    info = cpu_info(text)
+    assert info["name"] == "Some CPU @ 2.0GHz"
+    assert (info["bf16"], info["int8"]) == (bf16, int8)
+    assert set(info["flags"]) <= set(flags.split())
+
+
+def test_cpu_model_copies_compute_the_same_function():
+    """The folded weight standardisation is exact; bf16 weights stay close."""
+    import kvseg
+
+    model = kvseg.create_model("setr_conv_kv", size="micro", img_size=32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        want = model(x)
+        torch.testing.assert_close(inference_copy(model)(x), want, atol=1e-5, rtol=1e-4)
+        got = Bf16Model(model)(x)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.05
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the original untouched
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """An untrained micro run on a 3-case synthetic twin (its dataset: the calibration)."""
+    from kvseg.data.synth import generate
+
+    base = tmp_path_factory.mktemp("runtime_run")
+    generate(base / "data", cases=3, days=1, slices=6, seed=0)
+    torch.manual_seed(0)
+    model = kvseg.create_model("setr_cvt_kv", size="micro", img_size=32, in_channels=3)
+    config = {"model": "setr_cvt_kv", "size": "micro", "img_size": 32, "in_channels": 3,
+              "num_classes": 3, "context": 1, "classes": list(CLASSES),
+              "data": str(base / "data"), "n_folds": 3, "fold": 0}
+    save_model(base / "run" / "best.safetensors", model, config)
+    return base / "run"
+
+
+def test_prepare_for_inference_picks_the_cpu_path(run):
+    from kvseg.checkpoint import load_run
+
+    model, config = load_run(run)
+    cpu = torch.device("cpu")
+    fp32, p = prepare_for_inference(model, config, "auto", cpu)
+    assert p == "fp32" and fp32 is not model and not isinstance(fp32, (Bf16Model, OrtModel))
+    bf16, p = prepare_for_inference(model, config, "bf16", cpu)
+    assert p == "fp32" and isinstance(bf16, Bf16Model)
+    # int8 is refused with a one-line reason when its masks disagree too much with fp32's
+    from kvseg.export import ExportCheckError
+
+    with pytest.raises(ExportCheckError, match="int8 check failed"):
+        import kvseg.runtime as R
+
+        R.int8_model(model, config, n=2, min_iou=1.01)
+    int8 = R.int8_model(model, config, n=2, min_iou=0.0)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        want, got = model(x), int8(x)
+    assert got.shape == want.shape and (got - want).abs().max() < 0.5
+    with pytest.raises(kvseg.errors.ConfigError, match="runs on the CPU"):
+        prepare_for_inference(model, config, "int8", torch.device("cuda"))
+
+
+def test_cli_predict_in_bf16_and_int8(run, tmp_path, monkeypatch):
+    """predict --precision int8 on the CPU writes the masks of the quantised model; an
+    untrained model's logits crowd the threshold, so the check's bound is lowered here."""
+    import kvseg.runtime as R
+
+    real = R.int8_model
+    monkeypatch.setattr(R, "int8_model", lambda *a, **kw: real(*a, **{**kw, "min_iou": 0.8}))
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(images / f"{i}.png")
+    masks = {}
+    for precision in ("fp32", "bf16", "int8"):
+        out = tmp_path / precision
+        assert cli.main(["predict", "--run", str(run), "--input", str(images), "--out",
+                         str(out), "--device", "cpu", "--precision", precision]) == 0
+        masks[precision] = np.stack([np.asarray(Image.open(out / "masks" / f"{i}.png"))
+                                     for i in range(2)])
+    assert masks["int8"].shape == masks["fp32"].shape == (2, 40, 36)
+    for precision in ("bf16", "int8"):
+        assert (masks[precision] == masks["fp32"]).mean() > 0.8, precision
