@@ -6,7 +6,8 @@ Paths (device, backend, precision):
 - ``cpu torch fp32``: the reference, always measured (:func:`kvseg.runtime.inference_copy`);
 - ``cpu torch bf16``: bf16 weights (:class:`kvseg.runtime.Bf16Model`);
 - ``cpu onnxruntime fp32`` (``onnx=True``): the exported graph in ONNX Runtime;
-- ``cpu onnxruntime int8``: static QDQ int8 (:func:`kvseg.export.export_int8`), calibrated on
+- ``cpu onnxruntime int8``: static QDQ int8 (:func:`kvseg.export.quantize_int8`, the graph
+  ``kvseg export --quantize int8`` writes), calibrated on
   seeded uniform [0, 1] inputs (the range of prepared slices): a speed measurement of freshly
   initialised models; the accuracy of int8 is checked on a trained run by ``kvseg export
   --quantize int8`` and ``benchmarks/precision_accuracy.py``;
@@ -200,19 +201,19 @@ def _runners(model: nn.Module, path: InferencePath, *, shape: tuple[int, int, in
     from kvseg.runtime import Bf16Model, OrtModel, inference_copy
 
     if path.backend == "onnxruntime":
-        from kvseg.export import export_int8, export_model
+        from kvseg.export import export_model, quantize_int8
 
         fp32 = workdir / f"{id(model)}-fp32.onnx"
-        if "fp32" not in cache:
+        if "fp32" not in cache:  # checked against PyTorch to 1e-4, as kvseg export does
             export_model(inference_copy(model), fp32, input_shape=(1, *shape), dynamic=True,
                          exporter="torchscript")
             cache["fp32"] = fp32
         file = fp32
-        if path.precision == "int8":
+        if path.precision == "int8":  # what kvseg.export.export_int8 writes, unchecked
             file = workdir / f"{id(model)}-int8.onnx"
             calib = torch.rand(CALIBRATION_INPUTS, *shape,
                                generator=torch.Generator().manual_seed(1)).numpy()
-            export_int8(model, file, calibration=calib, check=None, dynamic=True)
+            quantize_int8(fp32, file, calib, workdir)
         base = _rss_kib("VmRSS") if _reset_peak_rss() else None
         runner = OrtModel(file, threads)
 
