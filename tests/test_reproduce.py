@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny
+from helpers import make_tiny
 from kvseg import cli
 from kvseg.profile import profile_model
 from kvseg.report import aggregate, family_deltas, mean_std, results_table, write_results

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_PRESET, make_tiny
+from helpers import TINY_PRESET, make_tiny
 from kvseg import cli
 from kvseg.errors import ConfigError
 from kvseg.sweep import apply_factor, parse_vary, sweep
