@@ -197,6 +197,11 @@ def _ci(d: Mapping, key: str) -> str:
     return f"{est:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def _paragraphs(texts: Sequence[str]) -> list[str]:
+    """Each text as its own markdown paragraph (a blank line after each)."""
+    return [line for t in texts for line in (t, "")]
+
+
 def statistics_text(margin: float = DEFAULT_MARGIN,
                     resamples: int = DEFAULT_RESAMPLES) -> list[str]:
     """How the intervals and verdicts are made, in words (the report's method paragraph)."""
@@ -232,7 +237,7 @@ def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, ti
     parts += [f"- **{k}**: {v}" for k, v in settings.items()]
     parts += ["", "## Results (mean ± std over seeds)", "", results_table(rows), "",
               "## Each mode against QKV, per family", "",
-              *statistics_text(margin, resamples), "", deltas_table(rows, margin=margin,
+              *_paragraphs(statistics_text(margin, resamples)), deltas_table(rows, margin=margin,
                                                                      resamples=resamples), "",
               *_missed_text(rows), "## What is measured", ""]
     parts += [f"- {m}" for m in measured]
@@ -314,7 +319,7 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Ma
              f"- **seeds**: {', '.join(map(str, seeds))}; **device**: {device}",
              f"- **rows**: `sweep.csv` / `sweep.json` ({len(rows)} rows: factor, value, model, "
              "seed, then the results.csv columns)", "",
-             *statistics_text(margin, resamples), ""]
+             *_paragraphs(statistics_text(margin, resamples))]
     for factor, ds in deltas.items():
         parts += [f"## {factor}", ""]
         body = []
