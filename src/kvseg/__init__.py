@@ -1,5 +1,6 @@
 """kvseg: 2D medical image segmentation with pure and hybrid Transformers in QKV, KV and KV-pos
-attention (Hwa, Holmes, Drechsler, BVM 2025; Borji, Key-Value Transformer, 2023).
+attention (Hwa, Holmes, Drechsler, BVM 2025; Borji, Key-Value Transformer, 2023), and the other
+projection-sharing modes (shared_kv, shared_qv, single, kv_relpos).
 
 The front door::
 
@@ -20,11 +21,12 @@ def create_model(name: str, **kwargs):
     return _create(name, **kwargs)
 
 
-def list_models() -> list[str]:
-    """The names of the nine registered variants (three families × three attention modes)."""
+def list_models(modes="all") -> list[str]:
+    """The registered variants (three families × every attention mode), the paper's nine
+    (QKV, KV, KV-pos) first; see :func:`kvseg.models.registry.list_models` for ``modes``."""
     from kvseg.models.registry import list_models as _list
 
-    return _list()
+    return _list(modes)
 
 
 __all__ = ["__version__", "create_model", "list_models"]
