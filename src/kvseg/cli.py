@@ -342,13 +342,18 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="smoke",
                    help="smoke, paper, or a YAML file (`kvseg config show smoke` prints one)")
+    p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's epochs")
+    _add_run_set_options(p, "reproduce")
+
+
+def _add_run_set_options(p, command: str) -> None:
+    """The options every multi-run command (reproduce, sweep) shares."""
     p.add_argument("--models", nargs="+", default=["all"])
     p.add_argument("--modes", nargs="+", metavar="MODE",
                    help="attention modes to run: 'all' or names (qkv kv kv_pos shared_kv "
                         "shared_qv single kv_relpos); default: the paper's qkv kv kv_pos")
     p.add_argument("--seeds", nargs="+", type=ANY_INT)
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's epochs")
     p.add_argument("--jobs", type=POSITIVE_INT,
                    help="runs trained at once in separate processes (default: 1 on CUDA, "
                         "else the cores divided by the preset's threads per run)")
@@ -357,7 +362,7 @@ def _add_reproduce(sub) -> None:
                         "(default: the preset's, 2)")
     p.add_argument("--list-runs", action="store_true",
                    help="print one `kvseg train` command per pending run (for a cluster "
-                        "scheduler) and exit; run reproduce again afterwards to report")
+                        f"scheduler) and exit; run {command} again afterwards to report")
 
 
 def _run_reproduce(args) -> int:
@@ -386,17 +391,7 @@ def _add_sweep(sub) -> None:
                         "patch_size, pos_dim, ...); default: the preset's vary")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
                    help="every combination of the factors (default: one at a time)")
-    p.add_argument("--models", nargs="+", default=["all"])
-    p.add_argument("--modes", nargs="+", metavar="MODE",
-                   help="attention modes to run: 'all' or names (qkv kv kv_pos shared_kv "
-                        "shared_qv single kv_relpos); default: the paper's qkv kv kv_pos")
-    p.add_argument("--seeds", nargs="+", type=ANY_INT)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--jobs", type=POSITIVE_INT, help="runs trained at once (as reproduce)")
-    p.add_argument("--margin", type=_number(minimum=0), help="verdict margin, Jaccard points")
-    p.add_argument("--list-runs", action="store_true",
-                   help="print one `kvseg train` command per pending run (for a cluster "
-                        "scheduler) and exit; run the sweep again afterwards to report")
+    _add_run_set_options(p, "the sweep")
 
 
 def _run_sweep(args) -> int:
