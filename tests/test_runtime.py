@@ -109,3 +109,18 @@ def test_cli_predict_in_bf16_and_int8(run, tmp_path, monkeypatch):
     assert masks["int8"].shape == masks["fp32"].shape == (2, 40, 36)
     for precision in ("bf16", "int8"):
         assert (masks[precision] == masks["fp32"]).mean() > 0.8, precision
+
+
+def test_ort_model_runs_a_batch_in_pieces_with_the_same_result(tmp_path):
+    from kvseg.export import export_model
+
+    model = kvseg.create_model("setr_kv", size="micro", img_size=32).eval()
+    export_model(model, tmp_path / "m.onnx", input_shape=(1, 3, 32, 32), dynamic=True,
+                 exporter="torchscript")
+    x = torch.rand(5, 3, 32, 32)
+    whole = OrtModel(tmp_path / "m.onnx", max_batch=None)(x)
+    for step in (1, 2):
+        torch.testing.assert_close(OrtModel(tmp_path / "m.onnx", max_batch=step)(x), whole,
+                                   atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(whole, model(x), atol=1e-4, rtol=1e-4)

@@ -5,7 +5,8 @@ Paths (device, backend, precision):
 
 - ``cpu torch fp32``: the reference, always measured (:func:`kvseg.runtime.inference_copy`);
 - ``cpu torch bf16``: bf16 weights (:class:`kvseg.runtime.Bf16Model`);
-- ``cpu onnxruntime fp32`` (``onnx=True``): the exported graph in ONNX Runtime;
+- ``cpu onnxruntime fp32`` (``onnx=True``): the exported graph in ONNX Runtime
+  (:class:`kvseg.runtime.OrtModel`: one image per call);
 - ``cpu onnxruntime int8``: static QDQ int8 (:func:`kvseg.export.quantize_int8`, the graph
   ``kvseg export --quantize int8`` writes), calibrated on
   seeded uniform [0, 1] inputs (the range of prepared slices): a speed measurement of freshly
@@ -376,6 +377,9 @@ def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
     info = machine(threads)
     if "bf16" in precisions:
         notes.append(info["bf16_note"])
+    if any(p.backend == "onnxruntime" for p in paths):
+        notes.append("ONNX Runtime runs a batch one image per call (kvseg.runtime.OrtModel: "
+                     "faster per image than whole batches on this kind of CPU), arena off")
     if "int8" in precisions:
         notes.append(f"int8: ONNX Runtime static QDQ, calibrated on {CALIBRATION_INPUTS} "
                      "seeded uniform inputs (speed only; accuracy: kvseg export --quantize "

@@ -132,10 +132,17 @@ class Bf16Model(nn.Module):
 
 def ort_session(model: str | os.PathLike | bytes, threads: int | None = None):
     """An ONNX Runtime CPU session (all graph optimisations; ``threads`` intra-op threads,
-    None: ONNX Runtime's default, one per core)."""
+    None: ONNX Runtime's default, one per core).
+
+    The CPU memory arena is off: with it each session keeps its largest call's memory for the
+    life of the process (four SETR-B sessions at batch 16, 256², held 14 GB and were killed for
+    memory); off, memory is returned after each call as in PyTorch, at ~8% of the speed of
+    SETR-B at batch 1-4 here.
+    """
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -154,16 +161,27 @@ def import_onnxruntime():
 
 class OrtModel(nn.Module):
     """An exported graph (``image`` -> ``logits``) behind the ``nn.Module`` call of a model:
-    (B, C, H, W) float32 tensor -> float32 logits tensor on the CPU. Not trainable."""
+    (B, C, H, W) float32 tensor -> float32 logits tensor on the CPU. Not trainable.
 
-    def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
+    A batch runs in pieces of at most ``max_batch`` images (None: whole). ONNX Runtime's time
+    per image grows with the batch here, unlike PyTorch's: its full-resolution resizes and
+    layout reorders are memory-bound (measured, int8, base, 256², one thread, ms per image for
+    16 images as 1 / 2 / 4 / 16-image calls: SETR-KV 283 / 285 / 311 / 350, CvT-KV 71 / 80 /
+    84 / 100), so the default is one image per call.
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None,
+                 max_batch: int | None = 1):
         super().__init__()
         self.session = ort_session(model, threads)
+        self.max_batch = max_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image = x.detach().float().cpu().contiguous().numpy()
-        (logits,) = self.session.run(["logits"], {"image": image})
-        return torch.from_numpy(logits)
+        step = self.max_batch or len(image)
+        parts = [self.session.run(["logits"], {"image": image[i:i + step]})[0]
+                 for i in range(0, len(image), step)]
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
 
 # --------------------------------------------------------------------------- calibration
