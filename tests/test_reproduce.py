@@ -277,3 +277,25 @@ def test_the_report_states_intervals_verdicts_and_the_method(tmp_path):
     assert "-2.00 [-6.30, +2.30]" in lines["KV-pos"] and "inconclusive" in lines["KV-pos"]
     text = " ".join(statistics_text(2.0, 200))
     assert "200 resamples" in text and "2-point" not in text and "margin of 2 points" in text
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    from kvseg.config import load_config
+    from kvseg.runner import Job, run_jobs
+
+    run_dir = tmp_path / "runs" / "setr_kv" / "seed0"
+    run_dir.mkdir(parents=True)
+    for name in ("best.safetensors", "metrics.csv", "config.yaml", "eval_val.json"):
+        (run_dir / name).write_text("left by a killed run")  # no last.ckpt
+    (tmp_path / "runs" / "notes.txt").write_text("mine")
+    config = load_config(None, {"model": "setr_kv", "size": "micro", "data": str(tmp_path),
+                                "out": str(run_dir)})
+    seen = []
+
+    def work(job):
+        seen.append(sorted(p.name for p in job.run_dir.iterdir()))
+        return {"model": "setr_kv"}
+
+    run_jobs([Job.make(("setr_kv", 0), run_dir, config)], work, progress=False)
+    assert seen == [[]] and not config.resume  # a clean start, not a refused one
+    assert (tmp_path / "runs" / "notes.txt").read_text() == "mine"

@@ -35,7 +35,7 @@ import torch
 from kvseg.config import TrainConfig, config_defaults
 from kvseg.errors import RunDirError
 from kvseg.results import jsonable
-from kvseg.rundir import LAST, METRICS
+from kvseg.rundir import CONFIG, CURVES, LAST, METRICS, RUN_FILES
 from kvseg.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,8 @@ def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], *, progress: bool
             log.info("%s: complete in %s, skipped", job.label, job.run_dir)
         else:
             job.config.resume = (job.run_dir / LAST).is_file()
+            if not job.config.resume:
+                _clear_partial_run(job.run_dir)
             pending.append(i)
     bar = tqdm(total=len(jobs), initial=len(results), desc=desc, unit="run",
                disable=not progress, dynamic_ncols=True)
@@ -217,6 +219,21 @@ def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], *, progress: bool
     finally:
         bar.close()
     return [results[i] for i in range(len(jobs))]
+
+
+def _clear_partial_run(run_dir: Path) -> None:
+    """Remove what a run of this job left when it was killed before its first ``last.ckpt``
+    (e.g. between writing ``best.safetensors`` and ``last.ckpt``): the folder belongs to this
+    command's output and the run starts again. Only kvseg's run files are removed."""
+    if not run_dir.is_dir():
+        return
+    stale = [run_dir / n for n in (*RUN_FILES, CONFIG, CURVES)] + list(run_dir.glob("eval_*.json"))
+    removed = [p.name for p in stale if p.is_file()]
+    for name in removed:
+        (run_dir / name).unlink()
+    if removed:
+        log.warning("%s: removed %s of a run killed before its first checkpoint; it starts "
+                    "again", run_dir, ", ".join(removed))
 
 
 def _run_parallel(jobs: Sequence[Job], pending: list[int], work: Callable[[Job], dict],
