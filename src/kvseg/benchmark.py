@@ -379,7 +379,7 @@ def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
         notes.append(info["bf16_note"])
     if any(p.backend == "onnxruntime" for p in paths):
         notes.append("ONNX Runtime runs a batch one image per call (kvseg.runtime.OrtModel: "
-                     "faster per image than whole batches on this kind of CPU), arena off")
+                     "faster per image than whole batches on this kind of CPU; memory arena on)")
     if "int8" in precisions:
         notes.append(f"int8: ONNX Runtime static QDQ, calibrated on {CALIBRATION_INPUTS} "
                      "seeded uniform inputs (speed only; accuracy: kvseg export --quantize "

@@ -130,19 +130,20 @@ class Bf16Model(nn.Module):
         return self.model(x.to(torch.bfloat16)).float()
 
 
-def ort_session(model: str | os.PathLike | bytes, threads: int | None = None):
+def ort_session(model: str | os.PathLike | bytes, threads: int | None = None,
+                arena: bool = True):
     """An ONNX Runtime CPU session (all graph optimisations; ``threads`` intra-op threads,
     None: ONNX Runtime's default, one per core).
 
-    The CPU memory arena is off: with it each session keeps its largest call's memory for the
-    life of the process (four SETR-B sessions at batch 16, 256², held 14 GB and were killed for
-    memory); off, memory is returned after each call as in PyTorch, at ~8% of the speed of
-    SETR-B at batch 1-4 here.
+    ``arena``: ONNX Runtime's CPU memory arena. It keeps a session's largest call's memory for
+    the life of the process (four SETR-B sessions called at batch 16, 256², held 14 GB and were
+    killed for memory), so it suits calls of a bounded size (:class:`OrtModel`'s pieces); it
+    made SETR-KV int8 at batch 1 18 % faster here (235 vs 288 ms), CvT-KV 2 %.
     """
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False
+    opts.enable_cpu_mem_arena = bool(arena)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -167,13 +168,14 @@ class OrtModel(nn.Module):
     per image grows with the batch here, unlike PyTorch's: its full-resolution resizes and
     layout reorders are memory-bound (measured, int8, base, 256², one thread, ms per image for
     16 images as 1 / 2 / 4 / 16-image calls: SETR-KV 283 / 285 / 311 / 350, CvT-KV 71 / 80 /
-    84 / 100), so the default is one image per call.
+    84 / 100), so the default is one image per call. The memory arena (:func:`ort_session`)
+    is on when the pieces are bounded.
     """
 
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None,
                  max_batch: int | None = 1):
         super().__init__()
-        self.session = ort_session(model, threads)
+        self.session = ort_session(model, threads, arena=max_batch is not None)
         self.max_batch = max_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
