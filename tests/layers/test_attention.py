@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvseg.layers import MODES, Attention, mode_spec, sinusoidal_2d
-from kvseg.layers.attention import HEAD_DIM_MULTIPLE, KVPosBias
+from kvseg.layers.attention import HEAD_DIM_MULTIPLE, AttentionCore, KVPosBias, fold_key_bias
 
 #: (tokens, grid, dim, heads) cases; every mode gets the grid (only kv_relpos uses it)
 CASES = [(35, (5, 7), 32, 4), (16, (4, 4), 24, 3), (50, (10, 5), 16, 1)]
@@ -284,9 +284,9 @@ def test_every_mode_runs_through_sdpa(mode, monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     attn = Attention(16, 2, mode, attn_drop=0.3, grid_size=(3, 3))
-    with torch.no_grad():
+    with torch.no_grad():  # (with gradients on the CPU, KV-pos calls the fused kernel itself)
         attn.train()(torch.randn(1, 9, 16))
-    attn.eval()(torch.randn(1, 9, 16))
+        attn.eval()(torch.randn(1, 9, 16))
     assert [c[0] for c in calls] == [0.3, 0.0]  # dropout only in training
     # only the relative-position bias is a mask; KV-pos's key bias is one more channel of
     # q and k (head dim 8 -> 16, v padded alike), so SDPA keeps its fused mask-free kernels
@@ -320,7 +320,7 @@ def test_kv_pos_training_keeps_what_kv_keeps():
     kvpos.load_state_dict(kv.state_dict(), strict=False)
     kv_bytes, _ = _saved_bytes(kv, x)
     pos_bytes, out = _saved_bytes(kvpos, x)
-    assert 0 <= pos_bytes - kv_bytes <= 4 * (49 * 50 + 64)  # vs 2·49·64·4 bytes per tensor
+    assert pos_bytes - kv_bytes <= 4 * (49 * 50 + 64)  # vs 2·49·64·4 bytes per tensor
     out.square().sum().backward()  # the recomputation gives the gradients
     ref = naive_attention(kvpos, x.detach())[0].square().sum()
     grads = torch.autograd.grad(ref, list(kvpos.parameters()))
@@ -328,12 +328,47 @@ def test_kv_pos_training_keeps_what_kv_keeps():
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_bias_backward_without_a_second_attention_forward(shared, dtype, monkeypatch):
+    """On the CPU the key-bias attention's backward calls the fused kernel's backward on the
+    kept log-sum-exp: one attention forward per step (the recomputing path needs two), and the
+    same gradients as the written-out softmax for q, k, v, the temperature and the bias (keys
+    as queries, and CvT's case of other queries with fewer keys)."""
+    torch.manual_seed(3)
+    core = AttentionCore(scale=0.25)
+    k = torch.randn(2, 3, 10, 16, dtype=dtype, requires_grad=True)
+    q = k if shared else torch.randn(2, 3, 40, 16, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 3, 10, 16, dtype=dtype, requires_grad=True)
+    t = torch.tensor(0.7, requires_grad=True)
+    g = torch.randn(10, requires_grad=True)
+    weight = torch.randn(2, 3, q.shape[2], 16)
+    inputs = [k, v, t, g] if shared else [q, k, v, t, g]
+    calls = []
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+    out = core(q, k, v, temperature=t, key_bias=g)
+    got = torch.autograd.grad((out.float() * weight).sum(), inputs)
+    assert len(calls) == 1
+    ref = core.logits(q.double(), k.double(), t.double(), g.double()).softmax(-1) @ v.double()
+    torch.testing.assert_close(out.double(), ref, **_tol(dtype))
+    want = torch.autograd.grad((ref * weight).sum(), inputs)
+    for name, a, b in zip(["k", "v", "t", "g"] if shared else "qkvtg", got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), **_tol(dtype), msg=name)
+
+
+def _tol(dtype):
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.15,
+                                                                         "rtol": 0.05}
+
+
 def test_head_dim_padding_is_a_multiple_of_eight():
     assert HEAD_DIM_MULTIPLE == 8
     core = Attention(24, 3, "kv_pos").core  # head dim 8 -> 9 -> 16
     q = torch.randn(1, 3, 5, 8)
-    q2, k2, v2 = core._fold_key_bias(q, q, torch.randn(1, 3, 5, 8), torch.tensor(1.5),
-                                     torch.randn(5))
+    q2, k2, v2 = fold_key_bias(q, q, torch.randn(1, 3, 5, 8), torch.tensor(1.5),
+                               torch.randn(5), core.scale)
     assert q2.shape[-1] == k2.shape[-1] == v2.shape[-1] == 16
 
 

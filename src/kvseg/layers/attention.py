@@ -115,46 +115,93 @@ class AttentionCore(nn.Module):
     def _key_bias_attention(self, q, k, v, temperature, key_bias, dropout_p):
         """SDPA with the key bias folded into one more channel of q and k (no mask).
 
-        When gradients are needed the folding and SDPA are recomputed in the backward pass
-        (:func:`torch.utils.checkpoint.checkpoint`): only q, k, v (the projection's output,
-        which a KV layer keeps too), t and g are saved, and the padded q', k', v' and SDPA's
-        padded output never outlive the forward. That keeps KV-pos's training memory at KV's,
-        for one more SDPA forward in the backward pass.
+        Training memory stays at KV's: autograd keeps only q, k, v (the projection's output,
+        which a KV layer keeps too), t, g, the merged output and SDPA's log-sum-exp, never the
+        padded q', k', v'. On the CPU without dropout, :class:`_FoldedKeyBiasSDPA` calls the
+        fused kernel's forward and backward itself (the folding is redone in the backward, a
+        few copies; the attention is not). Elsewhere (CUDA, attention dropout) the folding and
+        SDPA are recomputed in the backward pass (:func:`torch.utils.checkpoint.checkpoint`):
+        one more SDPA forward per layer.
         """
         dv = int(v.shape[-1])  # fixed by the model (a constant in an export)
         shared = q is k  # KV-pos: the keys serve as queries
-
-        def run(q, k, v, t, g):
-            q2, k2, v2 = self._fold_key_bias(k if shared else q, k, v, t, g)
-            out = F.scaled_dot_product_attention(q2, k2, v2, dropout_p=dropout_p,
-                                                 scale=self.scale)  # (B, h, Nq, width)
-            return out.transpose(1, 2)[..., :dv].flatten(2)  # heads merged: (B, Nq, h·dv)
-
         t = temperature if temperature is not None else q.new_ones(())
-        args = (q, k, v, t, key_bias)
-        if torch.is_grad_enabled() and not (torch.jit.is_tracing() or
-                                            torch.compiler.is_compiling()):
-            merged = checkpoint(run, *args, use_reentrant=False)
-        else:
-            merged = run(*args)
-        return merged.unflatten(-1, (-1, dv)).transpose(1, 2)  # (B, h, Nq, dv), a view
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if torch.is_grad_enabled() and not tracing:
+            if q.device.type == "cpu" and dropout_p == 0.0 and q.dtype == k.dtype == v.dtype:
+                merged = _FoldedKeyBiasSDPA.apply(q, k, v, t, key_bias, self.scale)
+            else:
+                def run(q, k, v, t, g):
+                    return _folded_sdpa(k if shared else q, k, v, t, g, self.scale, dropout_p)
 
-    def _fold_key_bias(self, q, k, v, t, key_bias):
-        """q, k, v widened so that scale·q'·k' = scale·t·q·k + g(j) (see the class docstring)."""
-        d, dv = int(q.shape[-1]), int(v.shape[-1])  # head widths: fixed by the model
-        m = HEAD_DIM_MULTIPLE
-        width = -(-max(d + 1, dv) // m) * m
-        g = (key_bias.to(k.dtype) / self.scale).view(1, 1, -1, 1).expand_as(k[..., :1])
-        k2 = F.pad(torch.cat((k, g), dim=-1), (0, width - d - 1))  # [k, g/s, 0…]
-        q2 = F.pad(torch.cat((q * t, torch.ones_like(q[..., :1])), dim=-1),
-                   (0, width - d - 1))  # [t·q, 1, 0…]
-        v2 = F.pad(v, (0, width - dv)) if width != dv else v
-        return q2, k2, v2
+                merged = checkpoint(run, q, k, v, t, key_bias, use_reentrant=False)
+        else:
+            merged = _folded_sdpa(q, k, v, t, key_bias, self.scale, dropout_p)
+        return merged.unflatten(-1, (-1, dv)).transpose(1, 2)  # (B, h, Nq, dv), a view
 
     def macs(self, args: tuple, output) -> int:
         q, k, v = args[:3]
         b, h, nq, d = q.shape
         return b * h * nq * k.shape[-2] * (d + v.shape[-1])
+
+
+def fold_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
+                  key_bias: torch.Tensor, scale: float):
+    """q, k, v widened so that scale·q'·k' = scale·t·q·k + g(j) (see :class:`AttentionCore`):
+    q' = [t·q, 1, 0…], k' = [k, g/scale, 0…], v' = [v, 0…], all of one head width, a multiple
+    of :data:`HEAD_DIM_MULTIPLE`."""
+    d, dv = int(q.shape[-1]), int(v.shape[-1])  # head widths: fixed by the model
+    m = HEAD_DIM_MULTIPLE
+    width = -(-max(d + 1, dv) // m) * m
+    g = (key_bias.to(k.dtype) / scale).view(1, 1, -1, 1).expand_as(k[..., :1])
+    k2 = F.pad(torch.cat((k, g), dim=-1), (0, width - d - 1))
+    q2 = F.pad(torch.cat((q * t.to(q.dtype), torch.ones_like(q[..., :1])), dim=-1),
+               (0, width - d - 1))
+    v2 = F.pad(v, (0, width - dv)) if width != dv else v
+    return q2, k2, v2
+
+
+def _folded_sdpa(q, k, v, t, key_bias, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(s·t·q kᵀ + g(j)) v through mask-free SDPA; heads merged: (B, Nq, h·dv)."""
+    dv = int(v.shape[-1])
+    q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale)
+    out = F.scaled_dot_product_attention(q2, k2, v2, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2)[..., :dv].flatten(2)
+
+
+class _FoldedKeyBiasSDPA(torch.autograd.Function):
+    """:func:`_folded_sdpa` on the CPU (no dropout) with a backward that needs no second
+    attention forward: the forward keeps SDPA's log-sum-exp and the merged output, the backward
+    re-pads them (the output's padded channels are zero, as v's are) and calls the fused
+    kernel's own backward. Saves what KV's SDPA saves (q, k, v, output, log-sum-exp) plus t, g.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, t, key_bias, scale):
+        dv = int(v.shape[-1])
+        q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q2, k2, v2, 0.0, False, scale=scale)
+        merged = out.transpose(1, 2)[..., :dv].flatten(2)  # (B, Nq, h·dv)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, t, key_bias, merged, lse)
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad_merged):
+        q, k, v, t, key_bias, merged, lse = ctx.saved_tensors
+        scale, d, dv = ctx.scale, int(q.shape[-1]), int(v.shape[-1])
+        q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale)
+        pad = (0, int(v2.shape[-1]) - dv)
+        out2 = F.pad(merged.unflatten(-1, (-1, dv)).transpose(1, 2), pad)
+        grad2 = F.pad(grad_merged.unflatten(-1, (-1, dv)).transpose(1, 2), pad)
+        dq2, dk2, dv2 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad2.contiguous(), q2, k2, v2, out2.contiguous(), lse, 0.0, False, scale=scale)
+        dq_scaled = dq2[..., :d]
+        grad_q = dq_scaled * t.to(dq_scaled.dtype)
+        grad_t = (dq_scaled * q).sum().to(t.dtype).reshape(t.shape)
+        grad_g = (dk2[..., d].sum(dim=(0, 1)) / scale).to(key_bias.dtype)
+        return grad_q, dk2[..., :d], dv2[..., :dv], grad_t, grad_g, None
 
 
 @dataclass(frozen=True)
