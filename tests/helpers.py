@@ -23,3 +23,19 @@ def make_tiny(base: Path, seed: int, **preset) -> tuple[Path, Path]:
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump({**TINY_PRESET, **preset}))
     return base / "data", path
+
+
+#: ``kvseg train`` options of a two-epoch, two-step micro run at 32 px (train_options).
+TRAIN_OPTIONS = {"model": "setr_kv", "size": "micro", "img_size": 32, "epochs": 2,
+                 "batch_size": 4, "n_folds": 3, "max_steps_per_epoch": 2, "lr": 1e-3,
+                 "warmup_epochs": 0.5, "device": "cpu", "seed": 3}
+
+
+def train_options(data, out, **kw) -> dict:
+    """TRAIN_OPTIONS for dataset ``data`` and run folder ``out``, updated with ``kw``."""
+    return {**TRAIN_OPTIONS, "data": str(data), "out": str(out), **kw}
+
+
+def cli_train_args(opts: dict) -> list[str]:
+    """``kvseg train`` arguments for an options dict (``--img-size 32`` ...)."""
+    return ["train", *[a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]]

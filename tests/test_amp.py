@@ -4,16 +4,15 @@ asked, CPU bf16 training, the precision stored and checked on resume, evaluate's
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from helpers import cli_train_args, train_options
 from kvseg import cli
 from kvseg import precision as P
 from kvseg import train as T
-from kvseg.data.synth import generate
 from kvseg.errors import ConfigError
 from kvseg.evaluate import evaluate_run
 
@@ -106,28 +105,9 @@ def test_backend_settings_are_restored():
 
 
 # --------------------------------------------------------------------------- runs
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth") / "data"
-    generate(root, cases=3, days=1, slices=6, seed=0)
-    return root
-
-
-def _opts(data, out, **kw) -> dict:
-    opts = dict(model="setr_kv", size="micro", img_size=32, data=str(data), out=str(out),
-                epochs=1, batch_size=4, n_folds=3, max_steps_per_epoch=2, lr=1e-3,
-                device="cpu", seed=3)
-    opts.update(kw)
-    return opts
-
-
-def _cli_args(opts: dict) -> list[str]:
-    return ["train", *[a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
-
-
 def test_cpu_bf16_run_stores_its_precision_and_evaluate_states_its_own(synth, tmp_path):
     out = tmp_path / "bf16"
-    summary = T.train(T.load_config(None, _opts(synth, out, amp="bf16")))
+    summary = T.train(T.load_config(None, train_options(synth, out, epochs=1, amp="bf16")))
     assert 0 <= summary["best_jaccard"] <= 1
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["precision"] == "bf16"
@@ -155,14 +135,14 @@ def test_cpu_bf16_run_stores_its_precision_and_evaluate_states_its_own(synth, tm
 def test_resume_where_amp_resolves_differently_is_one_line(synth, tmp_path, monkeypatch,
                                                             capsys):
     out = tmp_path / "fp32"
-    opts = _opts(synth, out)
+    opts = train_options(synth, out, epochs=1)
     T.train(T.load_config(None, opts))
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["precision"] == "fp32" and ckpt["scaler"] == {}  # a CPU GradScaler, disabled
     before = (out / "last.ckpt").read_bytes()
     # the same options on a "device" where amp: auto resolves to bf16
     monkeypatch.setattr(T, "precision_for", lambda amp, device: "bf16")
-    assert cli.main([*_cli_args(opts), "--resume"]) == 2
+    assert cli.main([*cli_train_args(opts), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("kvseg train: error: --resume:")

@@ -16,26 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import cli_train_args, train_options
 from kvseg import cli
 from kvseg import train as T
-from kvseg.data.synth import generate
 
 RUN_FILES = {"config.yaml", "metrics.csv", "best.safetensors", "last.ckpt", "curves.png"}
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth") / "data"
-    generate(root, cases=3, days=1, slices=6, seed=0)
-    return root
-
-
-def _opts(data, out, **kw) -> dict:
-    opts = dict(model="setr_kv", size="micro", img_size=32, data=str(data), out=str(out),
-                epochs=2, batch_size=4, n_folds=3, max_steps_per_epoch=2, lr=1e-3,
-                warmup_epochs=0.5, device="cpu", seed=3)
-    opts.update(kw)
-    return opts
 
 
 def _rows(path: Path) -> list[dict]:
@@ -50,7 +35,7 @@ def _without_seconds(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- config
 def test_amp_on_cpu_is_refused(synth, tmp_path):
     # fp16 autocast needs CUDA; bf16 is allowed on the CPU (tests/test_amp.py)
-    c = T.load_config(None, _opts(synth, tmp_path / "r", amp="fp16"))
+    c = T.load_config(None, train_options(synth, tmp_path / "r", amp="fp16"))
     with pytest.raises(ValueError, match="amp"):
         T.train(c)
 
@@ -69,7 +54,7 @@ def test_lr_schedule_warmup_then_cosine():
 @pytest.fixture(scope="module")
 def straight(synth, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "straight"
-    summary = T.train(T.load_config(None, _opts(synth, out)))
+    summary = T.train(T.load_config(None, train_options(synth, out)))
     assert summary["epochs"] == 2 and summary["steps"] == 4
     return out
 
@@ -98,21 +83,12 @@ def test_run_directory_contents(straight):
 
 
 def test_same_seed_gives_identical_metrics_and_weights(synth, straight, tmp_path):
-    T.train(T.load_config(None, _opts(synth, tmp_path / "again")))
+    T.train(T.load_config(None, train_options(synth, tmp_path / "again")))
     assert _without_seconds(_rows(tmp_path / "again" / "metrics.csv")) == \
         _without_seconds(_rows(straight / "metrics.csv"))
     a = load_file(str(tmp_path / "again" / "best.safetensors"))
     b = load_file(str(straight / "best.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
-
-
-def _cli_args(opts: dict) -> list[str]:
-    args = ["train"]
-    for k, v in opts.items():
-        if k in ("warmup_epochs",):
-            continue
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return args
 
 
 KILL_AFTER_EPOCH_1 = """
@@ -131,7 +107,7 @@ train(load_config(sys.argv[1]), callbacks=[kill])
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_straight_run(synth, straight, tmp_path):
     out = tmp_path / "killed"
-    opts = _opts(synth, out)
+    opts = train_options(synth, out)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(opts))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -141,7 +117,8 @@ def test_sigkill_then_resume_equals_straight_run(synth, straight, tmp_path):
     assert len(_rows(out / "metrics.csv")) == 1
     warm = tmp_path / "warm.yaml"
     warm.write_text("warmup_epochs: 0.5\n")
-    cmd = [sys.executable, "-m", "kvseg", *_cli_args(opts), "--config", str(warm)]
+    flags = cli_train_args({k: v for k, v in opts.items() if k != "warmup_epochs"})
+    cmd = [sys.executable, "-m", "kvseg", *flags, "--config", str(warm)]
     proc = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -159,14 +136,14 @@ def test_sigkill_then_resume_equals_straight_run(synth, straight, tmp_path):
 
 def test_existing_run_needs_resume_and_resume_checks_options(synth, straight):
     with pytest.raises(ValueError, match="resume"):
-        T.train(T.load_config(None, _opts(synth, straight)))
+        T.train(T.load_config(None, train_options(synth, straight)))
     with pytest.raises(ValueError, match="lr"):
-        T.train(T.load_config(None, _opts(synth, straight, lr=0.5, resume=True)))
+        T.train(T.load_config(None, train_options(synth, straight, lr=0.5, resume=True)))
 
 
 def test_resume_of_a_finished_run_trains_nothing(synth, straight):
     before = (straight / "last.ckpt").read_bytes()
-    summary = T.train(T.load_config(None, _opts(synth, straight, resume=True)))
+    summary = T.train(T.load_config(None, train_options(synth, straight, resume=True)))
     assert summary["epochs"] == 2 and len(summary["history"]) == 2
     assert (straight / "last.ckpt").read_bytes() == before
 
@@ -187,7 +164,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(synth, tmp_pa
     monkeypatch.setattr(T, "BCEDiceLoss", NaNAtEpoch2)
     out = tmp_path / "nan"
     with pytest.raises(T.NonFiniteLossError, match=r"epoch 2 step 1"):
-        T.train(T.load_config(None, _opts(synth, out)))
+        T.train(T.load_config(None, train_options(synth, out)))
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
     assert len(_rows(out / "metrics.csv")) == 1
@@ -195,7 +172,8 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(synth, tmp_pa
 
 
 def test_cli_reports_divergence_in_one_line_and_exits_nonzero(synth, tmp_path, capsys):
-    args = _cli_args(_opts(synth, tmp_path / "div", lr=1e30, epochs=1, max_steps_per_epoch=3))
+    args = cli_train_args(train_options(synth, tmp_path / "div", lr=1e30, epochs=1,
+                                        max_steps_per_epoch=3))
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("kvseg train: error: non-finite training loss")
@@ -211,7 +189,7 @@ def test_cli_unknown_config_key_exits_2(tmp_path, capsys):
 
 def test_time_budget_stops_after_validating(synth, tmp_path):
     out = tmp_path / "budget"
-    s = T.train(T.load_config(None, _opts(synth, out, epochs=50, time_budget_s=1e-3)))
+    s = T.train(T.load_config(None, train_options(synth, out, epochs=50, time_budget_s=1e-3)))
     assert s["stopped_early"] and s["epochs"] == 1 and s["steps"] == 1
     row = _rows(out / "metrics.csv")[0]
     assert row["jaccard"] != "" and (out / "best.safetensors").exists()
@@ -252,7 +230,7 @@ def test_a_run_folder_owned_by_another_process_is_refused(synth, tmp_path):
         assert holder.stdout.readline().strip() == "ok"
         with pytest.raises(RunDirError, match=rf"in use by another kvseg process \(pid "
                                               rf"{holder.pid} .*kvseg train \(test\)"):
-            T.train(T.load_config(None, _opts(synth, out)))
+            T.train(T.load_config(None, train_options(synth, out)))
         assert not (out / "config.yaml").exists()
     finally:
         holder.kill()
@@ -274,7 +252,7 @@ def test_a_partial_run_is_not_overwritten(synth, straight, tmp_path):
     (out / "eval_val.json").write_text("{}")
     before = _checksums(out)
     with pytest.raises(RunDirError, match="best.safetensors.*no last.ckpt"):
-        T.train(T.load_config(None, _opts(synth, out)))
+        T.train(T.load_config(None, train_options(synth, out)))
     assert _checksums(out) == before
 
 
@@ -286,7 +264,7 @@ def test_a_corrupt_last_ckpt_is_one_line_and_kept(synth, straight, tmp_path, con
     shutil.copytree(straight, out)
     (out / "last.ckpt").write_bytes(content)
     before = _checksums(out)
-    rc = cli.main(_cli_args(_opts(synth, out)) + ["--resume"])
+    rc = cli.main(cli_train_args(train_options(synth, out)) + ["--resume"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "last.ckpt" in err and "weights_only=False" not in err
@@ -308,7 +286,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(synth, tm
         return real_replace(src, dst)
 
     monkeypatch.setattr(U.os, "replace", replace)
-    rc = cli.main(_cli_args(_opts(synth, out, epochs=1)))
+    rc = cli.main(cli_train_args(train_options(synth, out, epochs=1)))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "last.ckpt" in err and "No space left on device" in err
@@ -334,7 +312,7 @@ def test_cpu_rng_state_has_no_cuda_key_and_cpu_training_never_initialises_cuda(s
         pytest.skip("CUDA was initialised by an earlier test in this process")
     state = capture_rng_state(torch.Generator(), torch.device("cpu"))
     assert "cuda" not in state and set(state) == {"python", "numpy", "torch", "loader"}
-    T.train(T.load_config(None, _opts(synth, tmp_path / "cpu", epochs=1)))
+    T.train(T.load_config(None, train_options(synth, tmp_path / "cpu", epochs=1)))
     ckpt = torch.load(tmp_path / "cpu" / "last.ckpt", map_location="cpu", weights_only=True)
     assert all("cuda" not in rng for rng in ckpt["rng"])
     assert not torch.cuda.is_initialized()
@@ -364,7 +342,7 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused_before_any_setup(synth,
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     out = tmp_path / "idx"
-    assert cli.main(_cli_args(_opts(synth, out, device="cuda:1"))) == 2
+    assert cli.main(cli_train_args(train_options(synth, out, device="cuda:1"))) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "device=cuda:1" in err and "WORLD_SIZE=2" in err and "--device cuda" in err
@@ -378,7 +356,7 @@ def test_sync_batchnorm_on_cpu_processes_is_refused(synth, tmp_path, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="sync_batchnorm"):
-        T.train(T.load_config(None, _opts(synth, tmp_path / "sbn", sync_batchnorm=True)))
+        T.train(T.load_config(None, train_options(synth, tmp_path / "sbn", sync_batchnorm=True)))
 
 
 def test_a_nan_between_check_points_is_reported_at_its_own_step(synth, tmp_path, monkeypatch):
@@ -405,7 +383,8 @@ def test_a_nan_between_check_points_is_reported_at_its_own_step(synth, tmp_path,
     monkeypatch.setattr(T._Trainer, "_check", check)
     out = tmp_path / "nan6"
     with pytest.raises(T.NonFiniteLossError, match=r"\(nan\) at epoch 1 step 6 \(global step 6\)"):
-        T.train(T.load_config(None, _opts(synth, out, batch_size=1, max_steps_per_epoch=None)))
+        T.train(T.load_config(None, train_options(synth, out, batch_size=1,
+                                                  max_steps_per_epoch=None)))
     # the host looked at the loss before steps 1, 5 and 9 only, and stopped at step 9
     assert checks == [0, 4, 8]
     assert not (out / "last.ckpt").exists()
@@ -425,7 +404,7 @@ def test_persistent_workers_give_the_same_run_and_an_exact_resume(synth, straigh
     # the straight run used no worker; augmentation is seeded per slice, so two persistent
     # workers give the same run, also across a crash and --resume
     out = tmp_path / "workers"
-    opts = _opts(synth, out, workers=2)
+    opts = train_options(synth, out, workers=2)
     with pytest.raises(_StopAfterEpoch1):
         T.train(T.load_config(None, opts), callbacks=[_stop_after_epoch_1])
     assert len(_rows(out / "metrics.csv")) == 1
@@ -441,7 +420,7 @@ def test_deterministic_switch_gives_the_same_run_and_is_switched_off_after(synth
                                                                             tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     out = tmp_path / "det"
-    T.train(T.load_config(None, _opts(synth, out, deterministic=True)))
+    T.train(T.load_config(None, train_options(synth, out, deterministic=True)))
     assert not torch.are_deterministic_algorithms_enabled()
     assert _without_seconds(_rows(out / "metrics.csv")) == \
         _without_seconds(_rows(straight / "metrics.csv"))

@@ -12,15 +12,7 @@ from official_files import MICRO_WRITERS, write_timm_vit
 from kvseg import cli
 from kvseg import train as T
 from kvseg.config import load_preset
-from kvseg.data.synth import generate
 from kvseg.models import hub
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth") / "data"
-    generate(root, cases=3, days=1, slices=6, seed=0)
-    return root
 
 
 def _args(**opts) -> list[str]:
