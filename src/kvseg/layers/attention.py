@@ -71,8 +71,8 @@ class AttentionCore(nn.Module):
 
     Runs through ``F.scaled_dot_product_attention`` unless ``return_attention``; dropout only in
     training. A per-key bias needs no mask: it is one more channel of the dot product, q' = [t·q,
-    1, 0…] and k' = [k, g / scale, 0…] (zero-padded to a multiple of
-    :data:`HEAD_DIM_MULTIPLE`, v too), so s·q'·k' = s·t·q·k + g(j) and SDPA keeps its fused,
+    1, 0…] and k' = [k, g / scale, 0…] (zero-padded to a multiple of :data:`HEAD_DIM_MULTIPLE`,
+    v too; CPU training: width d + 1), so s·q'·k' = s·t·q·k + g(j) and SDPA keeps its fused,
     mask-free kernels (a learned float mask would need its (B, heads, Nq, Nk) gradient and the
     unfused kernel). MACs (:meth:`macs`): ``B·heads·Nq·Nk·(d + dv)`` (QKᵀ and AV, the unpadded
     widths: the padding is a kernel detail, not the model's arithmetic).
@@ -169,17 +169,43 @@ def _folded_sdpa(q, k, v, t, key_bias, scale: float, dropout_p: float = 0.0) -> 
     return out.transpose(1, 2)[..., :dv].flatten(2)
 
 
+def _widened(x: torch.Tensor, width: int, last: torch.Tensor | float | None = None,
+             factor: torch.Tensor | None = None) -> torch.Tensor:
+    """A new (…, width) tensor: ``x`` (times ``factor``) in the first channels, then ``last``
+    (broadcast over the rows; none: zero) in the next one, zeros after. One write per element:
+    the eager (CPU-training) form of :func:`fold_key_bias`'s cat and pad."""
+    d = int(x.shape[-1])
+    out = x.new_empty(*x.shape[:-1], width)
+    if factor is None:
+        out[..., :d] = x
+    else:
+        torch.mul(x, factor, out=out[..., :d])
+    if width > d:
+        out[..., d] = 0 if last is None else last
+        out[..., d + 1:] = 0
+    return out
+
+
 class _FoldedKeyBiasSDPA(torch.autograd.Function):
     """:func:`_folded_sdpa` on the CPU (no dropout) with a backward that needs no second
     attention forward: the forward keeps SDPA's log-sum-exp and the merged output, the backward
-    re-pads them (the output's padded channels are zero, as v's are) and calls the fused
+    re-widens them (the output's extra channels are zero, as v's are) and calls the fused
     kernel's own backward. Saves what KV's SDPA saves (q, k, v, output, log-sum-exp) plus t, g.
+    The head width is d + 1 (the CPU kernel takes any width; each channel past 64 costs time,
+    so no padding to :data:`HEAD_DIM_MULTIPLE`).
     """
+
+    @staticmethod
+    def _fold(q, k, v, t, key_bias, scale):
+        width = max(int(q.shape[-1]) + 1, int(v.shape[-1]))
+        g = (key_bias.to(k.dtype) / scale).view(1, 1, -1)  # broadcast over batch and heads
+        return (_widened(q, width, 1.0, t.to(q.dtype)), _widened(k, width, g),
+                _widened(v, width) if width != int(v.shape[-1]) else v)
 
     @staticmethod
     def forward(ctx, q, k, v, t, key_bias, scale):
         dv = int(v.shape[-1])
-        q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale)
+        q2, k2, v2 = _FoldedKeyBiasSDPA._fold(q, k, v, t, key_bias, scale)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q2, k2, v2, 0.0, False, scale=scale)
         merged = out.transpose(1, 2)[..., :dv].flatten(2)  # (B, Nq, h·dv)
@@ -191,12 +217,12 @@ class _FoldedKeyBiasSDPA(torch.autograd.Function):
     def backward(ctx, grad_merged):
         q, k, v, t, key_bias, merged, lse = ctx.saved_tensors
         scale, d, dv = ctx.scale, int(q.shape[-1]), int(v.shape[-1])
-        q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale)
-        pad = (0, int(v2.shape[-1]) - dv)
-        out2 = F.pad(merged.unflatten(-1, (-1, dv)).transpose(1, 2), pad)
-        grad2 = F.pad(grad_merged.unflatten(-1, (-1, dv)).transpose(1, 2), pad)
+        q2, k2, v2 = _FoldedKeyBiasSDPA._fold(q, k, v, t, key_bias, scale)
+        width = int(v2.shape[-1])
+        out2 = _widened(merged.unflatten(-1, (-1, dv)).transpose(1, 2), width)
+        grad2 = _widened(grad_merged.unflatten(-1, (-1, dv)).transpose(1, 2), width)
         dq2, dk2, dv2 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad2.contiguous(), q2, k2, v2, out2.contiguous(), lse, 0.0, False, scale=scale)
+            grad2, q2, k2, v2, out2, lse, 0.0, False, scale=scale)
         dq_scaled = dq2[..., :d]
         grad_q = dq_scaled * t.to(dq_scaled.dtype)
         grad_t = (dq_scaled * q).sum().to(t.dtype).reshape(t.shape)
