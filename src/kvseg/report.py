@@ -168,6 +168,17 @@ def results_table(rows: Sequence[ResultRow | Mapping]) -> str:
     return _md_table(header, body)
 
 
+def _verdict_text(d: Mapping, margin: float) -> str:
+    """A family_deltas entry's Jaccard verdict in words; with one seed, the warning that the
+    interval holds the validation-case noise only (a seed's own spread can exceed it)."""
+    verdict = d["jaccard_verdict"]
+    if verdict in ("better", "not worse", "worse", "inconclusive"):
+        verdict = verdict_sentence(verdict, margin, MODE_LABELS[d["attention"]])
+    if d["seeds"] < 2 and math.isfinite(d["jaccard_pts"]):
+        verdict += "; one seed: training noise not in the interval"
+    return verdict
+
+
 def deltas_table(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT_MARGIN,
                  resamples: int = DEFAULT_RESAMPLES) -> str:
     """Per family, each mode against QKV with 95% intervals and verdicts (markdown)."""
@@ -176,11 +187,7 @@ def deltas_table(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT
               "case-days", "verdict (Jaccard)"]
     body = []
     for d in family_deltas(rows, margin=margin, resamples=resamples):
-        verdict = d["jaccard_verdict"]
-        if verdict in ("better", "not worse", "worse", "inconclusive"):
-            verdict = verdict_sentence(verdict, margin, MODE_LABELS[d["attention"]])
-        if d["seeds"] < 2 and math.isfinite(d["jaccard_pts"]):
-            verdict += "; one seed: training noise not in the interval"
+        verdict = _verdict_text(d, margin)
         body.append([d["family"], MODE_LABELS[d["attention"]], f"{d['params_pct']:+.2f} %",
                      f"{d['macs_pct']:+.2f} %", _ci(d, "jaccard"), _ci(d, "weighted_jaccard"),
                      _fmt(d["qkv_jaccard_std"], math.nan, 2), str(d["seeds"]),
@@ -324,9 +331,7 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Ma
         parts += [f"## {factor}", ""]
         body = []
         for d in ds:
-            verdict = d["jaccard_verdict"]
-            if verdict in ("better", "not worse", "worse", "inconclusive"):
-                verdict = verdict_sentence(verdict, margin, MODE_LABELS[d["attention"]])
+            verdict = _verdict_text(d, margin)
             body.append([str(d["value"]), d["family"], MODE_LABELS[d["attention"]],
                          f"{d['params_pct']:+.2f} %", f"{d['macs_pct']:+.2f} %",
                          _ci(d, "jaccard"), _ci(d, "weighted_jaccard"), str(d["seeds"]),
