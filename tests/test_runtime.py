@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,28 @@ def test_cli_predict_in_bf16_and_int8(run, tmp_path, monkeypatch):
     assert masks["int8"].shape == masks["fp32"].shape == (2, 40, 36)
     for precision in ("bf16", "int8"):
         assert (masks[precision] == masks["fp32"]).mean() > 0.8, precision
+
+
+def test_cli_evaluate_scores_the_cpu_path_it_is_asked_for(run, tmp_path, monkeypatch):
+    """evaluate --precision bf16/int8 on the CPU scores predict's bf16-weights and int8 ONNX
+    Runtime models (not an autocast of the fp32 model) and says which in the result."""
+    import kvseg.runtime as R
+
+    real = R.int8_model
+    calls = []
+    monkeypatch.setattr(R, "int8_model", lambda *a, **kw: calls.append(1) or real(
+        *a, **{**kw, "min_iou": 0.8}))
+    results = {}
+    for precision in ("fp32", "bf16", "int8"):
+        out = tmp_path / f"{precision}.json"
+        assert cli.main(["evaluate", "--run", str(run), "--device", "cpu", "--precision",
+                         precision, "--out", str(out)]) == 0
+        results[precision] = json.loads(out.read_text())
+    assert calls == [1]
+    assert [results[p]["precision"] for p in results] == ["fp32", "bf16", "int8"]
+    fp32 = results["fp32"]["mean"]["jaccard"]
+    for precision in ("bf16", "int8"):  # an untrained model: scores near, not equal
+        assert abs(results[precision]["mean"]["jaccard"] - fp32) < 0.1, precision
 
 
 def test_ort_model_runs_a_batch_in_pieces_with_the_same_result(tmp_path):

@@ -207,14 +207,13 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-def _add_precision(p, int8: bool = False) -> None:
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"] + ["int8"] * int8,
+def _add_precision(p) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
                    default="auto",
                    help="autocast of the model (auto: on CUDA the precision the run trained "
-                        "in, when this GPU has it; fp32 on the CPU)" + (
-                       "; on the CPU bf16 runs bf16 weights and int8 an ONNX Runtime model "
-                       "calibrated on the run's training slices (kvseg.runtime)" if int8
-                       else ""))
+                        "in, when this GPU has it; fp32 on the CPU); on the CPU bf16 runs bf16 "
+                        "weights and int8 an ONNX Runtime model calibrated on the run's training "
+                        "slices (kvseg.runtime)")
 
 
 # --------------------------------------------------------------------------- use
@@ -233,7 +232,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an OUT used by an earlier predict (its old outputs are "
                         "removed; files predict did not write are kept)")
-    _add_precision(p, int8=True)
+    _add_precision(p)
 
 
 def _run_predict(args) -> int:

@@ -82,8 +82,11 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     Undefined values (e.g. HD95 of an empty mask) are ``null``.
 
     ``precision``: ``auto`` (on CUDA the precision the run trained and validated in, when this
-    GPU has it; fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``; the one used is the result's
-    ``precision``. ``workers``: DataLoader workers (None: as ``kvseg train``'s auto).
+    GPU has it; fp32 on the CPU), ``fp32``, ``bf16``, ``fp16`` or ``int8``; the one used is the
+    result's ``precision``. On the CPU ``bf16`` and ``int8`` are ``kvseg predict``'s paths (bf16
+    weights; an int8 ONNX Runtime model calibrated on the run's training slices,
+    :func:`kvseg.runtime.prepare_for_inference`), so the score is that of what predict runs.
+    ``workers``: DataLoader workers (None: as ``kvseg train``'s auto).
     """
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -91,8 +94,15 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     check_number("slice_thickness_mm", slice_thickness_mm, minimum=0, min_open=True)
     dev = resolve_device(device)
     model, config = load_run(run, map_location=dev)
-    precision = inference_precision(precision, dev.type, device_capability(dev),
-                                    config.get("precision"))
+    if dev.type == "cpu" and precision in ("bf16", "int8"):  # predict's CPU paths: bf16
+        # weights, or the int8 ONNX Runtime model calibrated on the run's training slices
+        from kvseg.runtime import prepare_for_inference
+
+        model, autocast_precision = prepare_for_inference(model, config, precision, dev,
+                                                          data=data)
+    else:
+        precision = autocast_precision = inference_precision(
+            precision, dev.type, device_capability(dev), config.get("precision"))
     threshold = config.get("threshold", 0.5) if threshold is None else threshold
     classes = list(config.get("classes") or [f"class_{i}" for i in range(config["num_classes"])])
     ds = _dataset(config, data, split)
@@ -112,7 +122,7 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     for batch in loader:
         x = batch["image"].to(dev, non_blocking=True)
         y = batch["mask"].to(dev, non_blocking=True)
-        with autocast(dev, precision):
+        with autocast(dev, autocast_precision):
             logits = model(x)
         metrics.update(logits, y)
         pred = predicted_masks(logits, task, threshold).cpu().numpy()
