@@ -14,9 +14,9 @@ Efficiency: achieved FLOP/s = 2 FLOPs/MAC × 3 (backward ≈ 2 × forward) × MA
 as a fraction of this machine's float32 matmul FLOP/s (a 2048³ ``torch.mm``, best of 5, same
 thread count).
 
-Usage: ``python benchmarks/models.py [--reps 3] [--models setr_qkv ...]``; prints a table and
-writes ``benchmarks/results/models.json``. A family is measured only with its QKV and KV twins
-among the models (added if missing), the references of the ratios.
+Usage: ``python benchmarks/models.py [--reps 3] [--models setr_qkv ...] [--size micro]``; prints a
+table and writes ``benchmarks/results/models.json``. A family is measured only with its QKV and
+KV twins among the models (added if missing), the references of the ratios.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / (best_ms / 1e3)
 
 
-def bench_family(names: list[str], reps: int, batch: int, img: int) -> list[dict]:
+def bench_family(names: list[str], reps: int, batch: int, img: int,
+                 size: str = "base") -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img, img)
-    models = {n: kvseg.create_model(n, size="base", img_size=img).train() for n in names}
+    models = {n: kvseg.create_model(n, size=size, img_size=img).train() for n in names}
 
     def step(model):
         def run():
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--size", default="base", choices=["micro", "small", "base", "large"],
+                        help="model size preset (micro: the demo's models)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "models.json"))
     add_threads_option(parser)
     args = parser.parse_args()
@@ -81,7 +84,7 @@ def main() -> None:
         if n not in names:
             names.append(n)
     rows = [r for names in families.values()
-            for r in bench_family(names, args.reps, args.batch, args.img_size)]
+            for r in bench_family(names, args.reps, args.batch, args.img_size, args.size)]
     peak_after = matmul_flops()
     qkv = {r["family"]: r for r in rows if r["mode"] == "qkv"}
     kv = {r["family"]: r for r in rows if r["mode"] == "kv"}
@@ -110,7 +113,7 @@ def main() -> None:
     print("\ntargets: KV fwd+bwd time <= 0.95 x QKV twin; SETR base >= 60% of matmul FLOP/s; "
           "KV-pos time and peak memory within 2% of KV")
     result = {
-        "benchmark": "models", "size": "base", "img_size": args.img_size, "batch": args.batch,
+        "benchmark": "models", "size": args.size, "img_size": args.img_size, "batch": args.batch,
         "pass": "train-mode forward + backward", **machine(),
         "matmul_gflops": [peak / 1e9, peak_after / 1e9], "rows": rows,
     }

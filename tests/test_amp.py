@@ -73,6 +73,18 @@ def test_inference_precision_follows_the_run_on_cuda(requested, device_type, cap
     assert P.inference_precision(requested, device_type, capability, run) == expected
 
 
+@pytest.mark.parametrize(("requested", "device_type", "capability", "message"), [
+    ("fp16", "cpu", None, r"^--precision fp16: needs a CUDA device \(device is cpu\); use fp32"),
+    ("bf16", "cuda", V100, r"^--precision bf16: this GPU \(compute capability 7.0\) has no "
+                           r"native bf16 .*; use fp16 or auto$"),
+    ("none", "cpu", None, r"^--precision none: expected one of auto, fp32, bf16, fp16, int8"),
+    ("int8", "cuda", A100, r"^--precision int8: expected one of auto, fp32, bf16, fp16$"),
+])
+def test_inference_precision_errors_name_the_flag(requested, device_type, capability, message):
+    with pytest.raises(ConfigError, match=message):
+        P.inference_precision(requested, device_type, capability, None)
+
+
 def test_the_training_device_is_asked_not_the_current_one(monkeypatch):
     # cuda:0 (current) is an H100, the training device cuda:1 a V100: auto must give fp16
     asked = []

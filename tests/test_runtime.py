@@ -88,23 +88,26 @@ def test_prepare_for_inference_picks_the_cpu_path(run):
         prepare_for_inference(model, config, "int8", torch.device("cuda"))
 
 
-def test_cli_predict_in_bf16_and_int8(run, tmp_path, monkeypatch):
+def test_cli_predict_in_bf16_and_int8(run, tmp_path, capsys):
     """predict --precision int8 on the CPU writes the masks of the quantised model; an
-    untrained model's logits crowd the threshold, so the check's bound is lowered here."""
-    import kvseg.runtime as R
-
-    real = R.int8_model
-    monkeypatch.setattr(R, "int8_model", lambda *a, **kw: real(*a, **{**kw, "min_iou": 0.8}))
+    untrained model's logits crowd the threshold, so its agreement is below the default
+    --min-iou 0.99: refused in one line naming the flag (not a temporary file), accepted with
+    a lower --min-iou."""
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(images / f"{i}.png")
+    args = ["predict", "--run", str(run), "--input", str(images), "--device", "cpu"]
+    assert cli.main([*args, "--out", str(tmp_path / "refused"), "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "int8 check failed" in err and "--min-iou" in err and "kvseg-int8" not in err
+    assert len(err.splitlines()) == 1
     masks = {}
     for precision in ("fp32", "bf16", "int8"):
         out = tmp_path / precision
-        assert cli.main(["predict", "--run", str(run), "--input", str(images), "--out",
-                         str(out), "--device", "cpu", "--precision", precision]) == 0
+        assert cli.main([*args, "--out", str(out), "--precision", precision,
+                         "--min-iou", "0.8"]) == 0
         masks[precision] = np.stack([np.asarray(Image.open(out / "masks" / f"{i}.png"))
                                      for i in range(2)])
     assert masks["int8"].shape == masks["fp32"].shape == (2, 40, 36)
@@ -112,26 +115,31 @@ def test_cli_predict_in_bf16_and_int8(run, tmp_path, monkeypatch):
         assert (masks[precision] == masks["fp32"]).mean() > 0.8, precision
 
 
-def test_cli_evaluate_scores_the_cpu_path_it_is_asked_for(run, tmp_path, monkeypatch):
+def test_cli_evaluate_scores_the_cpu_path_it_is_asked_for(run, tmp_path, capsys):
     """evaluate --precision bf16/int8 on the CPU scores predict's bf16-weights and int8 ONNX
-    Runtime models (not an autocast of the fp32 model) and says which in the result."""
-    import kvseg.runtime as R
-
-    real = R.int8_model
-    calls = []
-    monkeypatch.setattr(R, "int8_model", lambda *a, **kw: calls.append(1) or real(
-        *a, **{**kw, "min_iou": 0.8}))
+    Runtime models (not an autocast of the fp32 model), says which in the result and, for
+    int8, records predict's agreement check instead of refusing the model; fp16 on the CPU is
+    one line naming --precision."""
     results = {}
     for precision in ("fp32", "bf16", "int8"):
         out = tmp_path / f"{precision}.json"
         assert cli.main(["evaluate", "--run", str(run), "--device", "cpu", "--precision",
                          precision, "--out", str(out)]) == 0
         results[precision] = json.loads(out.read_text())
-    assert calls == [1]
     assert [results[p]["precision"] for p in results] == ["fp32", "bf16", "int8"]
+    check = results["int8"]["int8_check"]
+    assert len(check["mask_iou"]) == 3 and check["check_slices"] >= 1 and check["min_iou"] == 0
+    assert "int8_check" not in results["fp32"] and "int8_check" not in results["bf16"]
     fp32 = results["fp32"]["mean"]["jaccard"]
     for precision in ("bf16", "int8"):  # an untrained model: scores near, not equal
         assert abs(results[precision]["mean"]["jaccard"] - fp32) < 0.1, precision
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--run", str(run), "--device", "cpu", "--precision",
+                     "fp16", "--out", str(tmp_path / "fp16.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --precision fp16: needs a CUDA device") or \
+        "--precision fp16: needs a CUDA device" in err, err
+    assert "amp" not in err and len(err.splitlines()) == 1
 
 
 def test_ort_model_runs_a_batch_in_pieces_with_the_same_result(tmp_path):

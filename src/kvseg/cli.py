@@ -42,6 +42,7 @@ NONNEG_INT = _number(True, minimum=0)
 ANY_INT = _number(True)
 POSITIVE = _number(minimum=0, min_open=True)
 PROBABILITY = _number(minimum=0, maximum=1, min_open=True, max_open=True)
+UNIT_INTERVAL = _number(minimum=0, maximum=1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,6 +234,9 @@ def _add_predict(sub) -> None:
                    help="write into an OUT used by an earlier predict (its old outputs are "
                         "removed; files predict did not write are kept)")
     _add_precision(p)
+    p.add_argument("--min-iou", type=UNIT_INTERVAL, default=0.99,
+                   help="--precision int8: refuse the int8 model unless its masks overlap fp32's "
+                        "with at least this IoU in every class, on held-out training slices")
 
 
 def _run_predict(args) -> int:
@@ -240,7 +244,7 @@ def _run_predict(args) -> int:
 
     summary = predict(args.run, args.input, args.out, threshold=args.threshold, tta=args.tta,
                       device=args.device, batch_size=args.batch_size, precision=args.precision,
-                      **({"overwrite": True} if args.overwrite else {}))
+                      min_iou=args.min_iou, **({"overwrite": True} if args.overwrite else {}))
     print(summary)
     return 0
 

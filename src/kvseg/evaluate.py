@@ -85,7 +85,10 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     GPU has it; fp32 on the CPU), ``fp32``, ``bf16``, ``fp16`` or ``int8``; the one used is the
     result's ``precision``. On the CPU ``bf16`` and ``int8`` are ``kvseg predict``'s paths (bf16
     weights; an int8 ONNX Runtime model calibrated on the run's training slices,
-    :func:`kvseg.runtime.prepare_for_inference`), so the score is that of what predict runs.
+    :func:`kvseg.runtime.prepare_for_inference`), so the score is that of what predict runs;
+    with ``int8`` the result's ``int8_check`` holds predict's agreement check (per-class mask IoU
+    vs fp32 on held-out training slices; predict refuses the model below ``--min-iou``, evaluate
+    scores it anyway).
     ``workers``: DataLoader workers (None: as ``kvseg train``'s auto).
     """
     if split not in SPLITS:
@@ -94,12 +97,15 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     check_number("slice_thickness_mm", slice_thickness_mm, minimum=0, min_open=True)
     dev = resolve_device(device)
     model, config = load_run(run, map_location=dev)
-    if dev.type == "cpu" and precision in ("bf16", "int8"):  # predict's CPU paths: bf16
-        # weights, or the int8 ONNX Runtime model calibrated on the run's training slices
+    int8_check = None
+    if precision == "int8" or (dev.type == "cpu" and precision == "bf16"):  # predict's CPU
+        # paths: bf16 weights, or the int8 ONNX Runtime model calibrated on the run's training
+        # slices; evaluate measures it, so it never refuses it (predict does, below --min-iou)
         from kvseg.runtime import prepare_for_inference
 
         model, autocast_precision = prepare_for_inference(model, config, precision, dev,
-                                                          data=data)
+                                                          data=data, min_iou=0.0)
+        int8_check = getattr(model, "int8_check", None)
     else:
         precision = autocast_precision = inference_precision(
             precision, dev.type, device_capability(dev), config.get("precision"))
@@ -146,6 +152,7 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
         "task": task,
         "threshold": threshold,
         "precision": precision,
+        **({"int8_check": int8_check} if int8_check else {}),
         "slice_thickness_mm": slice_thickness_mm,
         "mean": {
             "jaccard": sets["jaccard"],

@@ -101,7 +101,17 @@ def inference_precision(requested: str, device_type: str, capability: tuple[int,
     stored in its config) when this GPU supports it, otherwise this GPU's own ``auto``.
     """
     if requested != "auto":
-        return resolve_precision(requested, device_type, capability)
+        if requested == "fp16" and device_type != "cuda":
+            raise ConfigError(f"--precision fp16: needs a CUDA device (device is "
+                              f"{device_type}); use fp32, bf16, int8 or auto")
+        if requested not in REQUESTS or requested == "none":
+            raise ConfigError(f"--precision {requested}: expected one of auto, fp32, bf16, "
+                              "fp16" + (", int8 (on the CPU)" if device_type == "cpu" else ""))
+        try:
+            return resolve_precision(requested, device_type, capability)
+        except ConfigError as e:  # bf16 on a pre-Ampere GPU: the same reason, for this flag
+            raise ConfigError(str(e).replace("amp=", "--precision ", 1)
+                              .replace("use amp: ", "use ")) from None
     if device_type != "cuda":
         return "fp32"
     if run_precision in PRECISIONS:

@@ -232,7 +232,7 @@ def _prepare_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> int
 def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
             threshold: float | None = None, tta: str = "none", device: str = "auto",
             batch_size: int = 8, overwrite: bool = False,
-            precision: str = "auto") -> PredictSummary:
+            precision: str = "auto", min_iou: float = 0.99) -> PredictSummary:
     """Load ``RUN_DIR``'s best model and segment every slice found under ``source``.
 
     Args:
@@ -252,6 +252,8 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
             (:func:`kvseg.precision.inference_precision`); on the CPU ``bf16`` runs bf16
             weights and ``int8`` an ONNX Runtime model calibrated on and checked against the
             run's training slices (:func:`kvseg.runtime.prepare_for_inference`).
+        min_iou: ``int8``: the least per-class mask IoU of the int8 model against fp32 on
+            held-out training slices; below it the model is refused (one-line error).
     """
     from kvseg.checkpoint import load_run
     from kvseg.runtime import prepare_for_inference
@@ -266,7 +268,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
     model, config = load_run(run_dir, map_location="cpu")
     if threshold is None:
         threshold = float(config.get("threshold", 0.5))
-    model, precision = prepare_for_inference(model, config, precision, dev)
+    model, precision = prepare_for_inference(model, config, precision, dev, min_iou=min_iou)
     pre = config.get("preprocess") or {}
     return predict_with_model(model.to(dev).eval(), items, out, precision=precision,
                               task=config.get("task") or "multilabel",

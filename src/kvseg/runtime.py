@@ -188,7 +188,8 @@ class OrtModel(nn.Module):
 
 # --------------------------------------------------------------------------- calibration
 def calibration_inputs(config: Mapping, data: str | os.PathLike | None = None, n: int = 32,
-                       split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+                       split: str = "train", flag: str = "--calibration-data"
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(calibration, check)`` model inputs (N, C, S, S) float32 from a run's dataset: 2·n
     slices evenly spaced over ``split`` (case order), alternately for calibrating the int8
     activation ranges and for checking the quantised model on slices it was not calibrated on.
@@ -198,13 +199,14 @@ def calibration_inputs(config: Mapping, data: str | os.PathLike | None = None, n
         data: the dataset root (default: the run's ``data``).
         n: slices of each kind (fewer when the split is smaller; at least one of each).
         split: the split to draw from (``train``: the validation split stays unseen).
+        flag: the command's option that names the dataset (for the error message).
     """
     from kvseg.data import build_dataset
 
     root = data or config.get("data")
     if not root or not Path(root).is_dir():
         raise ConfigError(f"int8 calibration needs slices of the run's dataset: "
-                          f"{root or '--data'} not found (pass --calibration-data DIR)")
+                          f"{root or flag} not found (pass {flag} DIR)")
     if n < 1:
         raise ConfigError(f"--calibration-slices {n}: expected >= 1")
     ds = build_dataset({**config, "data": str(root), "cache": False}, split, augment=False)
@@ -220,12 +222,14 @@ def calibration_inputs(config: Mapping, data: str | os.PathLike | None = None, n
 # --------------------------------------------------------------------------- the choice
 def prepare_for_inference(model: nn.Module, config: Mapping, precision: str,
                           device: torch.device, *, data: str | os.PathLike | None = None,
-                          threads: int | None = None) -> tuple[nn.Module, str]:
+                          threads: int | None = None,
+                          min_iou: float = 0.99) -> tuple[nn.Module, str]:
     """``(model to call, autocast precision)`` for ``precision`` on ``device``.
 
     On the CPU ``fp32``, ``bf16`` and ``int8`` are the paths of the module docstring (int8:
     calibrated on the run's training slices, refused with
-    :class:`kvseg.export.ExportCheckError` when its masks disagree with fp32's); their
+    :class:`kvseg.export.ExportCheckError` when its masks' IoU with fp32's is below ``min_iou``
+    in a class; the int8 model's ``int8_check`` holds the check's figures); their
     autocast is ``fp32``. Otherwise (CUDA, ``auto``, ``fp16``) the model is returned as it is
     with :func:`kvseg.precision.inference_precision`'s choice (on the CPU ``auto`` is fp32).
     """
@@ -241,7 +245,8 @@ def prepare_for_inference(model: nn.Module, config: Mapping, precision: str,
                 log.warning(bf16_note(cpu_info()))
             return Bf16Model(model), "fp32"
         if precision == "int8":
-            return int8_model(model, config, data=data, threads=threads), "fp32"
+            return int8_model(model, config, data=data, threads=threads,
+                              min_iou=min_iou), "fp32"
         return inference_copy(model), "fp32"
     return model, inference_precision(precision, device.type, device_capability(device),
                                       config.get("precision"))
@@ -250,20 +255,28 @@ def prepare_for_inference(model: nn.Module, config: Mapping, precision: str,
 def int8_model(model: nn.Module, config: Mapping, *, data: str | os.PathLike | None = None,
                n: int = 32, threads: int | None = None, min_iou: float = 0.99) -> OrtModel:
     """The int8 ONNX Runtime model of a run's ``model``, calibrated on and checked against
-    slices of its training data (:func:`calibration_inputs`, :func:`kvseg.export.export_int8`)."""
+    slices of its training data (:func:`calibration_inputs`, :func:`kvseg.export.export_int8`).
+    Its ``int8_check`` attribute: the check's per-class mask IoU vs fp32, the largest
+    probability difference and the slice counts (``min_iou`` 0 never refuses)."""
     import tempfile
 
     from kvseg.export import export_int8
 
-    calibration, check = calibration_inputs(config, data, n)
+    calibration, check = calibration_inputs(config, data, n, flag="--data")
     with tempfile.TemporaryDirectory(prefix="kvseg-int8-") as tmp:
         path = Path(tmp) / "model-int8.onnx"
         report = export_int8(model, path, calibration=calibration, check=check, dynamic=True,
                              task=config.get("task") or "multilabel",
                              threshold=float(config.get("threshold", 0.5)), min_iou=min_iou,
-                             name=str(config.get("model", "model")))
+                             name=str(config.get("model", "model")),
+                             on_failure="pass --min-iou to accept a lower agreement")
         log.info("%s", report)
-        return OrtModel(path.read_bytes(), threads)
+        ort = OrtModel(path.read_bytes(), threads)
+    ort.int8_check = {"mask_iou": [float(v) for v in report.mask_iou],
+                      "max_prob_diff": float(report.max_prob_diff),
+                      "check_slices": len(check), "calibration_slices": len(calibration),
+                      "min_iou": min_iou}
+    return ort
 
 
 __all__ = ["CPU_PRECISIONS", "Bf16Model", "OrtModel", "bf16_note", "calibration_inputs",

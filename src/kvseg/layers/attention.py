@@ -146,13 +146,12 @@ class AttentionCore(nn.Module):
 
 
 def fold_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
-                  key_bias: torch.Tensor, scale: float):
+                  key_bias: torch.Tensor, scale: float, multiple: int = HEAD_DIM_MULTIPLE):
     """q, k, v widened so that scale·q'·k' = scale·t·q·k + g(j) (see :class:`AttentionCore`):
     q' = [t·q, 1, 0…], k' = [k, g/scale, 0…], v' = [v, 0…], all of one head width, a multiple
-    of :data:`HEAD_DIM_MULTIPLE`."""
+    of ``multiple`` (:data:`HEAD_DIM_MULTIPLE` for FlashAttention; 1 on the CPU)."""
     d, dv = int(q.shape[-1]), int(v.shape[-1])  # head widths: fixed by the model
-    m = HEAD_DIM_MULTIPLE
-    width = -(-max(d + 1, dv) // m) * m
+    width = -(-max(d + 1, dv) // multiple) * multiple
     g = (key_bias.to(k.dtype) / scale).view(1, 1, -1, 1).expand_as(k[..., :1])
     k2 = F.pad(torch.cat((k, g), dim=-1), (0, width - d - 1))
     q2 = F.pad(torch.cat((q * t.to(q.dtype), torch.ones_like(q[..., :1])), dim=-1),
@@ -162,9 +161,12 @@ def fold_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Te
 
 
 def _folded_sdpa(q, k, v, t, key_bias, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(s·t·q kᵀ + g(j)) v through mask-free SDPA; heads merged: (B, Nq, h·dv)."""
+    """softmax(s·t·q kᵀ + g(j)) v through mask-free SDPA; heads merged: (B, Nq, h·dv). Head
+    width d + 1 on the CPU (its kernel takes any width and each channel past a multiple of 16
+    costs time), a multiple of :data:`HEAD_DIM_MULTIPLE` elsewhere."""
     dv = int(v.shape[-1])
-    q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale)
+    multiple = 1 if q.device.type == "cpu" else HEAD_DIM_MULTIPLE
+    q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale, multiple)
     out = F.scaled_dot_product_attention(q2, k2, v2, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)[..., :dv].flatten(2)
 
