@@ -54,6 +54,8 @@ RECIPES = {
                         "warmup_epochs": 1.0, "dice_weight": 2.0},
     "px80_lr1e3": {"img_size": 80, "epochs": 11, "max_steps_per_epoch": 80, "lr": 1e-3,
                    "warmup_epochs": 1.0, "dice_weight": 2.0},
+    "px80_warm2": {"img_size": 80, "epochs": 11, "max_steps_per_epoch": 80, "lr": 7e-4,
+                   "warmup_epochs": 2.0, "dice_weight": 2.0},
     "px80_longer": {"img_size": 80, "epochs": 11, "max_steps_per_epoch": 80, "lr": 7e-4,
                     "warmup_epochs": 1.0, "dice_weight": 2.0},
 }

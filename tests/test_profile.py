@@ -105,16 +105,16 @@ def _explicit_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, **_):
 def test_count_macs_agrees_with_flop_counter_mode(name, monkeypatch):
     """FlopCounterMode (FLOPs = 2·MACs) sees SDPA as 0 on CPU, so the attention runs as explicit
     matmuls here. It does not count the KV-pos bias (a matrix-vector product): added by hand
-    (setr micro, 32×48: 4×6 tokens, 4 layers). KV-pos runs its products on q, k (and v) padded
-    from head_dim 24 to 32 (the folded key bias, mask-free); count_macs counts the maths, so the
-    counter's 8 padding channels in both products are taken off (4 layers x 4 heads x 24 x 24
-    tokens x 2 products x 8)."""
+    (setr micro, 32×48: 4×6 tokens, 4 layers). KV-pos runs its products on q, k (and v) widened
+    from head_dim 24 to 25 on the CPU (the folded key bias, mask-free); count_macs counts the
+    maths, so the counter's extra channel in both products is taken off (4 layers x 4 heads x
+    24 x 24 tokens x 2 products x 1)."""
     monkeypatch.setattr(F, "scaled_dot_product_attention", _explicit_sdpa)
     model = kvseg.create_model(name, size="micro", img_size=32).eval()
     shape = (1, 3, 32, 48)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(shape))
-    extra = 4 * 24 * N_COL - 4 * 4 * 24 * 24 * 2 * (32 - 24) if name == "setr_kvpos" else 0
+    extra = 4 * 24 * N_COL - 4 * 4 * 24 * 24 * 2 * (25 - 24) if name == "setr_kvpos" else 0
     assert counter.get_total_flops() // 2 + extra == count_macs(model, shape)
 
 
