@@ -56,6 +56,8 @@ RECIPES = {
                    "warmup_epochs": 1.0, "dice_weight": 2.0},
     "px80_warm2": {"img_size": 80, "epochs": 11, "max_steps_per_epoch": 80, "lr": 7e-4,
                    "warmup_epochs": 2.0, "dice_weight": 2.0},
+    "px80_b8": {"img_size": 80, "epochs": 11, "max_steps_per_epoch": 40, "batch_size": 8,
+                "lr": 1e-3, "warmup_epochs": 1.0, "dice_weight": 2.0},
     "px80_longer": {"img_size": 80, "epochs": 11, "max_steps_per_epoch": 80, "lr": 7e-4,
                     "warmup_epochs": 1.0, "dice_weight": 2.0},
 }
