@@ -49,13 +49,14 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(amp: str, device_type: str,
-                      capability: tuple[int, int] | None = None) -> str:
+                      capability: tuple[int, int] | None = None, option: str = "amp") -> str:
     """The precision ``amp`` gives on a device (pure: see the table in the module docstring).
 
     Args:
         amp: ``auto``, ``none`` (= ``fp32``), ``fp32``, ``bf16`` or ``fp16``.
         device_type: ``"cpu"`` or ``"cuda"``.
         capability: the CUDA device's compute capability ``(major, minor)``; ignored on CPU.
+        option: the setting the messages name (``amp``, or ``--precision`` for inference).
 
     Returns ``"fp32"``, ``"bf16"`` or ``"fp16"``. Raises :class:`ConfigError` naming ``amp``
     for a precision the device cannot train in.
@@ -74,8 +75,9 @@ def resolve_precision(amp: str, device_type: str,
         return "bf16" if native_bf16 else "fp16"
     if amp == "bf16" and not native_bf16:
         cc = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
-        raise ConfigError(f"amp=bf16: this GPU (compute capability {cc}) has no native bf16 "
-                          "(needs 8.0+, Ampere or newer); use amp: fp16 or auto")
+        head, use = ("amp=bf16", "amp: ") if option == "amp" else (f"{option} bf16", "")
+        raise ConfigError(f"{head}: this GPU (compute capability {cc}) has no native bf16 "
+                          f"(needs 8.0+, Ampere or newer); use {use}fp16 or auto")
     return amp
 
 
@@ -107,11 +109,7 @@ def inference_precision(requested: str, device_type: str, capability: tuple[int,
         if requested not in REQUESTS or requested == "none":
             raise ConfigError(f"--precision {requested}: expected one of auto, fp32, bf16, "
                               "fp16" + (", int8 (on the CPU)" if device_type == "cpu" else ""))
-        try:
-            return resolve_precision(requested, device_type, capability)
-        except ConfigError as e:  # bf16 on a pre-Ampere GPU: the same reason, for this flag
-            raise ConfigError(str(e).replace("amp=", "--precision ", 1)
-                              .replace("use amp: ", "use ")) from None
+        return resolve_precision(requested, device_type, capability, option="--precision")
     if device_type != "cuda":
         return "fp32"
     if run_precision in PRECISIONS:

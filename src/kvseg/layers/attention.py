@@ -162,8 +162,8 @@ def fold_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Te
 
 def _folded_sdpa(q, k, v, t, key_bias, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(s·t·q kᵀ + g(j)) v through mask-free SDPA; heads merged: (B, Nq, h·dv). Head
-    width d + 1 on the CPU (its kernel takes any width and each channel past a multiple of 16
-    costs time), a multiple of :data:`HEAD_DIM_MULTIPLE` elsewhere."""
+    width d + 1 on the CPU (its kernel takes any width, and padding further only costs time), a
+    multiple of :data:`HEAD_DIM_MULTIPLE` elsewhere."""
     dv = int(v.shape[-1])
     multiple = 1 if q.device.type == "cpu" else HEAD_DIM_MULTIPLE
     q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale, multiple)
@@ -171,43 +171,18 @@ def _folded_sdpa(q, k, v, t, key_bias, scale: float, dropout_p: float = 0.0) -> 
     return out.transpose(1, 2)[..., :dv].flatten(2)
 
 
-def _widened(x: torch.Tensor, width: int, last: torch.Tensor | float | None = None,
-             factor: torch.Tensor | None = None) -> torch.Tensor:
-    """A new (…, width) tensor: ``x`` (times ``factor``) in the first channels, then ``last``
-    (broadcast over the rows; none: zero) in the next one, zeros after. One write per element:
-    the eager (CPU-training) form of :func:`fold_key_bias`'s cat and pad."""
-    d = int(x.shape[-1])
-    out = x.new_empty(*x.shape[:-1], width)
-    if factor is None:
-        out[..., :d] = x
-    else:
-        torch.mul(x, factor, out=out[..., :d])
-    if width > d:
-        out[..., d] = 0 if last is None else last
-        out[..., d + 1:] = 0
-    return out
-
-
 class _FoldedKeyBiasSDPA(torch.autograd.Function):
     """:func:`_folded_sdpa` on the CPU (no dropout) with a backward that needs no second
     attention forward: the forward keeps SDPA's log-sum-exp and the merged output, the backward
     re-widens them (the output's extra channels are zero, as v's are) and calls the fused
     kernel's own backward. Saves what KV's SDPA saves (q, k, v, output, log-sum-exp) plus t, g.
-    The head width is d + 1 (the CPU kernel takes any width; each channel past 64 costs time,
-    so no padding to :data:`HEAD_DIM_MULTIPLE`).
+    The head width is d + 1, as in :func:`_folded_sdpa` on the CPU.
     """
-
-    @staticmethod
-    def _fold(q, k, v, t, key_bias, scale):
-        width = max(int(q.shape[-1]) + 1, int(v.shape[-1]))
-        g = (key_bias.to(k.dtype) / scale).view(1, 1, -1)  # broadcast over batch and heads
-        return (_widened(q, width, 1.0, t.to(q.dtype)), _widened(k, width, g),
-                _widened(v, width) if width != int(v.shape[-1]) else v)
 
     @staticmethod
     def forward(ctx, q, k, v, t, key_bias, scale):
         dv = int(v.shape[-1])
-        q2, k2, v2 = _FoldedKeyBiasSDPA._fold(q, k, v, t, key_bias, scale)
+        q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale, multiple=1)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q2, k2, v2, 0.0, False, scale=scale)
         merged = out.transpose(1, 2)[..., :dv].flatten(2)  # (B, Nq, h·dv)
@@ -219,10 +194,10 @@ class _FoldedKeyBiasSDPA(torch.autograd.Function):
     def backward(ctx, grad_merged):
         q, k, v, t, key_bias, merged, lse = ctx.saved_tensors
         scale, d, dv = ctx.scale, int(q.shape[-1]), int(v.shape[-1])
-        q2, k2, v2 = _FoldedKeyBiasSDPA._fold(q, k, v, t, key_bias, scale)
-        width = int(v2.shape[-1])
-        out2 = _widened(merged.unflatten(-1, (-1, dv)).transpose(1, 2), width)
-        grad2 = _widened(grad_merged.unflatten(-1, (-1, dv)).transpose(1, 2), width)
+        q2, k2, v2 = fold_key_bias(q, k, v, t, key_bias, scale, multiple=1)
+        pad = (0, int(v2.shape[-1]) - dv)  # the output's extra channels are zero, as v's are
+        out2 = F.pad(merged.unflatten(-1, (-1, dv)).transpose(1, 2), pad)
+        grad2 = F.pad(grad_merged.unflatten(-1, (-1, dv)).transpose(1, 2), pad)
         dq2, dk2, dv2 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad2, q2, k2, v2, out2, lse, 0.0, False, scale=scale)
         dq_scaled = dq2[..., :d]
