@@ -108,5 +108,7 @@ def test_fidelity_numbers():
     errors = {r: logit_error(x, wq, bq, wk, bk, *convert_qk(wq, bq, wk, bk, HEADS, r), HEADS)
               for r in RULES}
     assert all(e >= floor - 1e-9 for e in errors.values())  # no KV layer beats the floor
-    assert logit_error(x, wk, bk, wk, bk, wk, bk, HEADS) == 0  # W_q = W_k: KV is exact
-    assert asymmetry(x, wk, bk, wk, bk, HEADS) == 0
+    # W_q = W_k: KV is exact. Zero up to float64 rounding, whose last bits depend on the BLAS
+    # code path (1.06e-17 on an AMD EPYC, 0.0 on an Intel Xeon): the floor above is ~0.7.
+    assert logit_error(x, wk, bk, wk, bk, wk, bk, HEADS) < 1e-12
+    assert asymmetry(x, wk, bk, wk, bk, HEADS) < 1e-12
