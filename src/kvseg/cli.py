@@ -60,7 +60,7 @@ def _add_models(sub) -> None:
 
 
 def _run_models(args) -> int:
-    from kvseg.profile import models_table
+    from kvseg.inference.profile import models_table
 
     print(models_table(size=args.size, img_size=args.img_size))
     return 0
@@ -77,7 +77,7 @@ def _add_profile(sub) -> None:
 
 
 def _run_profile(args) -> int:
-    from kvseg.profile import profile_table
+    from kvseg.inference.profile import profile_table
 
     print(profile_table(args.models, size=args.size, img_size=args.img_size,
                         in_channels=args.in_channels, num_classes=args.num_classes,
@@ -143,7 +143,7 @@ def _run_train(args) -> int:
     import os
 
     from kvseg.config import load_config, overrides_from_args
-    from kvseg.train import train
+    from kvseg.training.train import train
 
     config = load_config(args.config, overrides_from_args(args), source="command line")
     try:
@@ -198,7 +198,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from kvseg.evaluate import evaluate_run, format_results
+    from kvseg.inference.evaluate import evaluate_run, format_results
 
     results = evaluate_run(args.run, data=args.data, split=args.split, out=args.out,
                            device=args.device, batch_size=args.batch_size,
@@ -240,7 +240,7 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> int:
-    from kvseg.predict import predict
+    from kvseg.inference.predict import predict
 
     summary = predict(args.run, args.input, args.out, threshold=args.threshold, tta=args.tta,
                       device=args.device, batch_size=args.batch_size, precision=args.precision,
@@ -270,7 +270,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from kvseg.export import export_onnx
+    from kvseg.inference.export import export_onnx
 
     report = export_onnx(args.run, args.onnx, img_size=args.img_size, dynamic=args.dynamic,
                          exporter=args.exporter, quantize=args.quantize,
@@ -281,7 +281,7 @@ def _run_export(args) -> int:
 
 
 def _add_benchmark(sub) -> None:
-    from kvseg.benchmark import DEFAULT_MODELS
+    from kvseg.inference.benchmark import DEFAULT_MODELS
 
     p = sub.add_parser("benchmark", help="inference latency, throughput and memory per variant "
                                          "and path (CPU torch/ONNX Runtime, CUDA); KV/QKV ratios",
@@ -306,7 +306,7 @@ def _add_benchmark(sub) -> None:
 
 
 def _run_benchmark(args) -> int:
-    from kvseg.benchmark import benchmark, format_table
+    from kvseg.inference.benchmark import benchmark, format_table
 
     result = benchmark(args.models, size=args.size, img_size=args.img_size, batches=args.batch,
                        devices=args.device, onnx=args.onnx, precisions=args.precision,
@@ -332,7 +332,7 @@ def _add_attention(sub) -> None:
 
 
 def _run_attention(args) -> int:
-    from kvseg.explain import explain_run, parse_point
+    from kvseg.inference.explain import explain_run, parse_point
 
     points = [parse_point(t) for t in args.points] if args.points else None
     print(explain_run(args.run, args.input, args.out, points=points, layers=args.layers))
@@ -369,7 +369,7 @@ def _add_run_set_options(p, command: str) -> None:
 
 
 def _run_reproduce(args) -> int:
-    from kvseg.reproduce import reproduce
+    from kvseg.experiments.reproduce import reproduce
 
     report = reproduce(args.data, args.out, preset=args.preset, models=args.models,
                        seeds=args.seeds, device=args.device, epochs=args.epochs,
@@ -398,7 +398,7 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from kvseg.sweep import parse_vary, sweep
+    from kvseg.experiments.sweep import parse_vary, sweep
 
     summary = sweep(args.data, args.out, preset=args.preset, vary=parse_vary(args.vary),
                     grid=args.grid, models=args.models, seeds=args.seeds, device=args.device,

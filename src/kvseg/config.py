@@ -240,7 +240,7 @@ class TrainConfig:
 
 def _check_model_overrides(model: str, size: str, head: str | None, overrides: dict) -> None:
     """Unknown preset fields, or values the model cannot be built with, name the option."""
-    from kvseg.profile import build_on_meta
+    from kvseg.inference.profile import build_on_meta
 
     kw = dict(overrides)
     if head is not None:
@@ -480,7 +480,7 @@ def __getattr__(name: str):
     """Presets live in :mod:`kvseg.presets`; ``Preset`` and ``load_preset`` import from here
     too (lazily: kvseg.presets builds on this module)."""
     if name in ("Preset", "load_preset"):
-        from kvseg import presets
+        from kvseg.experiments import presets
 
         return getattr(presets, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,10 +45,10 @@ import yaml
 
 from kvseg.config import TrainConfig, check_number, config_defaults, load_config
 from kvseg.errors import ConfigError
-from kvseg.presets import load_preset
-from kvseg.results import RESULT_COLUMNS, jsonable
-from kvseg.rundir import FolderLock, command_line
-from kvseg.runner import Job, fingerprint, pending_jobs, run_jobs, untrained_jobs
+from kvseg.experiments.presets import load_preset
+from kvseg.experiments.results import RESULT_COLUMNS, jsonable
+from kvseg.training.rundir import FolderLock, command_line
+from kvseg.experiments.runner import Job, fingerprint, pending_jobs, run_jobs, untrained_jobs
 from kvseg.utils import atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
         modes: attention modes to run (as ``kvseg reproduce``; None: the paper's three).
         progress: the overall progress bar.
     """
-    from kvseg.reproduce import (
+    from kvseg.experiments.reproduce import (
         default_jobs,
         log_finished,
         profile_models,
@@ -253,7 +253,7 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
         rows_by_dir = {r.job.run_dir: r.row for r in results}
         rows = [{"factor": f, "value": v, **rows_by_dir[job.run_dir]} for f, v, job in design]
         write_sweep_results(rows, out)
-        from kvseg.report import write_sweep_report
+        from kvseg.experiments.report import write_sweep_report
 
         report = write_sweep_report(out, rows, vary=vary, grid=grid, preset=cfg,
                                     margin=margin, device=str(dev))
@@ -270,7 +270,7 @@ def _check_base(out: Path, base: dict, profile: dict) -> None:
     profiling): its runs would sit beside these unnoticed. More factors, values, models or seeds
     are fine: they add runs."""
     from kvseg.errors import RunDirError
-    from kvseg.runner import same_settings
+    from kvseg.experiments.runner import same_settings
 
     path = out / DESIGN
     if not path.is_file():

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from kvseg.checkpoint import load_run
+from kvseg.training.checkpoint import load_run
 from kvseg.config import check_number
 from kvseg.errors import ConfigError, DataError
-from kvseg.metrics import (
+from kvseg.training.metrics import (
     CaseMetricsAccumulator,
     SegmentationMetrics,
     predicted_masks,
     target_masks,
 )
-from kvseg.precision import autocast, device_capability, inference_precision
-from kvseg.results import jsonable
+from kvseg.training.precision import autocast, device_capability, inference_precision
+from kvseg.experiments.results import jsonable
 from kvseg.utils import atomic_write_text, resolve_device
 
 SPLITS = ("train", "val", "all")
@@ -101,7 +101,7 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     if precision == "int8" or (dev.type == "cpu" and precision == "bf16"):  # predict's CPU
         # paths: bf16 weights, or the int8 ONNX Runtime model calibrated on the run's training
         # slices; evaluate measures it, so it never refuses it (predict does, below --min-iou)
-        from kvseg.runtime import prepare_for_inference
+        from kvseg.inference.runtime import prepare_for_inference
 
         model, autocast_precision = prepare_for_inference(model, config, precision, dev,
                                                           data=data, min_iou=0.0)
@@ -114,7 +114,7 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     ds = _dataset(config, data, split)
     if len(ds) == 0:
         raise DataError(f"split {split!r} of {data or config.get('data')} is empty")
-    from kvseg.distributed import loader_workers
+    from kvseg.training.distributed import loader_workers
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                          num_workers=loader_workers(workers, dev.type),

@@ -233,7 +233,7 @@ def prepare_for_inference(model: nn.Module, config: Mapping, precision: str,
     autocast is ``fp32``. Otherwise (CUDA, ``auto``, ``fp16``) the model is returned as it is
     with :func:`kvseg.precision.inference_precision`'s choice (on the CPU ``auto`` is fp32).
     """
-    from kvseg.precision import device_capability, inference_precision
+    from kvseg.training.precision import device_capability, inference_precision
 
     if precision == "int8" and device.type != "cpu":
         raise ConfigError(f"--precision int8 runs on the CPU (ONNX Runtime), not {device}; pass "
@@ -260,7 +260,7 @@ def int8_model(model: nn.Module, config: Mapping, *, data: str | os.PathLike | N
     probability difference and the slice counts (``min_iou`` 0 never refuses)."""
     import tempfile
 
-    from kvseg.export import export_int8
+    from kvseg.inference.export import export_int8
 
     calibration, check = calibration_inputs(config, data, n, flag="--data")
     with tempfile.TemporaryDirectory(prefix="kvseg-int8-") as tmp:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kvseg.layers.attention import MODE_LABELS, MODES
-from kvseg.results import ResultRow, as_rows
+from kvseg.experiments.results import ResultRow, as_rows
 from kvseg.utils import atomic_write_bytes
 
 MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^", "shared_kv": "D", "shared_qv": "v",
@@ -55,7 +55,7 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from kvseg.report import aggregate
+    from kvseg.experiments.report import aggregate
 
     parsed = as_rows(rows)
     agg = aggregate(parsed)
@@ -165,7 +165,7 @@ def plot_samples(images: np.ndarray, masks: np.ndarray, predictions: Mapping[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvseg.predict import overlay
+    from kvseg.inference.predict import overlay
 
     labels = list(predictions)
     n, cols = len(images), 1 + len(labels)
@@ -195,7 +195,7 @@ def plot_sweep(deltas: Sequence[Mapping], factor: str, path: str | Path) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvseg.report import value_key
+    from kvseg.experiments.report import value_key
 
     values = sorted({d["value"] for d in deltas}, key=value_key)
     numeric = all(value_key(v)[0] == 0 for v in values)

@@ -38,11 +38,11 @@ import torch
 
 from kvseg.config import PRESET_NAMES, check_number, load_config
 from kvseg.errors import ConfigError
-from kvseg.presets import Preset, load_preset
-from kvseg.profile import profile_model
-from kvseg.results import ResultRow, jsonable
-from kvseg.rundir import FolderLock, command_line
-from kvseg.runner import Job, fingerprint, run_jobs
+from kvseg.experiments.presets import Preset, load_preset
+from kvseg.inference.profile import profile_model
+from kvseg.experiments.results import ResultRow, jsonable
+from kvseg.training.rundir import FolderLock, command_line
+from kvseg.experiments.runner import Job, fingerprint, run_jobs
 from kvseg.utils import atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
             job_list.append(Job.make((name, seed), run_dir, config, profile=profile_settings))
 
     if list_runs:
-        from kvseg.runner import untrained_jobs
+        from kvseg.experiments.runner import untrained_jobs
 
         return ListedRuns([job.train_command() for job in untrained_jobs(job_list)])
     with FolderLock(out, command_line()):
@@ -233,7 +233,7 @@ def reproduce(data: str | Path, out: str | Path, *, preset: str = "smoke",
         run_dirs = {r.job.key: r.job.run_dir for r in results}
         report = _write_outputs(out, rows, run_dirs, cfg=cfg, data=data, train_opts=train_opts,
                                 device=dev, seeds=seeds, margin=margin, n_jobs=n_jobs)
-    from kvseg.report import results_table
+    from kvseg.experiments.report import results_table
 
     trained = sum(not r.skipped for r in results)
     return ReproduceSummary(out=out, report=report, table=results_table(rows), trained=trained,
@@ -254,7 +254,7 @@ def profile_models(jobs: list[Job], device: torch.device, cfg: Preset) -> None:
     """Profile every model configuration with a pending run, once each and before any training,
     so that latency is measured on a quiet machine (params/MACs/latency do not depend on the
     seed). Jobs share a profile when they share :func:`_profile_path`."""
-    from kvseg.runner import pending_jobs
+    from kvseg.experiments.runner import pending_jobs
 
     first: dict[Path, Job] = {}
     for job in pending_jobs(jobs):
@@ -272,7 +272,7 @@ def profile_models(jobs: list[Job], device: torch.device, cfg: Preset) -> None:
             item = build_dataset(job.config, "val")[0]
             shapes[data_key] = (int(item["image"].shape[0]), int(item["mask"].shape[0]))
         in_channels, num_classes = shapes[data_key]
-        from kvseg.checkpoint import build_model
+        from kvseg.training.checkpoint import build_model
 
         torch.manual_seed(0)
         model = build_model({**job.config.to_dict(), "in_channels": in_channels,
@@ -303,8 +303,8 @@ def _cached_profile(path: Path, key: str) -> dict | None:
 def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
     """Train and evaluate one job (in this process or a worker); its result row, with the
     model's profile from profile.json. A diverged run is a result too."""
-    from kvseg import train as T
-    from kvseg.evaluate import evaluate_run
+    from kvseg.training import train as T
+    from kvseg.inference.evaluate import evaluate_run
     from kvseg.models.registry import model_info
 
     name, seed = job.key
@@ -349,9 +349,9 @@ def log_finished(result) -> None:
 def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], Path], *,
                    cfg: Preset, data: Path, train_opts: dict, device: torch.device,
                    seeds: list[int], margin: float, n_jobs: int) -> Path:
-    from kvseg.figures import plot_jaccard_vs_macs, plot_samples, plot_training_curves
+    from kvseg.experiments.figures import plot_jaccard_vs_macs, plot_samples, plot_training_curves
     from kvseg.models.registry import model_info
-    from kvseg.report import write_report, write_results
+    from kvseg.experiments.report import write_report, write_results
 
     write_results(rows, out)
     plot_jaccard_vs_macs(rows, out / "jaccard_vs_macs.png")
@@ -364,7 +364,7 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
     sample_note = _write_samples(out, run_dirs, cfg.num_samples, plot_samples)
     if sample_note:
         figures.append((sample_note, "samples.png"))
-    from kvseg.explain import write_attention_comparison
+    from kvseg.inference.explain import write_attention_comparison
 
     attention = write_attention_comparison(out, run_dirs)
 
@@ -425,9 +425,9 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
 def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,
                    plot_samples) -> str | None:
     """samples.png from the first seed of every model; returns its caption (None if skipped)."""
-    from kvseg.checkpoint import load_run, read_config
+    from kvseg.training.checkpoint import load_run, read_config
     from kvseg.data import build_dataset
-    from kvseg.rundir import BEST
+    from kvseg.training.rundir import BEST
 
     first_seed: dict[str, Path] = {}
     for (name, _), run_dir in sorted(run_dirs.items(), key=lambda kv: kv[0][1]):
@@ -440,8 +440,8 @@ def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,
     picks = choose_samples(ds, n)
     if not picks:
         return None
-    from kvseg.metrics import predicted_masks, target_masks
-    from kvseg.predict import CLASS_COLORS
+    from kvseg.training.metrics import predicted_masks, target_masks
+    from kvseg.inference.predict import CLASS_COLORS
 
     task = config.get("task", "multilabel")
     items = [ds[i] for i in picks]

@@ -48,7 +48,7 @@ from torch import nn
 from kvseg.config import check_number
 from kvseg.errors import ConfigError
 from kvseg.models.registry import create_model, list_models, model_info
-from kvseg.profile import peak_cpu_memory, time_fns
+from kvseg.inference.profile import peak_cpu_memory, time_fns
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _check(models: Sequence[str], batches: Sequence[int], devices: Sequence[str]
 
 def machine(threads: int) -> dict:
     """The CPU (model name, flags, bf16/int8 support), thread counts, versions and GPU."""
-    from kvseg.runtime import bf16_note, cpu_info
+    from kvseg.inference.runtime import bf16_note, cpu_info
 
     info = cpu_info()
     out = {"cpu": info["name"], "cores": info["cores"], "cpu_flags": info["flags"],
@@ -198,11 +198,11 @@ def _runners(model: nn.Module, path: InferencePath, *, shape: tuple[int, int, in
                                                            float | None]]:
     """``(call(x), measure(fn) -> peak MiB)`` for one model on one path. The ONNX files of a
     model are exported once and shared by its ONNX Runtime paths (``cache``)."""
-    from kvseg.precision import autocast
-    from kvseg.runtime import Bf16Model, OrtModel, inference_copy
+    from kvseg.training.precision import autocast
+    from kvseg.inference.runtime import Bf16Model, OrtModel, inference_copy
 
     if path.backend == "onnxruntime":
-        from kvseg.export import export_model, quantize_int8
+        from kvseg.inference.export import export_model, quantize_int8
 
         fp32 = workdir / f"{id(model)}-fp32.onnx"
         if "fp32" not in cache:  # checked against PyTorch to 1e-4, as kvseg export does
@@ -345,7 +345,7 @@ def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
     """
     import json
 
-    from kvseg.results import jsonable
+    from kvseg.experiments.results import jsonable
     from kvseg.utils import atomic_write_text
 
     names = _check(models, list(batches), list(devices), list(precisions), repeats, threads)
@@ -354,11 +354,11 @@ def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
         raise ConfigError(f"--size {size!r}: expected micro, small, base or large")
     paths, notes = plan_paths(list(devices), list(precisions), onnx)
     if any(p.backend == "onnxruntime" for p in paths):
-        from kvseg.runtime import import_onnxruntime
+        from kvseg.inference.runtime import import_onnxruntime
 
         import_onnxruntime()
     if "cuda" in devices and "bf16" in precisions:
-        from kvseg.precision import BF16_MIN_CAPABILITY
+        from kvseg.training.precision import BF16_MIN_CAPABILITY
 
         if torch.cuda.get_device_capability() < BF16_MIN_CAPABILITY:
             paths = [p for p in paths if not (p.device == "cuda" and p.precision == "bf16")]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kvseg.errors import CheckpointError
-from kvseg.rundir import BEST
+from kvseg.training.rundir import BEST
 from kvseg.utils import atomic_path
 
 

@@ -62,8 +62,8 @@ from kvseg.data.inputs import SliceInput, discover_inputs, read_image  # noqa: F
 from kvseg.data.manifest import read_manifest, remove_files, write_manifest
 from kvseg.data.png import read_slice
 from kvseg.errors import ConfigError, DataError, RunDirError
-from kvseg.precision import autocast, device_capability, resolve_precision
-from kvseg.rundir import LOCK, FolderLock, command_line
+from kvseg.training.precision import autocast, device_capability, resolve_precision
+from kvseg.training.rundir import LOCK, FolderLock, command_line
 from kvseg.utils import atomic_path, atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,8 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
         min_iou: ``int8``: the least per-class mask IoU of the int8 model against fp32 on
             held-out training slices; below it the model is refused (one-line error).
     """
-    from kvseg.checkpoint import load_run
-    from kvseg.runtime import prepare_for_inference
+    from kvseg.training.checkpoint import load_run
+    from kvseg.inference.runtime import prepare_for_inference
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

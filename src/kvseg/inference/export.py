@@ -139,7 +139,7 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
             check on (:func:`kvseg.runtime.calibration_inputs`).
         min_iou: int8: the least mask IoU per class against PyTorch fp32.
     """
-    from kvseg.checkpoint import load_run
+    from kvseg.training.checkpoint import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -152,7 +152,7 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize {quantize!r}: expected int8")
     if quantize == "int8":
-        from kvseg.runtime import calibration_inputs
+        from kvseg.inference.runtime import calibration_inputs
 
         if Path(onnx_path).suffix.lower() != ".onnx":
             raise ConfigError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
@@ -241,7 +241,7 @@ def export_int8(model: torch.nn.Module, onnx_path: str | Path, *, calibration: n
     """
     import tempfile
 
-    from kvseg.runtime import inference_copy
+    from kvseg.inference.runtime import inference_copy
 
     onnx_path = Path(onnx_path)
     if onnx_path.suffix.lower() != ".onnx":
@@ -290,7 +290,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, workdir: Path) 
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from kvseg.runtime import cpu_info
+    from kvseg.inference.runtime import cpu_info
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -344,8 +344,8 @@ def _mask_agreement(model: torch.nn.Module, path: Path, inputs: np.ndarray, task
                     threshold: float, chunk: int) -> tuple[list[float], float]:
     """``(IoU per class of the ONNX masks against the PyTorch masks over all inputs together,
     max abs probability difference)``; a class empty in both has IoU 1."""
-    from kvseg.metrics import predicted_masks
-    from kvseg.runtime import ort_session
+    from kvseg.training.metrics import predicted_masks
+    from kvseg.inference.runtime import ort_session
 
     session = ort_session(path)
     inter = union = None

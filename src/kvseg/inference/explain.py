@@ -302,10 +302,10 @@ def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
 
     Raises :class:`ConfigError` (one line) for a point outside the image or a layer out of range.
     """
-    from kvseg.checkpoint import load_run
+    from kvseg.training.checkpoint import load_run
     from kvseg.data.png import read_slice
-    from kvseg.figures import plot_attention_grid
-    from kvseg.rundir import FolderLock, command_line
+    from kvseg.experiments.figures import plot_attention_grid
+    from kvseg.training.rundir import FolderLock, command_line
     from kvseg.utils import atomic_write_text
 
     run_dir, out = Path(run_dir), Path(out)
@@ -362,13 +362,13 @@ def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path])
         out: the reproduction's output folder.
         run_dirs: (model, seed) -> run folder.
     """
-    from kvseg.checkpoint import load_run, read_config
+    from kvseg.training.checkpoint import load_run, read_config
     from kvseg.data import build_dataset
-    from kvseg.figures import plot_attention_comparison
+    from kvseg.experiments.figures import plot_attention_comparison
     from kvseg.models.registry import model_info
-    from kvseg.report import attention_section
-    from kvseg.reproduce import choose_samples
-    from kvseg.rundir import BEST
+    from kvseg.experiments.report import attention_section
+    from kvseg.experiments.reproduce import choose_samples
+    from kvseg.training.rundir import BEST
 
     first: dict[str, Path] = {}
     for (name, _), run_dir in sorted(run_dirs.items(), key=lambda kv: kv[0][1]):

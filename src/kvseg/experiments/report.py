@@ -22,14 +22,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from kvseg.layers.attention import MODE_LABELS, MODES
-from kvseg.results import (  # noqa: F401  (RESULT_COLUMNS, write_results: re-exported)
+from kvseg.experiments.results import (  # noqa: F401  (RESULT_COLUMNS, write_results: re-exported)
     METRIC_COLUMNS,
     RESULT_COLUMNS,
     ResultRow,
     as_rows,
     write_results,
 )
-from kvseg.stats import (
+from kvseg.experiments.stats import (
     DEFAULT_MARGIN,
     DEFAULT_RESAMPLES,
     paired_difference,
@@ -340,7 +340,7 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Ma
                              "Δ Jaccard (pts) [95% CI]", "Δ weighted Jaccard (pts) [95% CI]",
                              "seeds", "verdict (Jaccard)"], body), ""]
         png = f"sweep_{_safe_name(factor)}.png"
-        from kvseg.figures import plot_sweep
+        from kvseg.experiments.figures import plot_sweep
 
         plot_sweep(ds, factor, out_dir / png)
         parts += [f"![{factor}]({png})", ""]

@@ -216,7 +216,7 @@ class SegmentationMetrics:
         """The counts summed over all ranks (a copy; local counts are untouched)."""
         counts = self.counts.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from kvseg.distributed import all_reduce_sum
+            from kvseg.training.distributed import all_reduce_sum
 
             counts = all_reduce_sum(counts)
         return counts

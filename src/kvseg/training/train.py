@@ -53,8 +53,8 @@ import torch
 import yaml
 from torch import nn
 
-from kvseg import distributed as D
-from kvseg.checkpoint import (
+from kvseg.training import distributed as D
+from kvseg.training.checkpoint import (
     build_model,
     capture_rng_state,
     load_training_state,
@@ -70,11 +70,11 @@ from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig 
     load_config,
 )
 from kvseg.errors import CheckpointError, ConfigError
-from kvseg.loaders import train_loader, val_loader
-from kvseg.losses import BCEDiceLoss, CEDiceLoss
-from kvseg.metrics import SegmentationMetrics
-from kvseg.precision import autocast, backend_settings, dtype_of, precision_for
-from kvseg.rundir import (
+from kvseg.training.loaders import train_loader, val_loader
+from kvseg.training.losses import BCEDiceLoss, CEDiceLoss
+from kvseg.training.metrics import SegmentationMetrics
+from kvseg.training.precision import autocast, backend_settings, dtype_of, precision_for
+from kvseg.training.rundir import (
     BEST,
     CONFIG,
     CURVES,

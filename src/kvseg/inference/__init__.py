@@ -1,0 +1,1 @@
+"""Inference on a trained run: evaluate, predict, export, CPU runtimes, benchmark, profile, attention maps."""

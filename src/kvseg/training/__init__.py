@@ -1,0 +1,1 @@
+"""Training: one run of one variant (trainer, loaders, losses, metrics, checkpoints, run folders, precision, torchrun)."""
