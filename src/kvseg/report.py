@@ -1,0 +1,8 @@
+"""Moved to :mod:`kvseg.experiments.report`; this path keeps working for this release (an alias: the
+same module object, so attributes and patches reach the real one). Import the new path."""
+
+import sys
+
+from kvseg.experiments import report as _module
+
+sys.modules[__name__] = _module
