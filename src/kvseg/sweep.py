@@ -1,5 +1,7 @@
-"""Moved to :mod:`kvseg.experiments.sweep`; this path keeps working for this release (an alias: the
-same module object, so attributes and patches reach the real one). Import the new path."""
+"""Moved to :mod:`kvseg.experiments.sweep`.
+
+This path keeps working for this release as an alias (the same module object, so attributes
+and patches reach the real one). Import the new path."""
 
 import sys
 

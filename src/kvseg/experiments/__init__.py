@@ -1,1 +1,2 @@
-"""Experiments over many runs: presets, the job runner, results, statistics, reports, figures, reproduce, sweep."""
+"""Experiments over many runs: presets, the job runner, results, statistics, reports,
+figures, reproduce, sweep."""

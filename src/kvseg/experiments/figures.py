@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.experiments.results import ResultRow, as_rows
+from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.utils import atomic_write_bytes
 
 MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^", "shared_kv": "D", "shared_qv": "v",

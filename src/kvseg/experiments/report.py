@@ -21,7 +21,6 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.experiments.results import (  # noqa: F401  (RESULT_COLUMNS, write_results: re-exported)
     METRIC_COLUMNS,
     RESULT_COLUMNS,
@@ -35,6 +34,7 @@ from kvseg.experiments.stats import (
     paired_difference,
     verdict_sentence,
 )
+from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.utils import atomic_write_text
 
 #: Metrics averaged over seeds in the report: the float columns of results.csv.

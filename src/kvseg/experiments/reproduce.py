@@ -39,10 +39,10 @@ import torch
 from kvseg.config import PRESET_NAMES, check_number, load_config
 from kvseg.errors import ConfigError
 from kvseg.experiments.presets import Preset, load_preset
-from kvseg.inference.profile import profile_model
 from kvseg.experiments.results import ResultRow, jsonable
-from kvseg.training.rundir import FolderLock, command_line
 from kvseg.experiments.runner import Job, fingerprint, run_jobs
+from kvseg.inference.profile import profile_model
+from kvseg.training.rundir import FolderLock, command_line
 from kvseg.utils import atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
@@ -303,9 +303,9 @@ def _cached_profile(path: Path, key: str) -> dict | None:
 def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
     """Train and evaluate one job (in this process or a worker); its result row, with the
     model's profile from profile.json. A diverged run is a result too."""
-    from kvseg.training import train as T
     from kvseg.inference.evaluate import evaluate_run
     from kvseg.models.registry import model_info
+    from kvseg.training import train as T
 
     name, seed = job.key
     config = job.config
@@ -350,8 +350,8 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
                    cfg: Preset, data: Path, train_opts: dict, device: torch.device,
                    seeds: list[int], margin: float, n_jobs: int) -> Path:
     from kvseg.experiments.figures import plot_jaccard_vs_macs, plot_samples, plot_training_curves
-    from kvseg.models.registry import model_info
     from kvseg.experiments.report import write_report, write_results
+    from kvseg.models.registry import model_info
 
     write_results(rows, out)
     plot_jaccard_vs_macs(rows, out / "jaccard_vs_macs.png")
@@ -425,8 +425,8 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
 def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,
                    plot_samples) -> str | None:
     """samples.png from the first seed of every model; returns its caption (None if skipped)."""
-    from kvseg.training.checkpoint import load_run, read_config
     from kvseg.data import build_dataset
+    from kvseg.training.checkpoint import load_run, read_config
     from kvseg.training.rundir import BEST
 
     first_seed: dict[str, Path] = {}
@@ -440,8 +440,8 @@ def _write_samples(out: Path, run_dirs: dict[tuple[str, int], Path], n: int,
     picks = choose_samples(ds, n)
     if not picks:
         return None
-    from kvseg.training.metrics import predicted_masks, target_masks
     from kvseg.inference.predict import CLASS_COLORS
+    from kvseg.training.metrics import predicted_masks, target_masks
 
     task = config.get("task", "multilabel")
     items = [ds[i] for i in picks]

@@ -1,1 +1,2 @@
-"""Inference on a trained run: evaluate, predict, export, CPU runtimes, benchmark, profile, attention maps."""
+"""Inference on a trained run: evaluate, predict, export, CPU runtimes, benchmark, profile,
+attention maps."""

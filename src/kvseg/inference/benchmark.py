@@ -47,8 +47,8 @@ from torch import nn
 
 from kvseg.config import check_number
 from kvseg.errors import ConfigError
-from kvseg.models.registry import create_model, list_models, model_info
 from kvseg.inference.profile import peak_cpu_memory, time_fns
+from kvseg.models.registry import create_model, list_models, model_info
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ def _runners(model: nn.Module, path: InferencePath, *, shape: tuple[int, int, in
                                                            float | None]]:
     """``(call(x), measure(fn) -> peak MiB)`` for one model on one path. The ONNX files of a
     model are exported once and shared by its ONNX Runtime paths (``cache``)."""
-    from kvseg.training.precision import autocast
     from kvseg.inference.runtime import Bf16Model, OrtModel, inference_copy
+    from kvseg.training.precision import autocast
 
     if path.backend == "onnxruntime":
         from kvseg.inference.export import export_model, quantize_int8

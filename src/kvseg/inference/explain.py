@@ -302,9 +302,9 @@ def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
 
     Raises :class:`ConfigError` (one line) for a point outside the image or a layer out of range.
     """
-    from kvseg.training.checkpoint import load_run
     from kvseg.data.png import read_slice
     from kvseg.experiments.figures import plot_attention_grid
+    from kvseg.training.checkpoint import load_run
     from kvseg.training.rundir import FolderLock, command_line
     from kvseg.utils import atomic_write_text
 
@@ -362,12 +362,12 @@ def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path])
         out: the reproduction's output folder.
         run_dirs: (model, seed) -> run folder.
     """
-    from kvseg.training.checkpoint import load_run, read_config
     from kvseg.data import build_dataset
     from kvseg.experiments.figures import plot_attention_comparison
-    from kvseg.models.registry import model_info
     from kvseg.experiments.report import attention_section
     from kvseg.experiments.reproduce import choose_samples
+    from kvseg.models.registry import model_info
+    from kvseg.training.checkpoint import load_run, read_config
     from kvseg.training.rundir import BEST
 
     first: dict[str, Path] = {}

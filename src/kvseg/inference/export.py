@@ -344,8 +344,8 @@ def _mask_agreement(model: torch.nn.Module, path: Path, inputs: np.ndarray, task
                     threshold: float, chunk: int) -> tuple[list[float], float]:
     """``(IoU per class of the ONNX masks against the PyTorch masks over all inputs together,
     max abs probability difference)``; a class empty in both has IoU 1."""
-    from kvseg.training.metrics import predicted_masks
     from kvseg.inference.runtime import ort_session
+    from kvseg.training.metrics import predicted_masks
 
     session = ort_session(path)
     inter = union = None

@@ -255,8 +255,8 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
         min_iou: ``int8``: the least per-class mask IoU of the int8 model against fp32 on
             held-out training slices; below it the model is refused (one-line error).
     """
-    from kvseg.training.checkpoint import load_run
     from kvseg.inference.runtime import prepare_for_inference
+    from kvseg.training.checkpoint import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -1,1 +1,2 @@
-"""Training: one run of one variant (trainer, loaders, losses, metrics, checkpoints, run folders, precision, torchrun)."""
+"""Training: one run of one variant (trainer, loaders, losses, metrics, checkpoints, run
+folders, precision, torchrun)."""

@@ -53,6 +53,14 @@ import torch
 import yaml
 from torch import nn
 
+from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig stays public
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    config_defaults,
+    default_config_path,
+    load_config,
+)
+from kvseg.errors import CheckpointError, ConfigError
 from kvseg.training import distributed as D
 from kvseg.training.checkpoint import (
     build_model,
@@ -62,14 +70,6 @@ from kvseg.training.checkpoint import (
     save_model,
     save_training_state,
 )
-from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig stays public
-    RESUME_MAY_CHANGE,
-    TrainConfig,
-    config_defaults,
-    default_config_path,
-    load_config,
-)
-from kvseg.errors import CheckpointError, ConfigError
 from kvseg.training.loaders import train_loader, val_loader
 from kvseg.training.losses import BCEDiceLoss, CEDiceLoss
 from kvseg.training.metrics import SegmentationMetrics
