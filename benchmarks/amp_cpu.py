@@ -1,7 +1,8 @@
 """CPU bf16 autocast vs fp32: training speed and validation Jaccard of three micro models.
 
-Each of setr_kv, setr_conv_kv and setr_cvt_kv (micro, 128 px) is trained by ``kvseg.train`` on
-the synthetic twin for the same fixed number of optimiser steps (3 epochs x 80 steps of batch 4,
+Each of setr_kv, setr_conv_kv and setr_cvt_kv (micro, 128 px) is trained by
+``kvseg.training.train`` on the synthetic twin for the same fixed number of optimiser steps (3
+epochs x 80 steps of batch 4,
 lr 1e-3, Dice weight 2, no augmentation), once with ``amp: none`` (fp32)
 and once with ``amp: bf16`` (``torch.autocast("cpu", dtype=torch.bfloat16)``), same seed, one
 torch thread. Reported per model and precision:
@@ -32,8 +33,8 @@ import torch
 
 from bench_common import machine
 from kvseg.data.synth import generate
-from kvseg.precision import autocast
-from kvseg.profile import time_fns
+from kvseg.inference.profile import time_fns
+from kvseg.training.precision import autocast
 from kvseg.utils import atomic_write_text
 
 MODELS = ("setr_kv", "setr_conv_kv", "setr_cvt_kv")
@@ -44,7 +45,7 @@ def step_ms(model_name: str, img_size: int, batch_size: int, repeats: int) -> di
     """Median ms of one training step (forward under autocast, BCE+Dice, backward, AdamW) per
     precision, timed round-robin so that load from other processes hits both alike."""
     import kvseg
-    from kvseg.losses import BCEDiceLoss
+    from kvseg.training.losses import BCEDiceLoss
 
     x = torch.rand(batch_size, 1, img_size, img_size)
     y = (torch.rand(batch_size, 3, img_size, img_size) > 0.7).float()
@@ -71,7 +72,7 @@ def step_ms(model_name: str, img_size: int, batch_size: int, repeats: int) -> di
 def train_run(model_name: str, precision: str, data: Path, cache: Path, args) -> dict:
     """Train ``args.epochs`` x ``args.steps_per_epoch`` steps in ``precision``; the summary
     figures of the run."""
-    from kvseg.train import load_config, train
+    from kvseg.training.train import load_config, train
 
     with tempfile.TemporaryDirectory(prefix="kvseg-amp-") as out:
         config = load_config(None, dict(

@@ -10,7 +10,7 @@ that both forms share. ``kv_pos naive`` is Borji's form: the
 Peak memory: the CPU allocator's high-water mark above the start of the call, from the torch
 profiler's memory events (``profile_memory=True``) — the tensors torch allocates, not the
 process RSS. Time: median (and min) of repeated calls after one warm-up call, the forms
-interleaved round-robin (:func:`kvseg.profile.time_fns`).
+interleaved round-robin (:func:`kvseg.inference.profile.time_fns`).
 
 Usage: ``python benchmarks/attention.py [--reps 5] [--tokens 196 784 1024]``; prints a table and
 writes ``benchmarks/results/attention.json``.
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench_common import add_threads_option, apply_threads, machine
+from kvseg.inference.profile import peak_cpu_memory, time_fns
 from kvseg.layers import Attention, sinusoidal_2d
-from kvseg.profile import peak_cpu_memory, time_fns
 from kvseg.utils import atomic_write_text
 
 FORMS = ("qkv", "kv", "kv_pos", "kv_pos_naive")

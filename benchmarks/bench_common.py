@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the ``--threads`` option and the machine description
 stored in their JSON. Imported by the scripts beside it (run as ``python benchmarks/X.py``);
-the timing itself is :func:`kvseg.profile.time_fn` / :func:`kvseg.profile.time_fns`."""
+the timing itself is :func:`kvseg.inference.profile.time_fn` /
+:func:`kvseg.inference.profile.time_fns`."""
 
 from __future__ import annotations
 

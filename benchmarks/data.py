@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from kvseg.data import UWMadison
 from kvseg.data.synth import generate
-from kvseg.profile import time_fn
+from kvseg.inference.profile import time_fn
 from kvseg.utils import atomic_write_text
 
 
@@ -82,10 +82,11 @@ def worker_sweep(ds, worker_counts: list[int], batch_size: int, passes: int) -> 
 
 def train_rate(root: Path, cache_dir: Path, workers: int, threads: int, img_size: int,
                steps: int) -> dict:
-    """A micro model (setr_kv) trained by ``kvseg.train`` on the CPU with ``workers`` loader
-    workers and ``threads`` torch threads: optimiser steps/s over ``steps`` steps (batch 8,
+    """A micro model (setr_kv) trained by ``kvseg.training.train`` on the CPU with
+    ``workers`` loader workers and ``threads`` torch threads: optimiser steps/s over ``steps``
+    steps (batch 8,
     augmentation on)."""
-    from kvseg.train import load_config, train
+    from kvseg.training.train import load_config, train
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -106,8 +107,8 @@ H100_BF16_PEAK = 989e12
 
 def h100_estimate(model: str, img_size: int, in_channels: int, fraction: float) -> dict:
     """Slices/s a ``model`` (base) trains at on an H100 at ``fraction`` of the bf16 peak:
-    forward MACs (kvseg.profile) x 2 FLOP x 3 (forward + backward)."""
-    from kvseg.profile import build_on_meta, count_macs
+    forward MACs (kvseg.inference.profile) x 2 FLOP x 3 (forward + backward)."""
+    from kvseg.inference.profile import build_on_meta, count_macs
 
     net = build_on_meta(model, size="base", img_size=img_size, in_channels=in_channels)
     macs = count_macs(net, (1, in_channels, img_size, img_size))

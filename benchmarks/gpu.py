@@ -9,7 +9,8 @@
    q/k channel, no mask), KV-pos as a float mask (as before) and KV-relpos (a float bias):
    which kernels run and how fast (Flash takes no float mask), and the folding's error.
 3. ``loader``: the augmented cached loader (synthetic twin, pinned memory) per worker count.
-4. ``pipeline``: ``kvseg.train`` of setr_kv base for two short epochs with ``workers: auto``:
+4. ``pipeline``: ``kvseg.training.train`` of setr_kv base for two short epochs with
+   ``workers: auto``:
    steps/s of the second epoch against the pure step rate of (1) (loader-bound or not).
 5. ``determinism``: two identical micro runs with ``deterministic`` off and on: are the weights
    bit-identical?
@@ -37,10 +38,10 @@ import kvseg
 from data import H100_BF16_PEAK, worker_sweep
 from kvseg.data import UWMadison
 from kvseg.data.synth import generate
-from kvseg.losses import BCEDiceLoss
+from kvseg.inference.profile import build_on_meta, count_macs, time_fn
 from kvseg.models.registry import model_info
-from kvseg.precision import autocast, precision_for
-from kvseg.profile import build_on_meta, count_macs, time_fn
+from kvseg.training.losses import BCEDiceLoss
+from kvseg.training.precision import autocast, precision_for
 from kvseg.utils import atomic_write_text
 
 #: The device measured: cuda:0 (``--device cpu`` only smoke-tests this script).
@@ -158,10 +159,10 @@ def attention_kernels(batch: int, heads: int, tokens: int, head_dim: int) -> lis
 
 
 def pipeline(root: Path, cache: Path, img_size: int, batch: int, steps: int) -> dict:
-    """``kvseg.train`` of setr_kv base for 3 epochs of ``steps`` steps, ``workers: auto``;
+    """``kvseg.training.train`` of setr_kv base for 3 epochs of ``steps`` steps, ``workers: auto``;
     epoch 2 has no validation, so its metrics.csv ``seconds`` is its training loop alone."""
-    from kvseg.distributed import loader_workers
-    from kvseg.train import load_config, train
+    from kvseg.training.distributed import loader_workers
+    from kvseg.training.train import load_config, train
 
     with tempfile.TemporaryDirectory() as out:
         config = load_config(None, dict(model="setr_kv", size="base", img_size=img_size,
@@ -181,7 +182,7 @@ def pipeline(root: Path, cache: Path, img_size: int, batch: int, steps: int) -> 
 def determinism(root: Path, cache: Path) -> dict:
     from safetensors.torch import load_file
 
-    from kvseg.train import load_config, train
+    from kvseg.training.train import load_config, train
 
     result = {}
     for deterministic in (False, True):

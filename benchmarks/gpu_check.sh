@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 status=0
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_amp.py \
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/training/test_amp.py \
     tests/layers/test_kvpos_inference.py -s 2>&1 | tee "$DEST/gpu_tests.log" || status=1
 timeout 280 "$PY" benchmarks/gpu.py --out "$DEST/gpu.json" 2>&1 | tee "$DEST/gpu_bench.log" \
     || status=1

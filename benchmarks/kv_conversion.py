@@ -139,7 +139,7 @@ def main() -> None:
     args = p.parse_args()
     apply_threads(args)
     if args.run:
-        from kvseg.checkpoint import load_run
+        from kvseg.training.checkpoint import load_run
 
         model, config = load_run(args.run)
         img_size, source = int(config["img_size"]), args.run

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from kvseg.evaluate import evaluate_run, format_results
-from kvseg.train import load_config, train
+from kvseg.inference.evaluate import evaluate_run, format_results
+from kvseg.training.train import load_config, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learns.json"
 TARGET = 0.6

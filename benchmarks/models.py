@@ -29,8 +29,8 @@ import torch
 
 import kvseg
 from bench_common import add_threads_option, apply_threads, machine
+from kvseg.inference.profile import count_macs, count_params, peak_cpu_memory, time_fn, time_fns
 from kvseg.models.registry import model_info
-from kvseg.profile import count_macs, count_params, peak_cpu_memory, time_fn, time_fns
 from kvseg.utils import atomic_write_text
 
 

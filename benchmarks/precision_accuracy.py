@@ -1,15 +1,16 @@
 """Validation Jaccard of a trained run on each CPU inference path, and how far each path's
 masks are from fp32's.
 
-Paths (``kvseg.runtime``): ``fp32`` (the PyTorch model), ``bf16`` (bf16 weights, what
+Paths (``kvseg.inference.runtime``): ``fp32`` (the PyTorch model), ``bf16`` (bf16 weights, what
 ``kvseg predict --precision bf16`` runs on the CPU), ``bf16_autocast`` (fp32 weights under
 ``torch.autocast``, what ``kvseg evaluate --precision bf16`` runs) and ``int8`` (ONNX Runtime,
 static QDQ calibrated on 32 training slices; ``kvseg export --quantize int8``'s check on 32
 other training slices is reported too). Each path predicts the whole validation split of the
 run's fold; the metrics are ``kvseg evaluate``'s set-level ones
-(:class:`kvseg.metrics.SegmentationMetrics`, the run's threshold), and ``mask_iou_vs_fp32`` is
-the IoU per class of the path's masks against fp32's over the split. As a cross-check the fp32
-Jaccard is also taken from ``kvseg.evaluate.evaluate_run`` itself.
+(:class:`kvseg.training.metrics.SegmentationMetrics`, the run's threshold), and
+``mask_iou_vs_fp32`` is the IoU per class of the path's masks against fp32's over the split. As a
+cross-check the fp32
+Jaccard is also taken from ``kvseg.inference.evaluate.evaluate_run`` itself.
 
     kvseg synth --out /tmp/syn
     kvseg train --model setr_kv --size micro --img-size 128 --data /tmp/syn --out /tmp/run \\
@@ -30,13 +31,19 @@ from pathlib import Path
 import torch
 
 from bench_common import add_threads_option, apply_threads, machine
-from kvseg.checkpoint import load_run
 from kvseg.data import build_dataset
-from kvseg.evaluate import evaluate_run
-from kvseg.export import export_int8
-from kvseg.metrics import SegmentationMetrics, predicted_masks
-from kvseg.results import jsonable
-from kvseg.runtime import Bf16Model, OrtModel, calibration_inputs, cpu_info, inference_copy
+from kvseg.experiments.results import jsonable
+from kvseg.inference.evaluate import evaluate_run
+from kvseg.inference.export import export_int8
+from kvseg.inference.runtime import (
+    Bf16Model,
+    OrtModel,
+    calibration_inputs,
+    cpu_info,
+    inference_copy,
+)
+from kvseg.training.checkpoint import load_run
+from kvseg.training.metrics import SegmentationMetrics, predicted_masks
 from kvseg.utils import atomic_write_text
 
 

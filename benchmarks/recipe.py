@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from kvseg.data.synth import generate
-from kvseg.reproduce import reproduce
+from kvseg.experiments.reproduce import reproduce
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recipe.json"
 BASE = {"size": "micro", "context": 0, "fold": 0, "n_folds": 5, "batch_size": 4,

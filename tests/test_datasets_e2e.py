@@ -16,12 +16,12 @@ from PIL import Image
 
 from data.make import write_acdc, write_folder, write_synapse
 from kvseg import cli
-from kvseg.checkpoint import load_run
 from kvseg.data import build_dataset
-from kvseg.evaluate import evaluate_run
-from kvseg.metrics import hd95, predicted_masks
-from kvseg.predict import predict
-from kvseg.train import load_config, train
+from kvseg.inference.evaluate import evaluate_run
+from kvseg.inference.predict import predict
+from kvseg.training.checkpoint import load_run
+from kvseg.training.metrics import hd95, predicted_masks
+from kvseg.training.train import load_config, train
 
 DATASETS = {
     # name: (builder, context, task, classes, in_channels)

@@ -47,7 +47,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_auto_precision_on_this_gpu_follows_its_compute_capability():
-    from kvseg.precision import precision_for
+    from kvseg.training.precision import precision_for
 
     assert precision_for("auto", CUDA) == _expected_auto()
     try:
@@ -58,7 +58,7 @@ def test_auto_precision_on_this_gpu_follows_its_compute_capability():
 
 
 def test_cuda_rng_state_of_the_training_device_round_trips():
-    from kvseg.checkpoint import capture_rng_state, restore_rng_state
+    from kvseg.training.checkpoint import capture_rng_state, restore_rng_state
 
     gen = torch.Generator()
     state = capture_rng_state(gen, CUDA)
@@ -71,7 +71,7 @@ def test_cuda_rng_state_of_the_training_device_round_trips():
 @pytest.mark.parametrize("name", ["setr_kvpos", "setr_conv_kvpos", "setr_cvt_kvpos"])
 def test_kv_pos_predict_then_train_on_cuda(name):
     import kvseg
-    from kvseg.precision import autocast
+    from kvseg.training.precision import autocast
 
     model = kvseg.create_model(name, size="micro", img_size=64, in_channels=1).to(CUDA)
     x = torch.rand(2, 1, 64, 64, device=CUDA)
@@ -84,7 +84,7 @@ def test_kv_pos_predict_then_train_on_cuda(name):
 
 def test_a_cuda_run_end_to_end_with_resume_evaluate_and_predict(synth, tmp_path):
     from kvseg import cli
-    from kvseg import train as T
+    from kvseg.training import train as T
 
     class Stop(Exception):
         pass
@@ -109,7 +109,7 @@ def test_a_cuda_run_end_to_end_with_resume_evaluate_and_predict(synth, tmp_path)
 
 
 def test_fp16_trains_with_a_grad_scaler(synth, tmp_path):
-    from kvseg import train as T
+    from kvseg.training import train as T
 
     out = tmp_path / "fp16"
     T.train(T.load_config(None, _opts(synth, out, amp="fp16", epochs=1)))
@@ -119,7 +119,7 @@ def test_fp16_trains_with_a_grad_scaler(synth, tmp_path):
 
 def test_pre_ampere_gpus_refuse_bf16():
     from kvseg.errors import ConfigError
-    from kvseg.precision import precision_for
+    from kvseg.training.precision import precision_for
 
     if torch.cuda.get_device_capability(0) >= (8, 0):
         assert precision_for("bf16", CUDA) == "bf16"
@@ -129,7 +129,7 @@ def test_pre_ampere_gpus_refuse_bf16():
 
 
 def test_divergence_is_caught_on_the_device(synth, tmp_path):
-    from kvseg import train as T
+    from kvseg.training import train as T
 
     with pytest.raises(T.NonFiniteLossError, match="epoch 1 step"):
         T.train(T.load_config(None, _opts(synth, tmp_path / "div", lr=1e30, epochs=1,
@@ -137,7 +137,7 @@ def test_divergence_is_caught_on_the_device(synth, tmp_path):
 
 
 def test_deterministic_and_sync_batchnorm_in_one_process_run(synth, tmp_path):
-    from kvseg import train as T
+    from kvseg.training import train as T
 
     a, b = tmp_path / "a", tmp_path / "b"
     opts = dict(model="setr_conv_kv", deterministic=True, sync_batchnorm=True, epochs=1)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import kvseg
+from kvseg.inference.profile import build_on_meta, count_params
 from kvseg.models.conv_hybrid import ResNetV2, StdConv2d
-from kvseg.profile import build_on_meta, count_params
 
 
 def test_stdconv_standardises_each_output_kernel():

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from kvseg.inference.profile import build_on_meta, count_macs, count_params
 from kvseg.layers import MODES
 from kvseg.models.registry import PRESETS
-from kvseg.profile import build_on_meta, count_macs, count_params
 
 IMG = 224
 SUFFIX = {"qkv": "qkv", "kv": "kv", "kv_pos": "kvpos", "shared_kv": "sharedkv",

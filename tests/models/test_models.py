@@ -11,8 +11,8 @@ import torch
 
 import kvseg
 import kvseg.layers
+from kvseg.inference.profile import build_on_meta, count_params
 from kvseg.models.registry import PRESETS, model_info, resolve_config
-from kvseg.profile import build_on_meta, count_params
 
 NAMES = kvseg.list_models()
 

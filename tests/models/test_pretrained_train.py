@@ -10,9 +10,9 @@ import torch
 from official_files import MICRO_WRITERS, write_timm_vit
 
 from kvseg import cli
-from kvseg import train as T
 from kvseg.config import load_preset
 from kvseg.models import hub
+from kvseg.training import train as T
 
 
 def _args(**opts) -> list[str]:
@@ -96,7 +96,7 @@ def test_paper_pretrained_preset_trains_every_family(synth, tmp_path, micro_imag
 
 def test_paper_pretrained_preset_through_reproduce(synth, tmp_path, micro_imagenet):
     from kvseg.config import read_yaml
-    from kvseg.reproduce import reproduce
+    from kvseg.experiments.reproduce import reproduce
 
     preset = read_yaml(load_preset("paper_pretrained").path)
     preset.update(seeds=[0], latency_repeats=1, latency_warmup=0, num_samples=1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kvseg import cli
-from kvseg.benchmark import InferencePath, add_ratios, benchmark, plan_paths
 from kvseg.errors import ConfigError
+from kvseg.inference.benchmark import InferencePath, add_ratios, benchmark, plan_paths
 
 ROW_FIELDS = {"model", "family", "mode", "size", "img_size", "batch", "device", "backend",
               "precision", "median_ms", "p90_ms", "min_ms", "repeats", "threads", "images_per_s",

@@ -15,11 +15,11 @@ from scipy.spatial.distance import directed_hausdorff
 from sklearn.metrics import jaccard_score
 
 from kvseg import cli
-from kvseg.checkpoint import load_run
 from kvseg.data import CLASSES, UWMadison
 from kvseg.data.synth import generate
-from kvseg.evaluate import evaluate_run, format_results
-from kvseg.train import load_config, train
+from kvseg.inference.evaluate import evaluate_run, format_results
+from kvseg.training.checkpoint import load_run
+from kvseg.training.train import load_config, train
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_per_case_counts_add_up_to_the_set_and_count_missed_organs(run, tmp_path
 
 
 def test_penalized_hd95_uses_the_volume_diagonal():
-    from kvseg.metrics import penalized, volume_diagonal_mm
+    from kvseg.training.metrics import penalized, volume_diagonal_mm
 
     diag = volume_diagonal_mm((4, 10, 20), (3.0, 1.5, 1.0))
     assert diag == pytest.approx(math.sqrt(12**2 + 15**2 + 20**2))

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from kvseg import cli, create_model, list_models
-from kvseg.checkpoint import save_model
 from kvseg.data import CLASSES
-from kvseg.export import ExportCheckError, export_model
+from kvseg.inference.export import ExportCheckError, export_model
 from kvseg.models.registry import model_info
+from kvseg.training.checkpoint import save_model
 
 
 def _ort_logits(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -159,8 +159,8 @@ def test_cli_int8_export_is_checked_against_fp32_masks(int8_run, tmp_path, capsy
                      "torchscript"]) == 0
     assert out.stat().st_size < 0.5 * fp32.stat().st_size
     # the masks it writes are those of PyTorch on a slice it never saw
-    from kvseg.checkpoint import load_run
-    from kvseg.metrics import predicted_masks
+    from kvseg.training.checkpoint import load_run
+    from kvseg.training.metrics import predicted_masks
 
     model, _ = load_run(int8_run)
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -173,7 +173,7 @@ def test_cli_int8_export_is_checked_against_fp32_masks(int8_run, tmp_path, capsy
 
 def test_int8_export_refuses_a_failing_check_and_writes_nothing(int8_run, tmp_path, capsys,
                                                                monkeypatch):
-    import kvseg.export as E
+    import kvseg.inference.export as E
 
     real = E.quantize_int8
 

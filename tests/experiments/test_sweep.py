@@ -12,7 +12,7 @@ import yaml
 from helpers import TINY_PRESET, make_tiny
 from kvseg import cli
 from kvseg.errors import ConfigError
-from kvseg.sweep import apply_factor, parse_vary, sweep
+from kvseg.experiments.sweep import apply_factor, parse_vary, sweep
 
 TINY = {**TINY_PRESET, "latency_repeats": 1, "latency_warmup": 0, "num_samples": 0,
         "models": ["setr_qkv", "setr_kv"]}
@@ -102,7 +102,7 @@ def test_factors_map_onto_each_family():
 @pytest.mark.parametrize("name", ["ablation_smoke", "ablation_paper"])
 def test_packaged_ablation_presets_build_every_run(tiny, tmp_path, name):
     from kvseg.config import load_preset
-    from kvseg.reproduce import resolve_models
+    from kvseg.experiments.reproduce import resolve_models
 
     data, _ = tiny
     listed = sweep(data, tmp_path / "out", preset=name, device="cpu", list_runs=True)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from helpers import cli_train_args, train_options
 from kvseg import cli
-from kvseg import train as T
+from kvseg.training import train as T
 
 RUN_FILES = {"config.yaml", "metrics.csv", "best.safetensors", "last.ckpt", "curves.png"}
 
@@ -94,7 +94,7 @@ def test_same_seed_gives_identical_metrics_and_weights(synth, straight, tmp_path
 KILL_AFTER_EPOCH_1 = """
 import os, signal, sys
 from kvseg.config import load_config
-from kvseg.train import train
+from kvseg.training.train import train
 
 def kill(epoch, row):  # SIGKILL right after epoch 1's files are written
     if epoch == 1:
@@ -219,11 +219,11 @@ def _checksums(folder: Path) -> dict[str, str]:
 
 def test_a_run_folder_owned_by_another_process_is_refused(synth, tmp_path):
     from kvseg.errors import RunDirError
-    from kvseg.rundir import FolderLock
+    from kvseg.training.rundir import FolderLock
 
     out = tmp_path / "owned"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from kvseg.rundir import FolderLock; "
+        [sys.executable, "-c", "import sys, time; from kvseg.training.rundir import FolderLock; "
          "l = FolderLock(sys.argv[1], 'kvseg train (test)').acquire(); print('ok', flush=True); "
          "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -306,7 +306,7 @@ def test_an_unexpected_exception_is_reported_as_a_bug(monkeypatch, capsys):
 # --------------------------------------------------------------------------- devices, RNG, loop
 def test_cpu_rng_state_has_no_cuda_key_and_cpu_training_never_initialises_cuda(synth,
                                                                                  tmp_path):
-    from kvseg.checkpoint import capture_rng_state
+    from kvseg.training.checkpoint import capture_rng_state
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         pytest.skip("CUDA was initialised by an earlier test in this process")
@@ -319,7 +319,7 @@ def test_cpu_rng_state_has_no_cuda_key_and_cpu_training_never_initialises_cuda(s
 
 
 def test_cuda_rng_state_is_that_of_the_training_device_also_from_old_lists(monkeypatch):
-    from kvseg.checkpoint import capture_rng_state, restore_rng_state
+    from kvseg.training.checkpoint import capture_rng_state, restore_rng_state
 
     gen = torch.Generator()
     cpu_state = capture_rng_state(gen, torch.device("cpu"))

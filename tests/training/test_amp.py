@@ -11,10 +11,10 @@ import yaml
 
 from helpers import cli_train_args, train_options
 from kvseg import cli
-from kvseg import precision as P
-from kvseg import train as T
 from kvseg.errors import ConfigError
-from kvseg.evaluate import evaluate_run
+from kvseg.inference.evaluate import evaluate_run
+from kvseg.training import precision as P
+from kvseg.training import train as T
 
 V100, T4, A100, H100 = (7, 0), (7, 5), (8, 0), (9, 0)
 REFUSED = ConfigError

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvseg
-from kvseg.checkpoint import load_model, load_run, read_config, save_model
+from kvseg.training.checkpoint import load_model, load_run, read_config, save_model
 
 
 def _config(**kw):

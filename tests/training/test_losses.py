@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from kvseg.losses import BCEDiceLoss, CEDiceLoss, build_loss, soft_dice_loss, softmax_dice_loss
+from kvseg.training.losses import (
+    BCEDiceLoss,
+    CEDiceLoss,
+    build_loss,
+    soft_dice_loss,
+    softmax_dice_loss,
+)
 
 
 def _naive(logits, target, bce_w, dice_w, smooth):

@@ -1,4 +1,4 @@
-"""Attention maps by hooks (kvseg.explain) and `kvseg attention`."""
+"""Attention maps by hooks (kvseg.inference.explain) and `kvseg attention`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from PIL import Image
 
 import kvseg
 from kvseg import cli
-from kvseg.checkpoint import save_model
 from kvseg.data import CLASSES
 from kvseg.errors import ConfigError
-from kvseg.explain import attention_maps, attention_modules
+from kvseg.inference.explain import attention_maps, attention_modules
+from kvseg.training.checkpoint import save_model
 
 
 def _model(name: str, seed: int = 0, **kw):

@@ -1,5 +1,5 @@
-"""kvseg.runtime: CPU feature detection, the fp32/bf16 model copies, and predict's CPU paths
-(bf16 weights, int8 through ONNX Runtime calibrated on the run's training slices)."""
+"""kvseg.inference.runtime: CPU feature detection, the fp32/bf16 model copies, and predict's CPU
+paths (bf16 weights, int8 through ONNX Runtime calibrated on the run's training slices)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ from PIL import Image
 
 import kvseg
 from kvseg import cli
-from kvseg.checkpoint import save_model
 from kvseg.data import CLASSES
-from kvseg.runtime import Bf16Model, OrtModel, cpu_info, inference_copy, prepare_for_inference
+from kvseg.inference.runtime import (
+    Bf16Model,
+    OrtModel,
+    cpu_info,
+    inference_copy,
+    prepare_for_inference,
+)
+from kvseg.training.checkpoint import save_model
 
 
 @pytest.mark.parametrize("flags, bf16, int8", [
@@ -64,7 +70,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def test_prepare_for_inference_picks_the_cpu_path(run):
-    from kvseg.checkpoint import load_run
+    from kvseg.training.checkpoint import load_run
 
     model, config = load_run(run)
     cpu = torch.device("cpu")
@@ -73,10 +79,10 @@ def test_prepare_for_inference_picks_the_cpu_path(run):
     bf16, p = prepare_for_inference(model, config, "bf16", cpu)
     assert p == "fp32" and isinstance(bf16, Bf16Model)
     # int8 is refused with a one-line reason when its masks disagree too much with fp32's
-    from kvseg.export import ExportCheckError
+    from kvseg.inference.export import ExportCheckError
 
     with pytest.raises(ExportCheckError, match="int8 check failed"):
-        import kvseg.runtime as R
+        import kvseg.inference.runtime as R
 
         R.int8_model(model, config, n=2, min_iou=1.01)
     int8 = R.int8_model(model, config, n=2, min_iou=0.0)
@@ -143,7 +149,7 @@ def test_cli_evaluate_scores_the_cpu_path_it_is_asked_for(run, tmp_path, capsys)
 
 
 def test_ort_model_runs_a_batch_in_pieces_with_the_same_result(tmp_path):
-    from kvseg.export import export_model
+    from kvseg.inference.export import export_model
 
     model = kvseg.create_model("setr_kv", size="micro", img_size=32).eval()
     export_model(model, tmp_path / "m.onnx", input_shape=(1, 3, 32, 32), dynamic=True,

@@ -12,10 +12,9 @@ from PIL import Image
 from torch import nn
 
 from kvseg import cli, create_model
-from kvseg.checkpoint import save_model
 from kvseg.data import CLASSES
 from kvseg.errors import RunDirError
-from kvseg.predict import (
+from kvseg.inference.predict import (
     MANIFEST,
     decode_mask_png,
     discover_inputs,
@@ -24,6 +23,7 @@ from kvseg.predict import (
     predict_with_model,
     read_image,
 )
+from kvseg.training.checkpoint import save_model
 from reference import naive_decode
 
 

@@ -1,4 +1,5 @@
-"""kvseg.rundir: one owner per output folder (train, reproduce, predict), run-file checks."""
+"""kvseg.training.rundir: one owner per output folder (train, reproduce, predict),
+run-file checks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from kvseg import cli
 from kvseg.errors import RunDirError
-from kvseg.rundir import LOCK, FolderLock, check_new_run
+from kvseg.training.rundir import LOCK, FolderLock, check_new_run
 
 
 def test_a_second_owner_is_refused_and_release_removes_the_lock(tmp_path):
@@ -61,7 +62,7 @@ def _sha(folder: Path) -> dict[str, str]:
 
 def test_predict_into_a_folder_owned_by_another_process_is_one_line(tmp_path, capsys):
     from kvseg import create_model
-    from kvseg.checkpoint import save_model
+    from kvseg.training.checkpoint import save_model
 
     run = tmp_path / "run"
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def test_reproduce_into_a_folder_owned_by_another_process_is_one_line(tmp_path, 
 def test_a_corrupt_best_safetensors_is_one_line_for_every_reader(tmp_path, capsys, command,
                                                                   content):
     from kvseg import create_model
-    from kvseg.checkpoint import save_model
+    from kvseg.training.checkpoint import save_model
 
     run = tmp_path / "run"
     model = create_model("setr_kv", size="micro", img_size=32, in_channels=1)

@@ -14,11 +14,17 @@ from torch import nn
 
 from helpers import make_tiny
 from kvseg import cli
-from kvseg.profile import profile_model
-from kvseg.report import aggregate, family_deltas, mean_std, results_table, write_results
-from kvseg.reproduce import choose_samples, reproduce, resolve_models
+from kvseg.experiments.report import (
+    aggregate,
+    family_deltas,
+    mean_std,
+    results_table,
+    write_results,
+)
+from kvseg.experiments.reproduce import choose_samples, reproduce, resolve_models
+from kvseg.inference.profile import profile_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny synthetic twin and a preset of one epoch, two steps, 32 px."""
@@ -181,7 +187,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
 
 @pytest.mark.slow
 def test_a_diverged_variant_is_recorded_and_the_others_reported(tiny, tmp_path, monkeypatch):
-    import kvseg.train as T
+    import kvseg.training.train as T
 
     data, preset = tiny
     real_train = T.train
@@ -206,7 +212,7 @@ def test_a_diverged_variant_is_recorded_and_the_others_reported(tiny, tmp_path, 
 
 
 def test_runs_stay_valid_when_kvseg_gains_an_option_at_its_default():
-    from kvseg.runner import same_settings as _same_settings
+    from kvseg.experiments.runner import same_settings as _same_settings
 
     stored = {"model": "setr_kv", "epochs": 2, "profile": {"latency_repeats": 2}}
     assert _same_settings(stored, {**stored, "pretrained": None})  # new option, default value
@@ -263,7 +269,7 @@ def test_parallel_runs_give_the_sequential_results_and_resume_after_a_kill(tiny,
 
 
 def test_the_report_states_intervals_verdicts_and_the_method(tmp_path):
-    from kvseg.report import deltas_table, statistics_text
+    from kvseg.experiments.report import deltas_table, statistics_text
 
     rows = _rows()
     table = deltas_table(rows, margin=2.0, resamples=200)
@@ -281,7 +287,7 @@ def test_the_report_states_intervals_verdicts_and_the_method(tmp_path):
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
     from kvseg.config import load_config
-    from kvseg.runner import Job, run_jobs
+    from kvseg.experiments.runner import Job, run_jobs
 
     run_dir = tmp_path / "runs" / "setr_kv" / "seed0"
     run_dir.mkdir(parents=True)

@@ -16,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kvseg
 from kvseg.cli import main
+from kvseg.inference.profile import build_on_meta, count_macs, count_params, profile_table
 from kvseg.models.registry import PRESETS
-from kvseg.profile import build_on_meta, count_macs, count_params, profile_table
 
 POS_DIM = 50
 N_COL = POS_DIM - 2 * math.ceil(POS_DIM / 4)  # key-index channels of the 2D encoding: 24
@@ -160,7 +160,7 @@ def test_cli_profile_and_models(capsys):
 
 
 def test_peak_cpu_memory_follows_allocations_and_frees(capfd):
-    from kvseg.profile import peak_cpu_memory
+    from kvseg.inference.profile import peak_cpu_memory
 
     mib = 2**20
     weights = torch.empty(8 * mib, dtype=torch.uint8)  # alive before: not counted
@@ -189,7 +189,7 @@ class _FakeClock:
 
 
 def test_time_fn_times_only_the_calls_after_warmup(monkeypatch):
-    from kvseg import profile
+    from kvseg.inference import profile
 
     clock = _FakeClock()
     monkeypatch.setattr(profile.time, "perf_counter", clock)
@@ -212,7 +212,7 @@ def test_time_fn_times_only_the_calls_after_warmup(monkeypatch):
 
 
 def test_time_fns_interleaves_and_honours_per_function_repeats():
-    from kvseg.profile import time_fns
+    from kvseg.inference.profile import time_fns
 
     order = []
     t = time_fns({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
@@ -225,7 +225,7 @@ def test_time_fns_interleaves_and_honours_per_function_repeats():
 
 
 def test_time_fn_sets_threads_and_restores_them_also_after_an_error():
-    from kvseg.profile import time_fn
+    from kvseg.inference.profile import time_fn
 
     before = torch.get_num_threads()
     want = 1 if before != 1 else 2
@@ -244,7 +244,7 @@ def test_time_fn_sets_threads_and_restores_them_also_after_an_error():
 
 
 def test_profile_model_keys_and_counts():
-    from kvseg.profile import profile_model
+    from kvseg.inference.profile import profile_model
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
     prof = profile_model(model, (1, 3, 16, 16), repeats=3, warmup=1, threads=1)
@@ -259,7 +259,7 @@ def test_profile_model_keys_and_counts():
 
 
 def test_time_fn_synchronises_cuda_around_every_timed_call(monkeypatch):
-    from kvseg.profile import time_fn
+    from kvseg.inference.profile import time_fn
 
     events = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))

@@ -12,7 +12,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from scipy.spatial.distance import directed_hausdorff
 from sklearn.metrics import jaccard_score
 
-from kvseg import metrics as M
+from kvseg.training import metrics as M
 
 
 def _random_masks(seed, n=4, c=3, h=12, w=10, p=0.3, empty_classes=()):

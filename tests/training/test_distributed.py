@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvseg.data.synth import generate
-from kvseg.evaluate import evaluate_run
-from kvseg.metrics import SegmentationMetrics
+from kvseg.inference.evaluate import evaluate_run
+from kvseg.training.metrics import SegmentationMetrics
 
 
 def _data(seed=0):
@@ -72,8 +72,8 @@ def test_torchrun_two_processes_validation_equals_single_process_eval(tmp_path):
 
 # --------------------------------------------------------------------------- rank 0 owns RUN_DIR
 def test_an_explicit_gpu_index_is_refused_only_with_several_processes():
-    from kvseg.distributed import DistInfo, check_device_option
     from kvseg.errors import ConfigError
+    from kvseg.training.distributed import DistInfo, check_device_option
 
     two = DistInfo(rank=1, world_size=2, local_rank=1, local_world_size=2)
     with pytest.raises(ConfigError, match=r"device=cuda:1: .*WORLD_SIZE=2"):
@@ -84,7 +84,7 @@ def test_an_explicit_gpu_index_is_refused_only_with_several_processes():
 
 
 def test_auto_workers_share_the_cores_of_a_node(monkeypatch):
-    from kvseg.distributed import DistInfo, loader_workers
+    from kvseg.training.distributed import DistInfo, loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert loader_workers(None, "cpu", DistInfo()) == 0
@@ -95,7 +95,7 @@ def test_auto_workers_share_the_cores_of_a_node(monkeypatch):
 
 
 def _collectives_worker(rank: int, store: str, results) -> None:
-    from kvseg import distributed as D
+    from kvseg.training import distributed as D
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:

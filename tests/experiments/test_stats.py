@@ -1,5 +1,6 @@
-"""kvseg.stats: the paired difference with its interval, checked on constructed cases and against
-independent references (scipy's t interval, scikit-learn's Jaccard, a naive bootstrap loop)."""
+"""kvseg.experiments.stats: the paired difference with its interval, checked on constructed cases
+and against independent references (scipy's t interval, scikit-learn's Jaccard, a naive bootstrap
+loop)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import jaccard_score
 
-from kvseg.stats import paired_difference, scores_from_counts, verdict
+from kvseg.experiments.stats import paired_difference, scores_from_counts, verdict
 
 
 def _cases(counts):

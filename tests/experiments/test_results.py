@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from kvseg.report import aggregate, family_deltas, results_table
-from kvseg.results import (
+from kvseg.experiments.report import aggregate, family_deltas, results_table
+from kvseg.experiments.results import (
     METRIC_COLUMNS,
     RESULT_COLUMNS,
     ResultRow,
@@ -119,7 +119,7 @@ def test_report_takes_result_rows_and_dicts_alike():
 
 
 def test_per_case_counts_travel_in_json_only(tmp_path):
-    from kvseg.results import JSON_ONLY, ResultRow, read_results, write_results
+    from kvseg.experiments.results import JSON_ONLY, ResultRow, read_results, write_results
 
     cases = [{"case": 1, "day": 0, "tp": [1, 2, 3], "fp": [0, 0, 1], "fn": [2, 0, 0]}]
     row = ResultRow(model="setr_kv", family="setr", attention="kv", seed=0, params=1, macs=2,
