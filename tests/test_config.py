@@ -12,6 +12,7 @@ import yaml
 from kvseg import cli
 from kvseg import config as C
 from kvseg.errors import ConfigError
+from kvseg.experiments.presets import load_preset
 
 
 def test_packaged_defaults_equal_the_dataclass():
@@ -86,10 +87,10 @@ def test_check_number_bounds():
 # --------------------------------------------------------------------------- presets
 def test_packaged_presets_load():
     for name in ("smoke", "paper"):
-        cfg = C.load_preset(name)
+        cfg = load_preset(name)
         assert cfg.models and cfg.seeds and cfg.name == name
-    assert C.load_preset("smoke").train["size"] == "micro"
-    paper = C.load_preset("paper").train
+    assert load_preset("smoke").train["size"] == "micro"
+    paper = load_preset("paper").train
     assert paper["size"] == "base" and paper["img_size"] == 256
 
 
@@ -105,7 +106,7 @@ def test_bad_presets_are_rejected_naming_the_file(tmp_path, content, message):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(ValueError, match=message) as info:
-        C.load_preset(str(path))
+        load_preset(str(path))
     assert "p.yaml" in str(info.value)
 
 
@@ -179,5 +180,5 @@ def test_config_show_prints_the_packaged_file(capsys):
 
 def test_every_named_preset_exists_and_loads():
     for name in C.PRESET_NAMES:
-        preset = C.load_preset(name)
+        preset = load_preset(name)
         assert preset.name == name and preset.seeds

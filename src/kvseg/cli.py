@@ -14,8 +14,8 @@ import argparse
 import logging
 import sys
 
-from kvseg.config import check_number
 from kvseg.errors import KvsegError
+from kvseg.utils import check_number
 
 USER_ERRORS = (KvsegError, OSError)
 
@@ -164,7 +164,8 @@ def _add_config(sub) -> None:
 
 
 def _run_config(args) -> int:
-    from kvseg.config import config_path, packaged_configs, read_yaml
+    from kvseg.config import config_path, packaged_configs
+    from kvseg.utils import read_yaml
 
     if args.action == "list":
         for name in packaged_configs():

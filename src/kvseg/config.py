@@ -9,17 +9,20 @@
   reproduce presets ``smoke`` and ``paper``, and example training configs ``train_micro`` and
   ``train_paper``. Each exists once, in the package; ``kvseg config show NAME`` prints one for
   editing. Anywhere a config is asked for, a packaged name or a YAML file path is accepted.
-- :class:`~kvseg.presets.Preset` (in :mod:`kvseg.presets`, re-exported here) is a ``kvseg
-  reproduce`` / ``kvseg sweep`` preset, read by the same YAML reader.
-- :func:`check_number` is the one check of numeric options, used by the dataclasses here and by
-  the command-line flags of every command.
+- :class:`~kvseg.experiments.presets.Preset` is a ``kvseg reproduce`` / ``kvseg sweep`` preset,
+  read by the same YAML reader (:func:`kvseg.utils.read_yaml`).
+- :func:`~kvseg.utils.check_number` (re-exported here) is the one check of numeric options, used
+  by the dataclasses here and by the command-line flags of every command.
+
+Where this sits: above ``models`` and ``data`` (an option is checked against the registered
+variants, the weight layouts and the dataset layouts when the config is built), below the wings
+that run it (``training``, ``inference``, ``experiments``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field
@@ -28,7 +31,12 @@ from pathlib import Path
 
 import yaml
 
+from kvseg.data.factory import check_data_format
 from kvseg.errors import ConfigError
+from kvseg.models.kv_rules import RULES
+from kvseg.models.pretrained import LAYOUTS
+from kvseg.models.registry import SIZES, build_on_meta, list_models
+from kvseg.utils import check_number, read_yaml
 
 #: Keys written to config.yaml that the data decides; accepted and ignored when read back.
 DERIVED_KEYS = ("in_channels", "num_classes", "classes", "precision", "preprocess")
@@ -37,7 +45,7 @@ RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s"
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
-def _opt(default, help: str, **kw):
+def option(default, help: str, **kw):
     """A dataclass field with its ``--help`` text (a mutable default goes through a factory)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help},
@@ -45,32 +53,7 @@ def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
-# --------------------------------------------------------------------------- numbers
-def check_number(name: str, value, *, integer: bool = False, minimum: float | None = None,
-                 maximum: float | None = None, min_open: bool = False, max_open: bool = False,
-                 optional: bool = False):
-    """Validate one numeric option and return it (an int or a finite float).
-
-    ``minimum``/``maximum`` bound it (exclusive with ``min_open``/``max_open``); NaN and
-    infinities are always refused; ``optional`` lets ``None`` through. Raises
-    :class:`ConfigError` naming the option, e.g. ``img_size=0: must be >= 1``.
-    """
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{name}: must not be empty (null)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{name}={value!r}: expected {kind}")
-    if integer and not isinstance(value, int):
-        raise ConfigError(f"{name}={value!r}: expected an integer")
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}={value}: must be a finite number")
-    if minimum is not None and (value <= minimum if min_open else value < minimum):
-        raise ConfigError(f"{name}={value}: must be {'>' if min_open else '>='} {minimum:g}")
-    if maximum is not None and (value >= maximum if max_open else value > maximum):
-        raise ConfigError(f"{name}={value}: must be {'<' if max_open else '<='} {maximum:g}")
-    return value
+_opt = option
 
 
 def _check_type(name: str, value, hint) -> None:
@@ -98,7 +81,9 @@ def _base_type(hint) -> type:
     return args[0] if args else hint
 
 
-def _validate_types(obj) -> None:
+def validate_types(obj) -> None:
+    """Every field of the dataclass ``obj`` has its annotated type (:class:`ConfigError` names
+    the first that does not)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         _check_type(f.name, getattr(obj, f.name), hints[f.name])
@@ -180,9 +165,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad option."""
-        _validate_types(self)
-        from kvseg.models.registry import SIZES, list_models
-
+        validate_types(self)
         if self.model not in list_models():
             raise ConfigError(f"model={self.model!r}: expected one of {', '.join(list_models())}")
         if self.size not in SIZES:
@@ -200,9 +183,6 @@ class TrainConfig:
         check_number("lr", self.lr, minimum=0, min_open=True)
         check_number("train_fraction", self.train_fraction, minimum=0, maximum=1, min_open=True)
         check_number("encoder_lr_mult", self.encoder_lr_mult, minimum=0, min_open=True)
-        from kvseg.models.kv_rules import RULES
-        from kvseg.models.pretrained import LAYOUTS
-
         if self.pretrained_rule not in RULES:
             raise ConfigError(f"pretrained_rule={self.pretrained_rule!r}: expected "
                               f"{', '.join(RULES)}")
@@ -212,8 +192,6 @@ class TrainConfig:
         check_number("min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
         if self.bce_weight + self.dice_weight == 0:
             raise ConfigError("bce_weight and dice_weight: at least one must be > 0")
-        from kvseg.data.factory import check_data_format
-
         check_data_format(self.data_format)
         if self.task not in ("auto", "multiclass", "multilabel"):
             raise ConfigError(f"task={self.task!r}: expected auto, multiclass or multilabel")
@@ -240,8 +218,6 @@ class TrainConfig:
 
 def _check_model_overrides(model: str, size: str, head: str | None, overrides: dict) -> None:
     """Unknown preset fields, or values the model cannot be built with, name the option."""
-    from kvseg.inference.profile import build_on_meta
-
     kw = dict(overrides)
     if head is not None:
         kw["head"] = head
@@ -297,28 +273,6 @@ def config_path(name_or_path: str | os.PathLike, *, option: str = "--config",
 def default_config_path() -> Path:
     """The packaged ``kvseg/configs/default.yaml`` (documents every option and its default)."""
     return config_path("default")
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    """One YAML file as a mapping (``yaml.safe_load``: a file never executes).
-
-    Raises FileNotFoundError, or :class:`ConfigError` naming the file when it is not UTF-8,
-    not YAML, or not a mapping at the top level.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
-    return data
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, *,
@@ -473,14 +427,5 @@ def overrides_from_args(args: argparse.Namespace, cls=TrainConfig) -> dict:
 __all__ = ["AMP_CHOICES", "DERIVED_KEYS", "PRESET_NAMES", "RESUME_MAY_CHANGE", "TRAIN_CONFIG_NAMES",
            "TrainConfig", "add_config_flags", "check_number", "config_defaults", "config_path",
            "config_to_flags", "default_config_path", "load_config", "overrides_from_args",
-           "packaged_configs", "read_yaml"]
+           "option", "packaged_configs", "read_yaml", "validate_types"]
 
-
-def __getattr__(name: str):
-    """Presets live in :mod:`kvseg.presets`; ``Preset`` and ``load_preset`` import from here
-    too (lazily: kvseg.presets builds on this module)."""
-    if name in ("Preset", "load_preset"):
-        from kvseg.experiments import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

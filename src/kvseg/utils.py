@@ -1,16 +1,20 @@
-"""Small shared helpers: atomic file writes, device choice, seeding."""
+"""Small shared helpers at the bottom of the package (everything may import them): atomic file
+writes, the one YAML reader, the one numeric option check, strict JSON values, device choice,
+seeding."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from kvseg.errors import ConfigError
 
@@ -76,3 +80,68 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """One YAML file as a mapping (``yaml.safe_load``: a file never executes).
+
+    Raises FileNotFoundError, or :class:`ConfigError` naming the file when it is not UTF-8,
+    not YAML, or not a mapping at the top level.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def check_number(name: str, value, *, integer: bool = False, minimum: float | None = None,
+                 maximum: float | None = None, min_open: bool = False, max_open: bool = False,
+                 optional: bool = False):
+    """Validate one numeric option and return it (an int or a finite float).
+
+    ``minimum``/``maximum`` bound it (exclusive with ``min_open``/``max_open``); NaN and
+    infinities are always refused; ``optional`` lets ``None`` through. Raises
+    :class:`ConfigError` naming the option, e.g. ``img_size=0: must be >= 1``.
+    """
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: must not be empty (null)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name}={value!r}: expected {kind}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value}: must be a finite number")
+    if minimum is not None and (value <= minimum if min_open else value < minimum):
+        raise ConfigError(f"{name}={value}: must be {'>' if min_open else '>='} {minimum:g}")
+    if maximum is not None and (value >= maximum if max_open else value > maximum):
+        raise ConfigError(f"{name}={value}: must be {'<' if max_open else '<='} {maximum:g}")
+    return value
+
+
+def jsonable(obj):
+    """``obj`` made strict JSON: NaN/±inf -> None, tuples -> lists, numpy scalars -> Python
+    numbers, dict keys -> str; nested dicts and lists are converted throughout."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from kvseg.errors import ConfigError, DataError
+from kvseg.utils import read_yaml
 
 SPEC_FILE = "dataset.yaml"
 TASKS = ("multiclass", "multilabel")
@@ -192,8 +193,6 @@ def _split(source: str, value) -> dict | str:
 
 def read_spec(root: str | os.PathLike, base: DatasetSpec | None = None) -> DatasetSpec:
     """``root/dataset.yaml`` over ``base`` (the layout's defaults); ``base`` if there is none."""
-    from kvseg.config import read_yaml
-
     path = Path(root) / SPEC_FILE
     if not path.is_file():
         return base or DatasetSpec()

@@ -1,7 +1,7 @@
 """``kvseg reproduce`` / ``kvseg sweep`` presets: what to run and how to measure it.
 
 A preset is a YAML file (a packaged one: :data:`kvseg.config.PRESET_NAMES`, or the user's),
-read by :func:`kvseg.config.read_yaml` and validated here: an unknown key, or a bad training
+read by :func:`kvseg.utils.read_yaml` and validated here: an unknown key, or a bad training
 option under ``train:``, is one :class:`~kvseg.errors.ConfigError` naming the file.
 """
 
@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 
 from kvseg.config import (
     PRESET_NAMES,
-    _opt,
-    _validate_types,
-    check_number,
     config_path,
     load_config,
-    read_yaml,
+    option,
+    validate_types,
 )
 from kvseg.errors import ConfigError
+from kvseg.utils import check_number, read_yaml
 
 
 @dataclass
@@ -33,21 +32,21 @@ class Preset:
     reproduce and may not appear).
     """
 
-    description: str = _opt("", "one line shown in the report")
-    models: list = _opt(["all"], "variants to run ('all' or names)")
-    seeds: list = _opt([0], "seeds (every variant runs every seed)")
-    latency_repeats: int = _opt(10, "timed batch-1 forward passes (median reported)")
-    latency_warmup: int = _opt(2, "untimed forward passes first")
-    latency_threads: int | None = _opt(None, "torch threads for CPU latency (none = all)")
-    num_samples: int = _opt(4, "validation slices in samples.png")
-    threads: int | None = _opt(None, "torch CPU threads per training run (none = the cores "
+    description: str = option("", "one line shown in the report")
+    models: list = option(["all"], "variants to run ('all' or names)")
+    seeds: list = option([0], "seeds (every variant runs every seed)")
+    latency_repeats: int = option(10, "timed batch-1 forward passes (median reported)")
+    latency_warmup: int = option(2, "untimed forward passes first")
+    latency_threads: int | None = option(None, "torch threads for CPU latency (none = all)")
+    num_samples: int = option(4, "validation slices in samples.png")
+    threads: int | None = option(None, "torch CPU threads per training run (none = the cores "
                                      "divided by the runs trained at once)")
-    margin: float = _opt(2.0, "non-inferiority margin of the verdicts, in Jaccard points")
-    resamples: int = _opt(2000, "bootstrap resamples of the validation case-days")
-    notes: str = _opt("", "free text (not used)")
-    vary: dict = _opt({}, "kvseg sweep: factor -> list of values (one factor at a time)")
-    grid: bool = _opt(False, "kvseg sweep: every combination of the factors instead")
-    train: dict = _opt({}, "TrainConfig options shared by every run")
+    margin: float = option(2.0, "non-inferiority margin of the verdicts, in Jaccard points")
+    resamples: int = option(2000, "bootstrap resamples of the validation case-days")
+    notes: str = option("", "free text (not used)")
+    vary: dict = option({}, "kvseg sweep: factor -> list of values (one factor at a time)")
+    grid: bool = option(False, "kvseg sweep: every combination of the factors instead")
+    train: dict = option({}, "TrainConfig options shared by every run")
     name: str = field(default="", metadata={"derived": True})
     path: str = field(default="", metadata={"derived": True})
 
@@ -58,7 +57,7 @@ class Preset:
     def __post_init__(self) -> None:
         if isinstance(self.models, str):
             self.models = [self.models]
-        _validate_types(self)
+        validate_types(self)
         for s in self.seeds:
             check_number("seeds", s, integer=True)
         check_number("latency_repeats", self.latency_repeats, integer=True, minimum=1)

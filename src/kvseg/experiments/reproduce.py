@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvseg.config import PRESET_NAMES, check_number, load_config
+from kvseg.config import PRESET_NAMES, load_config
 from kvseg.errors import ConfigError
 from kvseg.experiments.presets import Preset, load_preset
-from kvseg.experiments.results import ResultRow, jsonable
+from kvseg.experiments.results import ResultRow
 from kvseg.experiments.runner import Job, fingerprint, run_jobs
 from kvseg.inference.profile import profile_model
 from kvseg.training.rundir import FolderLock, command_line
-from kvseg.utils import atomic_write_text, resolve_device
+from kvseg.utils import atomic_write_text, check_number, jsonable, resolve_device
 
 log = logging.getLogger(__name__)
 

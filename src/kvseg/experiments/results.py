@@ -27,23 +27,7 @@ import numpy as np
 
 from kvseg.errors import DataError
 from kvseg.layers.attention import MODES
-from kvseg.utils import atomic_write_text
-
-
-def jsonable(obj):
-    """``obj`` made strict JSON: NaN/±inf -> None, tuples -> lists, numpy scalars -> Python
-    numbers, dict keys -> str; nested dicts and lists are converted throughout."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+from kvseg.utils import atomic_write_text, jsonable
 
 
 @dataclass

@@ -34,9 +34,8 @@ import torch
 
 from kvseg.config import TrainConfig, config_defaults
 from kvseg.errors import RunDirError
-from kvseg.experiments.results import jsonable
 from kvseg.training.rundir import CONFIG, CURVES, LAST, METRICS, RUN_FILES
-from kvseg.utils import atomic_write_text
+from kvseg.utils import atomic_write_text, jsonable
 
 log = logging.getLogger(__name__)
 

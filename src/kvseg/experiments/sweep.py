@@ -43,13 +43,13 @@ from pathlib import Path
 
 import yaml
 
-from kvseg.config import TrainConfig, check_number, config_defaults, load_config
+from kvseg.config import TrainConfig, config_defaults, load_config
 from kvseg.errors import ConfigError
 from kvseg.experiments.presets import load_preset
-from kvseg.experiments.results import RESULT_COLUMNS, jsonable
+from kvseg.experiments.results import RESULT_COLUMNS
 from kvseg.experiments.runner import Job, fingerprint, pending_jobs, run_jobs, untrained_jobs
 from kvseg.training.rundir import FolderLock, command_line
-from kvseg.utils import atomic_write_text, resolve_device
+from kvseg.utils import atomic_write_text, check_number, jsonable, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ null where the kernel does not allow it).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -45,10 +46,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvseg.config import check_number
 from kvseg.errors import ConfigError
 from kvseg.inference.profile import peak_cpu_memory, time_fns
 from kvseg.models.registry import create_model, list_models, model_info
+from kvseg.utils import atomic_write_text, check_number, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -343,11 +344,6 @@ def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
     Returns a dict: ``machine`` (:func:`machine`), ``settings``, ``rows`` (one per model, path
     and batch), ``ratios`` (KV/QKV per family), ``notes``.
     """
-    import json
-
-    from kvseg.experiments.results import jsonable
-    from kvseg.utils import atomic_write_text
-
     names = _check(models, list(batches), list(devices), list(precisions), repeats, threads)
     check_number("--img-size", img_size, integer=True, minimum=16)
     if size not in ("micro", "small", "base", "large"):

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvseg.config import check_number
 from kvseg.errors import ConfigError, DataError
-from kvseg.experiments.results import jsonable
 from kvseg.training.checkpoint import load_run
 from kvseg.training.metrics import (
     CaseMetricsAccumulator,
@@ -31,7 +29,7 @@ from kvseg.training.metrics import (
     target_masks,
 )
 from kvseg.training.precision import autocast, device_capability, inference_precision
-from kvseg.utils import atomic_write_text, resolve_device
+from kvseg.utils import atomic_write_text, check_number, jsonable, resolve_device
 
 SPLITS = ("train", "val", "all")
 

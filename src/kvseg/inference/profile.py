@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from kvseg.errors import ConfigError
-from kvseg.models.registry import create_model, list_models, model_info
+from kvseg.models.registry import build_on_meta, list_models, model_info
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -95,12 +95,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         for h in handles:
             h.remove()
     return total
-
-
-def build_on_meta(name: str, **kwargs) -> nn.Module:
-    """``create_model`` on the meta device: shapes and counts without memory or arithmetic."""
-    with torch.device("meta"):
-        return create_model(name, **kwargs)
 
 
 def _expand(models: list[str] | tuple[str, ...] | str) -> list[str]:

@@ -15,12 +15,14 @@ import logging
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from kvseg.errors import ConfigError
 from kvseg.layers.attention import MODES, PAPER_MODES, mode_suffix, resolve_modes
 from kvseg.models.conv_hybrid import HybridConfig, build_conv_hybrid
 from kvseg.models.cvt import CvTConfig, build_cvt
+from kvseg.models.pretrained import load_pretrained
 from kvseg.models.setr import SETRConfig, build_setr
 
 log = logging.getLogger(__name__)
@@ -188,12 +190,16 @@ def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_s
                              img_size=img_size)
     model.name, model.size, model.config = name, size, cfg
     if pretrained is not None:
-        from kvseg.models.pretrained import load_pretrained
-
         model.pretrained_report = load_pretrained(model, pretrained, layout=pretrained_layout,
                                                   rule=pretrained_rule)
         log.info("%s initialised from %s", name, model.pretrained_report.summary())
     return model
+
+
+def build_on_meta(name: str, **kwargs) -> nn.Module:
+    """``create_model`` on the meta device: shapes and counts without memory or arithmetic."""
+    with torch.device("meta"):
+        return create_model(name, **kwargs)
 
 
 def _lookup(name: str) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kvseg.errors import CheckpointError
+from kvseg.models.registry import create_model
 from kvseg.training.rundir import BEST
 from kvseg.utils import atomic_path
 
@@ -77,9 +78,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def build_model(config: dict) -> nn.Module:
-    """Rebuild the (untrained) network a config describes, via :func:`kvseg.create_model`."""
-    from kvseg import create_model
-
+    """Rebuild the (untrained) network a config describes (registry.create_model)."""
     missing = [k for k in ("model", "size", "img_size", "in_channels", "num_classes")
                if k not in config]
     if missing:
