@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvseg.models.convert_common import Converted, SourceTensors, adapt_input_conv
 from kvseg.models.convert_vit import CLASS_TOKEN, CLASSIFIER, FRESH_MAP_POS, FRESH_REL_POS
 from kvseg.models.kv_rules import asymmetry, convert_qk, logit_error, sample_tokens
-from kvseg.models.pretrained import Converted, SourceTensors, adapt_input_conv
 
 _BN = ("weight", "bias", "running_mean", "running_var")
 _COPY = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight",

@@ -41,8 +41,8 @@ from torch import nn
 
 from kvseg.errors import CheckpointError
 from kvseg.layers.attention import mode_spec
+from kvseg.models.convert_common import Converted, SourceTensors, adapt_input_conv
 from kvseg.models.kv_rules import asymmetry, convert_qk, logit_error, sample_tokens
-from kvseg.models.pretrained import Converted, SourceTensors, adapt_input_conv
 
 CLASSIFIER = "ImageNet classifier"
 CLASS_TOKEN = "class token (kvseg's encoders have none)"

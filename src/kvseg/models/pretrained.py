@@ -33,9 +33,7 @@ Every problem with the file is a :class:`~kvseg.errors.CheckpointError` of one l
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +42,12 @@ import torch
 from torch import nn
 
 from kvseg.errors import CheckpointError, ConfigError
+from kvseg.models import convert_cvt, convert_vit
+from kvseg.models.convert_common import (  # noqa: F401 - their old home: kept importable
+    Converted,
+    SourceTensors,
+    adapt_input_conv,
+)
 from kvseg.models.kv_rules import DEFAULT_RULE, RULES
 
 log = logging.getLogger(__name__)
@@ -94,75 +98,6 @@ class LoadReport:
             text += (f"; KV rule {self.kv[0]['rule']!r}: logit error {err:.3f} on sample tokens "
                      f"(floor {floor:.3f}), mean of {len(self.kv)} layers")
         return text
-
-
-class SourceTensors:
-    """The tensors of a file, each to be consumed (:meth:`pop`) or dropped with a reason.
-
-    :meth:`finish` raises :class:`CheckpointError` if any tensor is left unaccounted for.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], layout: str) -> None:
-        self.tensors, self.layout = dict(tensors), layout
-        self.dropped: dict[str, str] = {}
-
-    def has(self, key: str) -> bool:
-        return key in self.tensors
-
-    def pop(self, key: str) -> torch.Tensor:
-        """The tensor ``key``, consumed; CheckpointError if the file lacks it."""
-        if key not in self.tensors:
-            raise CheckpointError(f"no tensor {key!r}: not a complete {self.layout} file for "
-                                  "this model")
-        return self.tensors.pop(key)
-
-    def drop(self, match: Callable[[str], bool] | str, reason: str) -> None:
-        """Drop every remaining tensor named ``match`` (or for which ``match(key)`` is true)."""
-        keys = [k for k in self.tensors if (k == match if isinstance(match, str) else match(k))]
-        for k in keys:
-            self.tensors.pop(k)
-            self.dropped[k] = reason
-
-    def finish(self) -> None:
-        if self.tensors:
-            rest = sorted(self.tensors)
-            raise CheckpointError(
-                f"{len(rest)} tensor(s) of the {self.layout} file have no place in the model "
-                f"(first: {rest[0]} {tuple(self.tensors[rest[0]].shape)}); the file's network is "
-                "deeper or differently built than the model's configuration")
-
-
-@dataclass
-class Converted:
-    """A converter's result: model tensors by name, which were computed, what was dropped
-    (file key -> reason), what stays initialised (model key -> reason), KV fidelity rows."""
-
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-    computed: set[str] = field(default_factory=set)
-    dropped: dict[str, str] = field(default_factory=dict)
-    fresh: dict[str, str] = field(default_factory=dict)
-    kv: list[dict] = field(default_factory=list)
-
-    def put(self, key: str, value: torch.Tensor, computed: bool = False) -> None:
-        self.state[key] = value.contiguous()
-        if computed:
-            self.computed.add(key)
-
-
-def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """An RGB stem kernel (O, 3, kh, kw) for ``in_channels`` inputs, as timm's
-    ``adapt_input_conv``: summed over RGB for 1 channel; for C channels, RGB repeated
-    ceil(C/3) times, cut to C and scaled by 3/C (the response to a grey image is kept)."""
-    c = weight.shape[1]
-    if in_channels == c:
-        return weight
-    if c != 3:
-        raise CheckpointError(f"stem kernel with {c} input channels: only 3 (RGB) can be adapted "
-                              f"to in_channels={in_channels}")
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    reps = math.ceil(in_channels / 3)
-    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (3 / in_channels)
 
 
 # --------------------------------------------------------------------------- reading
@@ -221,8 +156,6 @@ def model_family(model: nn.Module) -> str:
 
 
 def _converter(family: str, layout: str):
-    from kvseg.models import convert_cvt, convert_vit
-
     table = {("setr", "timm_vit"): convert_vit.setr_from_timm,
              ("setr", "google_vit"): convert_vit.setr_from_google,
              ("setr_conv", "transunet_r50_vit"): convert_vit.hybrid_from_transunet,
