@@ -13,7 +13,7 @@ written (atomically) only if the check passes; otherwise :class:`ExportCheckErro
 much it failed.
 
 int8 (``quantize="int8"``, :func:`export_int8`): the model, with the hybrid's weight
-standardisation folded into its kernels (:func:`kvseg.runtime.inference_copy`), is exported
+standardisation folded into its kernels (:func:`kvseg.inference.cpu.inference_copy`), is exported
 and checked in fp32 as above, then quantised statically by ONNX Runtime (QDQ format, int8
 weights per output channel, uint8 activations per tensor from min/max calibration on slices of
 the run's training data; the convolutions and the weight matmuls). Three things stay float32:
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from kvseg.errors import ConfigError, KvsegError
+from kvseg.inference.cpu import calibration_inputs, cpu_info, inference_copy, ort_session
 from kvseg.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
         quantize: None (fp32) or ``"int8"`` (:func:`export_int8`).
         calibration_data: int8: the dataset root to calibrate on (default: the run's data).
         calibration_slices: int8: training slices to calibrate on, and as many others to
-            check on (:func:`kvseg.runtime.calibration_inputs`).
+            check on (:func:`kvseg.inference.cpu.calibration_inputs`).
         min_iou: int8: the least mask IoU per class against PyTorch fp32.
     """
     from kvseg.training.checkpoint import load_run
@@ -152,8 +153,6 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize {quantize!r}: expected int8")
     if quantize == "int8":
-        from kvseg.inference.runtime import calibration_inputs
-
         if Path(onnx_path).suffix.lower() != ".onnx":
             raise ConfigError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
         calibration, check = calibration_inputs({**config, "img_size": size}, calibration_data,
@@ -241,8 +240,6 @@ def export_int8(model: torch.nn.Module, onnx_path: str | Path, *, calibration: n
     """
     import tempfile
 
-    from kvseg.inference.runtime import inference_copy
-
     onnx_path = Path(onnx_path)
     if onnx_path.suffix.lower() != ".onnx":
         raise ConfigError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
@@ -289,8 +286,6 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, workdir: Path) 
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from kvseg.inference.runtime import cpu_info
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -344,7 +339,6 @@ def _mask_agreement(model: torch.nn.Module, path: Path, inputs: np.ndarray, task
                     threshold: float, chunk: int) -> tuple[list[float], float]:
     """``(IoU per class of the ONNX masks against the PyTorch masks over all inputs together,
     max abs probability difference)``; a class empty in both has IoU 1."""
-    from kvseg.inference.runtime import ort_session
     from kvseg.training.metrics import predicted_masks
 
     session = ort_session(path)
