@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.experiments.results import ResultRow, as_rows
+from kvseg.experiments.results import ResultRow, aggregate, as_rows, value_key
 from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.utils import atomic_write_bytes
 
@@ -54,8 +54,6 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-
-    from kvseg.experiments.report import aggregate
 
     parsed = as_rows(rows)
     agg = aggregate(parsed)
@@ -194,8 +192,6 @@ def plot_sweep(deltas: Sequence[Mapping], factor: str, path: str | Path) -> Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from kvseg.experiments.report import value_key
 
     values = sorted({d["value"] for d in deltas}, key=value_key)
     numeric = all(value_key(v)[0] == 0 for v in values)

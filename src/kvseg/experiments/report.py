@@ -17,15 +17,17 @@ those paired differences; parameter and MAC deltas are relative (%) and do not d
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kvseg.experiments.results import (  # noqa: F401  (RESULT_COLUMNS, write_results: re-exported)
-    METRIC_COLUMNS,
+from kvseg.experiments.results import (  # noqa: F401  (re-exported: their earlier home)
+    METRICS,
     RESULT_COLUMNS,
     ResultRow,
+    aggregate,
     as_rows,
+    mean_std,
+    value_key,
     write_results,
 )
 from kvseg.experiments.stats import (
@@ -36,46 +38,6 @@ from kvseg.experiments.stats import (
 )
 from kvseg.layers.attention import MODE_LABELS, MODES
 from kvseg.utils import atomic_write_text
-
-#: Metrics averaged over seeds in the report: the float columns of results.csv.
-METRICS = METRIC_COLUMNS
-
-
-# --------------------------------------------------------------------------- numbers
-def _finite(values: Iterable) -> list[float]:
-    out = []
-    for v in values:
-        if v is None or v == "":
-            continue
-        v = float(v)
-        if math.isfinite(v):
-            out.append(v)
-    return out
-
-
-def mean_std(values: Iterable) -> tuple[float, float, int]:
-    """(mean, sample std, n) of the finite values; NaN for what is undefined (std needs n ≥ 2)."""
-    vals = _finite(values)
-    if not vals:
-        return math.nan, math.nan, 0
-    std = statistics.stdev(vals) if len(vals) > 1 else math.nan
-    return statistics.fmean(vals), std, len(vals)
-
-
-def aggregate(rows: Sequence[ResultRow | Mapping]) -> list[dict]:
-    """One dict per model: identity columns, ``seeds`` (n), and ``<metric>_mean/_std``."""
-    by_model: dict[str, list[ResultRow]] = {}
-    for row in as_rows(rows):
-        by_model.setdefault(row.model, []).append(row)
-    out = []
-    for model, group in sorted(by_model.items(), key=lambda kv: kv[1][0].order_key()[:3]):
-        first = group[0]
-        agg = {"model": model, "family": first.family, "attention": first.attention,
-               "params": first.params, "macs": first.macs, "seeds": len(group)}
-        for key in METRICS:
-            agg[f"{key}_mean"], agg[f"{key}_std"], _ = mean_std(getattr(r, key) for r in group)
-        out.append(agg)
-    return out
 
 
 def family_deltas(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT_MARGIN,
@@ -284,14 +246,6 @@ def _missed_text(rows: Sequence[ResultRow | Mapping]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- sweeps
-def value_key(value):
-    """Sort factor values numerically where they are numbers, else as text."""
-    try:
-        return (0, float(value), "")
-    except (TypeError, ValueError):
-        return (1, 0.0, str(value))
-
-
 def sweep_deltas(rows: Sequence[Mapping], *, margin: float = DEFAULT_MARGIN,
                  resamples: int = DEFAULT_RESAMPLES) -> dict[str, list[dict]]:
     """Per factor, :func:`family_deltas` at each of its values (each dict gains ``value``)."""

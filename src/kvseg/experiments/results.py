@@ -18,8 +18,9 @@ import functools
 import io
 import json
 import math
+import statistics
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,3 +222,52 @@ def read_results(path: str | Path) -> list[ResultRow]:
             raise DataError(f"{path}: expected a list of result rows")
         return as_rows(data)
     raise DataError(f"{path}: expected a .csv or .json results file")
+
+
+# --------------------------------------------------------------------------- over seeds
+#: Metrics averaged over seeds in the report: the float columns of results.csv.
+METRICS = METRIC_COLUMNS
+
+
+def _finite(values: Iterable) -> list[float]:
+    out = []
+    for v in values:
+        if v is None or v == "":
+            continue
+        v = float(v)
+        if math.isfinite(v):
+            out.append(v)
+    return out
+
+
+def mean_std(values: Iterable) -> tuple[float, float, int]:
+    """(mean, sample std, n) of the finite values; NaN for what is undefined (std needs n ≥ 2)."""
+    vals = _finite(values)
+    if not vals:
+        return math.nan, math.nan, 0
+    std = statistics.stdev(vals) if len(vals) > 1 else math.nan
+    return statistics.fmean(vals), std, len(vals)
+
+
+def aggregate(rows: Sequence[ResultRow | Mapping]) -> list[dict]:
+    """One dict per model: identity columns, ``seeds`` (n), and ``<metric>_mean/_std``."""
+    by_model: dict[str, list[ResultRow]] = {}
+    for row in as_rows(rows):
+        by_model.setdefault(row.model, []).append(row)
+    out = []
+    for model, group in sorted(by_model.items(), key=lambda kv: kv[1][0].order_key()[:3]):
+        first = group[0]
+        agg = {"model": model, "family": first.family, "attention": first.attention,
+               "params": first.params, "macs": first.macs, "seeds": len(group)}
+        for key in METRICS:
+            agg[f"{key}_mean"], agg[f"{key}_std"], _ = mean_std(getattr(r, key) for r in group)
+        out.append(agg)
+    return out
+
+
+def value_key(value):
+    """Sort factor values numerically where they are numbers, else as text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
