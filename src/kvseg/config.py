@@ -32,7 +32,8 @@ from pathlib import Path
 import yaml
 
 from kvseg.data.factory import check_data_format
-from kvseg.errors import ConfigError
+from kvseg.data.names import CLASSES
+from kvseg.errors import CheckpointError, ConfigError
 from kvseg.models.kv_rules import RULES
 from kvseg.models.pretrained import LAYOUTS
 from kvseg.models.registry import SIZES, build_on_meta, list_models
@@ -214,6 +215,80 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class RunConfig(TrainConfig):
+    """A trained run's config: its :class:`TrainConfig` plus what the data decided when it
+    trained (the :data:`DERIVED_KEYS`), as written to ``config.yaml`` and into
+    ``best.safetensors``. ``task`` is resolved (``multilabel`` or ``multiclass``).
+
+    Read any run's with :meth:`from_dict` (or :func:`kvseg.training.checkpoint.read_run_config`):
+    the defaults for runs written by older versions are applied there and only there.
+    """
+
+    in_channels: int = option(1, "input channels of the model (2.5D: slices x channels)")
+    num_classes: int = option(1, "output channels of the model")
+    classes: list = option([], "class names, in output order (multiclass: without background)")
+    precision: str = option("fp32", "the precision it trained in")
+    preprocess: dict = option({}, "how the data read an image: channels, window")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("in_channels", "num_classes"):
+            check_number(name, getattr(self, name), integer=True, minimum=1)
+        if self.task not in ("multiclass", "multilabel"):
+            raise ConfigError(f"task={self.task!r}: a run's task is multiclass or multilabel")
+
+    @classmethod
+    def from_dict(cls, config: typing.Mapping, source: str = "the run's config") -> RunConfig:
+        """A run's config mapping (``config.yaml``, the safetensors metadata) -> RunConfig.
+
+        Keys of other versions that this one does not know are ignored; what older versions did
+        not write gets its value for them here: ``task`` multilabel, ``classes`` UW-Madison's when
+        there are three (else ``class_0`` ...), ``precision`` fp32, ``preprocess`` one channel,
+        no window, ``context`` 0. Raises :class:`CheckpointError` naming ``source`` when it
+        lacks what rebuilds the model or does not validate.
+        """
+        missing = [k for k in ("model", "size", "img_size", "in_channels", "num_classes")
+                   if k not in config]
+        if missing:
+            raise CheckpointError(f"{source}: model config lacks {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in names and v is not None
+                  or k in _NULLABLE}
+        n = int(values["num_classes"])
+        if values.get("task") in (None, "auto"):
+            values["task"] = "multilabel"
+        if not values.get("classes"):
+            values["classes"] = list(CLASSES) if n == len(CLASSES) else [f"class_{i}"
+                                                                         for i in range(n)]
+        pre = {"window": None, **(values.get("preprocess") or {})}
+        pre["channels"] = int(pre.get("channels") or 1)
+        values["preprocess"] = pre
+        values.setdefault("precision", "fp32")
+        values["context"] = int(values.get("context") or 0)
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+    # read-only mapping access, so code written against the earlier config dict keeps working
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in self.keys() else default
+
+
+#: Options whose ``None`` is a value (kept as read), not "not written".
+_NULLABLE = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                  if type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name]))
 
 
 def _check_model_overrides(model: str, size: str, head: str | None, overrides: dict) -> None:
@@ -425,7 +500,7 @@ def overrides_from_args(args: argparse.Namespace, cls=TrainConfig) -> dict:
 
 
 __all__ = ["AMP_CHOICES", "DERIVED_KEYS", "PRESET_NAMES", "RESUME_MAY_CHANGE", "TRAIN_CONFIG_NAMES",
-           "TrainConfig", "add_config_flags", "check_number", "config_defaults", "config_path",
-           "config_to_flags", "default_config_path", "load_config", "overrides_from_args",
-           "option", "packaged_configs", "read_yaml", "validate_types"]
+           "RunConfig", "TrainConfig", "add_config_flags", "check_number", "config_defaults",
+           "config_path", "config_to_flags", "default_config_path", "load_config", "option",
+           "overrides_from_args", "packaged_configs", "read_yaml", "validate_types"]
 

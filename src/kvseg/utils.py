@@ -5,6 +5,7 @@ seeding."""
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import random
@@ -145,3 +146,13 @@ def jsonable(obj):
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as PNG (110 dpi, tight) atomically and close it."""
+    import matplotlib.pyplot as plt  # matplotlib loads only when a figure is drawn
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -9,7 +9,6 @@ and text live in :mod:`kvseg.report`.
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,22 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from kvseg.experiments.results import ResultRow, aggregate, as_rows, value_key
+from kvseg.inference.explain import attention_panel
+from kvseg.inference.predict import overlay
 from kvseg.layers.attention import MODE_LABELS, MODES
-from kvseg.utils import atomic_write_bytes
+from kvseg.utils import save_figure
 
 MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^", "shared_kv": "D", "shared_qv": "v",
            "single": "P", "kv_relpos": "*"}
 LINESTYLES = {"qkv": "-", "kv": "--", "kv_pos": ":", "shared_kv": "-.", "shared_qv": "-.",
               "single": "--", "kv_relpos": ":"}
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _family_colors(families: Iterable[str]) -> dict[str, str]:
@@ -94,7 +86,7 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
                frameon=False, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = Path(path)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -146,7 +138,7 @@ def plot_training_curves(runs: Mapping[str, tuple[str, str, Path]], path: str | 
     ax_jac.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     path = Path(path)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -162,8 +154,6 @@ def plot_samples(images: np.ndarray, masks: np.ndarray, predictions: Mapping[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from kvseg.inference.predict import overlay
 
     labels = list(predictions)
     n, cols = len(images), 1 + len(labels)
@@ -181,7 +171,7 @@ def plot_samples(images: np.ndarray, masks: np.ndarray, predictions: Mapping[str
                 ax.set_ylabel(ids[i], fontsize=6)
     fig.tight_layout()
     path = Path(path)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -225,63 +215,7 @@ def plot_sweep(deltas: Sequence[Mapping], factor: str, path: str | Path) -> Path
     ax1.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
-    _save_figure(fig, path)
-    return path
-
-
-def _attention_panel(ax, image: np.ndarray, attn: np.ndarray,
-                     points: Sequence[tuple[float, float]], title: str | None = None) -> None:
-    """One panel: the slice in grey, the attention map (resized to the slice, normalised to its
-    maximum) as a translucent heat map, the query points as crosses."""
-    import torch
-    import torch.nn.functional as F
-
-    size = image.shape[-2:]
-    heat = F.interpolate(torch.as_tensor(attn, dtype=torch.float32)[None, None], size=size,
-                         mode="bilinear", align_corners=False)[0, 0].numpy()
-    heat = heat / max(float(heat.max()), 1e-12)
-    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
-    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
-    ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
-    for x, y in points:
-        ax.plot([x], [y], marker="x", color="cyan", markersize=5, mew=1.5)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=7)
-
-
-def plot_attention_grid(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray]],
-                        columns: Sequence[str], points: Sequence[tuple[float, float]],
-                        path: str | Path) -> Path:
-    """``kvseg attention``'s figure: one row per (layer, point), one column per head and the
-    head mean; each panel the attention of the row's query point over the slice.
-
-    Args:
-        image: the slice (S, S) as the model saw it (the centre channel of its input).
-        rows: (label, maps (columns, h, w)) per row; the maps are on the layer's key grid.
-        columns: the column titles (``head 0`` ... ``mean``).
-        points: per row, the query point (x, y) in the slice's pixels (one per row, or one for
-            all rows).
-        path: the PNG to write.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, cols = len(rows), len(columns)
-    fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols, 1.55 * n), squeeze=False)
-    for i, (label, maps) in enumerate(rows):
-        point = points[i] if len(points) == n else points[0]
-        for j in range(cols):
-            ax = axes[i][j]
-            _attention_panel(ax, image, maps[j], [point], columns[j] if i == 0 else None)
-            if j == 0:
-                ax.set_ylabel(label, fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -302,10 +236,10 @@ def plot_attention_comparison(image: np.ndarray, maps: Mapping[str, np.ndarray],
     fig, axes = plt.subplots(nrows, cols, figsize=(1.7 * cols, 1.85 * nrows), squeeze=False)
     for k, ax in enumerate(ax for row in axes for ax in row):
         if k < len(names):
-            _attention_panel(ax, image, maps[names[k]], [point], names[k])
+            attention_panel(ax, image, maps[names[k]], [point], names[k])
         else:
             ax.axis("off")
     fig.tight_layout()
     path = Path(path)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return path

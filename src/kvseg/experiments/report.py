@@ -1,12 +1,13 @@
 """The text of kvseg's reports: a reproduction's report.md and a sweep's (the figures are in
-:mod:`kvseg.figures`).
+:mod:`kvseg.experiments.figures`).
 
-Everything here is a pure function of result rows (one :class:`kvseg.results.ResultRow` per
-model and seed, or a mapping that :meth:`~kvseg.results.ResultRow.from_dict` accepts) plus, for
-the figures (:mod:`kvseg.figures`), the runs' ``metrics.csv`` files and the sample predictions;
-:func:`kvseg.reproduce.reproduce` gathers those and calls :func:`write_report`. The files
-results.csv/json are written and read by :mod:`kvseg.results` (``write_results`` and
-``RESULT_COLUMNS`` are re-exported here).
+Everything here is a pure function of result rows (one :class:`kvseg.experiments.results.ResultRow`
+per model and seed, or a mapping that :meth:`~kvseg.experiments.results.ResultRow.from_dict`
+accepts) plus, for the figures (:mod:`kvseg.experiments.figures`), the runs' ``metrics.csv`` files
+and the sample predictions;
+:func:`kvseg.experiments.reproduce.reproduce` gathers those and calls :func:`write_report`. The
+files results.csv/json are written and read by :mod:`kvseg.experiments.results` (``write_results``
+and ``RESULT_COLUMNS`` are re-exported here).
 
 Conventions: ``mean ± std`` is over seeds with the sample standard deviation (ddof = 1); with one
 seed only the mean is shown. KV / KV-pos deltas against QKV are paired by seed: Δ Jaccard is the
@@ -20,6 +21,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from kvseg.config import RunConfig
+from kvseg.experiments.figures import plot_sweep
 from kvseg.experiments.results import (  # noqa: F401  (re-exported: their earlier home)
     METRICS,
     RESULT_COLUMNS,
@@ -195,11 +198,12 @@ def statistics_text(margin: float = DEFAULT_MARGIN,
 def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, title: str,
                  settings: Mapping[str, object], measured: Sequence[str],
                  figures: Sequence[tuple[str, str]], margin: float = DEFAULT_MARGIN,
-                 resamples: int = DEFAULT_RESAMPLES) -> Path:
+                 resamples: int = DEFAULT_RESAMPLES, sections: Sequence[str] = ()) -> Path:
     """report.md: settings, the results table, the KV deltas, what is measured, the figures.
 
-    ``settings`` are shown as a bullet list; ``measured`` are sentences defining each column;
-    ``figures`` are (caption, file name relative to ``out_dir``).
+    ``settings`` are shown as a bullet list; ``measured`` are sentences defining each column
+    (:func:`measured_text`); ``figures`` are (caption, file name relative to ``out_dir``);
+    ``sections`` are further lines after the figures (e.g. :func:`attention_section`'s).
     """
     out_dir = Path(out_dir)
     parts = [f"# {title}", ""]
@@ -216,9 +220,55 @@ def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, ti
     parts += ["Per-run numbers: `results.csv` / `results.json`; each run's folder holds its "
               "`config.yaml`, `metrics.csv`, `curves.png`, `eval_val.json`, `done.json`; "
               "`runs/<model>/profile.json` holds the profile.", ""]
+    if sections:
+        parts += ["", *sections]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def measured_text(config: RunConfig | None, *, evaluation: Mapping | None, repeats: int,
+                  warmup: int, threads: int) -> list[str]:
+    """The "What is measured" sentences, from what the runs say: their classes, task and
+    threshold (``config``, the first run's) and how their evaluation measured distances
+    (``evaluation``: an ``eval_val.json``; its slice thickness and whether the cases are
+    volumes with their own spacing)."""
+    if config is None:
+        rule, over = "", "the classes"
+    else:
+        names = ", ".join(c.replace("_", " ") for c in config.classes)
+        over = f"the {len(config.classes)} classes ({names})"
+        rule = (f"; a pixel is predicted for a class when its sigmoid ≥ {config.threshold:g}"
+                if config.task == "multilabel" else
+                "; each pixel takes the class of its largest softmax output (the background "
+                "class is not scored)")
+    volumes = bool(evaluation and any("volume" in c for c in evaluation.get("cases", [])))
+    if volumes:
+        spacing = "each volume's own voxel spacing rescaled to the model input"
+    else:
+        thickness = (evaluation or {}).get("slice_thickness_mm", 3.0)
+        spacing = (f"the slices' pixel spacing rescaled to the model input, slices "
+                   f"{thickness:g} mm apart")
+    return [
+        "**Jaccard / weighted Jaccard / Dice**: over the whole validation fold at the model's "
+        f"input size, per-class TP/FP/FN summed over all pixels, then the mean over {over} "
+        "(weighted Jaccard: weighted by each class's ground-truth pixel count)"
+        f"{rule} (`kvseg.training.metrics`).",
+        "**HD95 (mm)**: 95th-percentile symmetric Hausdorff distance per case 3D volume "
+        f"({spacing}), averaged over cases and classes where it is defined (`kvseg evaluate`).",
+        "**params**: all parameters; **GMACs**: multiply-accumulates of one forward at batch 1 "
+        "and the preset's image size, convolutions, linear layers, both attention products and "
+        "the KV-pos bias included (`kvseg.inference.profile.count_macs`).",
+        "**CPU latency**: median of the wall time of repeated batch-1 forward passes after "
+        f"warm-up ({repeats} timed, {warmup} warm-up), eval mode, inference mode, {threads} "
+        "thread(s); **GPU latency** (when CUDA is used): the same with CUDA synchronisation.",
+        "**peak mem (MB)**: CPU: the peak of tensor memory allocated during one batch-1 forward "
+        "(activations and workspace, weights excluded), from torch.profiler's allocation and "
+        "free events; with CUDA the column shows max_memory_allocated during one forward minus "
+        "the memory allocated before it. Process RSS is not used: it includes the Python "
+        "interpreter, the dataset cache and earlier training.",
+        "Training time and steps per run are in results.csv (`train_seconds`, `steps`).",
+    ]
 
 
 def _missed_text(rows: Sequence[ResultRow | Mapping]) -> list[str]:
@@ -294,8 +344,6 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Ma
                              "Δ Jaccard (pts) [95% CI]", "Δ weighted Jaccard (pts) [95% CI]",
                              "seeds", "verdict (Jaccard)"], body), ""]
         png = f"sweep_{_safe_name(factor)}.png"
-        from kvseg.experiments.figures import plot_sweep
-
         plot_sweep(ds, factor, out_dir / png)
         parts += [f"![{factor}]({png})", ""]
     path = out_dir / "report.md"

@@ -1,15 +1,15 @@
 """``kvseg evaluate``: a run's best model on a split -> per-class, mean and per-case 3D metrics.
 
-Set-level metrics (Jaccard, weighted Jaccard, Dice; see :mod:`kvseg.metrics` for the
+Set-level metrics (Jaccard, weighted Jaccard, Dice; see :mod:`kvseg.training.metrics` for the
 conventions) are computed at the model's resolution (``img_size``), like the validation in
 training. Per-case 3D metrics are computed one case-day at a time
-(:class:`kvseg.metrics.CaseMetricsAccumulator`), also at ``img_size``: each slice's pixel size
-is its original spacing scaled by the resize (``spacing · height / img_size`` for rows,
+(:class:`kvseg.training.metrics.CaseMetricsAccumulator`), also at ``img_size``: each slice's pixel
+size is its original spacing scaled by the resize (``spacing · height / img_size`` for rows,
 ``spacing · width / img_size`` for columns) and slices are ``slice_thickness_mm`` apart. Other
 datasets give each item's ``volume`` and ``voxel_mm`` (a NIfTI volume's own spacing; a 2D image
 is a volume of one slice, in pixels unless its ``dataset.yaml`` gives a ``spacing``); their cases
 are numbered in order (``case``; ``day`` 0) and named (``volume``). A multi-class run's classes
-are its argmax without the background (:func:`kvseg.metrics.predicted_masks`).
+are its argmax without the background (:func:`kvseg.training.metrics.predicted_masks`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from pathlib import Path
 
 import torch
 
+from kvseg.config import RunConfig
+from kvseg.data import build_dataset
 from kvseg.errors import ConfigError, DataError
-from kvseg.training.checkpoint import load_run
+from kvseg.inference.runtime import prepare_for_inference
+from kvseg.training.checkpoint import open_run
+from kvseg.training.distributed import loader_workers
 from kvseg.training.metrics import (
     CaseMetricsAccumulator,
     SegmentationMetrics,
@@ -34,10 +38,8 @@ from kvseg.utils import atomic_write_text, check_number, jsonable, resolve_devic
 SPLITS = ("train", "val", "all")
 
 
-def _dataset(config: dict, data: str | None, split: str):
-    from kvseg.data import build_dataset
-
-    root = data or config.get("data")
+def _dataset(config: RunConfig, data: str | None, split: str):
+    root = data or config.data
     if not root:
         raise ConfigError("--data: the run's config names no dataset; pass --data DIR")
     if not Path(root).is_dir():
@@ -83,9 +85,9 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     GPU has it; fp32 on the CPU), ``fp32``, ``bf16``, ``fp16`` or ``int8``; the one used is the
     result's ``precision``. On the CPU ``bf16`` and ``int8`` are ``kvseg predict``'s paths (bf16
     weights; an int8 ONNX Runtime model calibrated on the run's training slices,
-    :func:`kvseg.runtime.prepare_for_inference`), so the score is that of what predict runs;
-    with ``int8`` the result's ``int8_check`` holds predict's agreement check (per-class mask IoU
-    vs fp32 on held-out training slices; predict refuses the model below ``--min-iou``, evaluate
+    :func:`kvseg.inference.runtime.prepare_for_inference`), so the score is that of what predict
+    runs; with ``int8`` the result's ``int8_check`` holds predict's agreement check (per-class mask
+    IoU vs fp32 on held-out training slices; predict refuses the model below ``--min-iou``, evaluate
     scores it anyway).
     ``workers``: DataLoader workers (None: as ``kvseg train``'s auto).
     """
@@ -94,94 +96,32 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     check_number("batch_size", batch_size, integer=True, minimum=1)
     check_number("slice_thickness_mm", slice_thickness_mm, minimum=0, min_open=True)
     dev = resolve_device(device)
-    model, config = load_run(run, map_location=dev)
-    int8_check = None
-    if precision == "int8" or (dev.type == "cpu" and precision == "bf16"):  # predict's CPU
-        # paths: bf16 weights, or the int8 ONNX Runtime model calibrated on the run's training
-        # slices; evaluate measures it, so it never refuses it (predict does, below --min-iou)
-        from kvseg.inference.runtime import prepare_for_inference
-
-        model, autocast_precision = prepare_for_inference(model, config, precision, dev,
-                                                          data=data, min_iou=0.0)
-        int8_check = getattr(model, "int8_check", None)
-    else:
-        precision = autocast_precision = inference_precision(
-            precision, dev.type, device_capability(dev), config.get("precision"))
-    threshold = config.get("threshold", 0.5) if threshold is None else threshold
-    classes = list(config.get("classes") or [f"class_{i}" for i in range(config["num_classes"])])
+    model, config = open_run(run, map_location=dev)
+    model, autocast_precision, precision, int8_check = _inference_model(model, config, precision,
+                                                                        dev, data)
+    threshold = config.threshold if threshold is None else threshold
     ds = _dataset(config, data, split)
     if len(ds) == 0:
-        raise DataError(f"split {split!r} of {data or config.get('data')} is empty")
-    from kvseg.training.distributed import loader_workers
-
+        raise DataError(f"split {split!r} of {data or config.data} is empty")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                          num_workers=loader_workers(workers, dev.type),
                                          pin_memory=dev.type == "cuda")
-    task = config.get("task") or "multilabel"
-    metrics = SegmentationMetrics(len(classes) + (task == "multiclass"), threshold, task=task)
-    cases = CaseMetricsAccumulator(classes, slice_thickness_mm)
-    size = config["img_size"]
-    volumes: dict[str, int] = {}
-    n = 0
-    for batch in loader:
-        x = batch["image"].to(dev, non_blocking=True)
-        y = batch["mask"].to(dev, non_blocking=True)
-        with autocast(dev, autocast_precision):
-            logits = model(x)
-        metrics.update(logits, y)
-        pred = predicted_masks(logits, task, threshold).cpu().numpy()
-        target = target_masks(y, task).cpu().numpy()
-        for i in range(x.shape[0]):
-            key, slice_mm, pixel_mm = _volume_of(batch, i, size, volumes)
-            cases.add(key, int(batch["slice"][i]), pred[i], target[i], pixel_mm, slice_mm)
-        n += x.shape[0]
-    sets = metrics.compute(sync=False)
-    per_case = cases.finalize()
-    summary = per_case["summary"]
-    names = {k: v for v, k in volumes.items()}
+    sets, per_case, n, volumes = _score(model, loader, config, threshold, slice_thickness_mm,
+                                        dev, autocast_precision)
     results = {
         "run": str(run),
-        "data": str(data or config.get("data")),
+        "data": str(data or config.data),
         "split": split,
-        "model": config["model"],
+        "model": config.model,
         "n_slices": n,
         "n_cases": len(per_case["cases"]),
-        "classes": classes,
-        "task": task,
+        "classes": list(config.classes),
+        "task": config.task,
         "threshold": threshold,
         "precision": precision,
         **({"int8_check": int8_check} if int8_check else {}),
         "slice_thickness_mm": slice_thickness_mm,
-        "mean": {
-            "jaccard": sets["jaccard"],
-            "weighted_jaccard": sets["weighted_jaccard"],
-            "dice": sets["dice"],
-            "dice_3d": summary["dice_3d_mean"],
-            "hd95_mm": summary["hd95_mm_mean"],
-            "hd95_penalized_mm": summary["hd95_penalized_mm_mean"],
-            "missed": sum(summary["missed"].values()),
-            "false_alarms": sum(summary["false_alarms"].values()),
-            "kaggle_dice": summary["kaggle_dice"],
-            "kaggle_hausdorff": summary["kaggle_hausdorff"],
-            "kaggle_score": summary["kaggle_score"],
-        },
-        "per_class": {
-            name: {"jaccard": sets["jaccard_per_class"][c], "dice": sets["dice_per_class"][c],
-                   "dice_3d": summary["dice_3d"][name], "hd95_mm": summary["hd95_mm"][name],
-                   "hd95_penalized_mm": summary["hd95_penalized_mm"][name],
-                   "missed": summary["missed"][name],
-                   "false_alarms": summary["false_alarms"][name]}
-            for c, name in enumerate(classes)
-        },
-        "cases": [
-            {"case": c["key"][0], "day": c["key"][1], "n_slices": c["n_slices"],
-             "dice_3d": c["dice_3d"], "hd95_mm": c["hd95_mm"],
-             "hd95_penalized_mm": c["hd95_penalized_mm"], "tp": c["tp"], "fp": c["fp"],
-             "fn": c["fn"], "kaggle_dice": c["kaggle_dice"],
-             "kaggle_hausdorff": c["kaggle_hausdorff"], "kaggle_score": c["kaggle_score"],
-             **({"volume": names[c["key"][0]]} if names else {})}
-            for c in per_case["cases"]
-        ],
+        **_metrics(sets, per_case, config.classes, volumes),
     }
     results = jsonable(results)
     out = Path(out) if out is not None else Path(run) / f"eval_{split}.json"
@@ -214,3 +154,82 @@ def format_results(results: dict) -> str:
     if "out" in results:
         lines.append(f"-> {results['out']}")
     return "\n".join(lines)
+
+
+def _inference_model(model, config: RunConfig, precision: str, dev: torch.device,
+                     data: str | None):
+    """``(model, autocast precision, precision reported, int8 check or None)``.
+
+    On the CPU ``bf16`` and ``int8`` are predict's paths (bf16 weights, or the int8 ONNX Runtime
+    model calibrated on the run's training slices); evaluate measures it, so it never refuses it
+    (predict does, below --min-iou)."""
+    if precision == "int8" or (dev.type == "cpu" and precision == "bf16"):
+        model, autocast_precision = prepare_for_inference(model, config, precision, dev,
+                                                          data=data, min_iou=0.0)
+        return model, autocast_precision, precision, getattr(model, "int8_check", None)
+    precision = inference_precision(precision, dev.type, device_capability(dev),
+                                    config.precision)
+    return model, precision, precision, None
+
+
+def _score(model, loader, config: RunConfig, threshold: float, slice_thickness_mm: float,
+           dev: torch.device, autocast_precision: str):
+    """One pass over ``loader``: ``(set-level metrics, per-case results, slices, volume
+    numbers)``."""
+    task, size = config.task, config.img_size
+    metrics = SegmentationMetrics(len(config.classes) + (task == "multiclass"), threshold,
+                                  task=task)
+    cases = CaseMetricsAccumulator(list(config.classes), slice_thickness_mm)
+    volumes: dict[str, int] = {}
+    n = 0
+    for batch in loader:
+        x = batch["image"].to(dev, non_blocking=True)
+        y = batch["mask"].to(dev, non_blocking=True)
+        with autocast(dev, autocast_precision):
+            logits = model(x)
+        metrics.update(logits, y)
+        pred = predicted_masks(logits, task, threshold).cpu().numpy()
+        target = target_masks(y, task).cpu().numpy()
+        for i in range(x.shape[0]):
+            key, slice_mm, pixel_mm = _volume_of(batch, i, size, volumes)
+            cases.add(key, int(batch["slice"][i]), pred[i], target[i], pixel_mm, slice_mm)
+        n += x.shape[0]
+    return metrics.compute(sync=False), cases.finalize(), n, volumes
+
+
+def _metrics(sets: dict, per_case: dict, classes, volumes: dict[str, int]) -> dict:
+    """The ``mean``, ``per_class`` and ``cases`` entries of the result."""
+    summary = per_case["summary"]
+    names = {k: v for v, k in volumes.items()}
+    return {
+        "mean": {
+            "jaccard": sets["jaccard"],
+            "weighted_jaccard": sets["weighted_jaccard"],
+            "dice": sets["dice"],
+            "dice_3d": summary["dice_3d_mean"],
+            "hd95_mm": summary["hd95_mm_mean"],
+            "hd95_penalized_mm": summary["hd95_penalized_mm_mean"],
+            "missed": sum(summary["missed"].values()),
+            "false_alarms": sum(summary["false_alarms"].values()),
+            "kaggle_dice": summary["kaggle_dice"],
+            "kaggle_hausdorff": summary["kaggle_hausdorff"],
+            "kaggle_score": summary["kaggle_score"],
+        },
+        "per_class": {
+            name: {"jaccard": sets["jaccard_per_class"][c], "dice": sets["dice_per_class"][c],
+                   "dice_3d": summary["dice_3d"][name], "hd95_mm": summary["hd95_mm"][name],
+                   "hd95_penalized_mm": summary["hd95_penalized_mm"][name],
+                   "missed": summary["missed"][name],
+                   "false_alarms": summary["false_alarms"][name]}
+            for c, name in enumerate(classes)
+        },
+        "cases": [
+            {"case": c["key"][0], "day": c["key"][1], "n_slices": c["n_slices"],
+             "dice_3d": c["dice_3d"], "hd95_mm": c["hd95_mm"],
+             "hd95_penalized_mm": c["hd95_penalized_mm"], "tp": c["tp"], "fp": c["fp"],
+             "fn": c["fn"], "kaggle_dice": c["kaggle_dice"],
+             "kaggle_hausdorff": c["kaggle_hausdorff"], "kaggle_score": c["kaggle_score"],
+             **({"volume": names[c["key"][0]]} if names else {})}
+            for c in per_case["cases"]
+        ],
+    }

@@ -36,10 +36,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kvseg.data.png import read_slice
 from kvseg.errors import ConfigError
 from kvseg.layers.attention import AttentionCore
+from kvseg.training.checkpoint import open_run
+from kvseg.training.rundir import FolderLock, command_line
+from kvseg.utils import atomic_write_text, save_figure
 
 
 @dataclass
@@ -302,25 +307,18 @@ def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
 
     Raises :class:`ConfigError` (one line) for a point outside the image or a layer out of range.
     """
-    from kvseg.data.png import read_slice
-    from kvseg.experiments.figures import plot_attention_grid
-    from kvseg.training.checkpoint import load_run
-    from kvseg.training.rundir import FolderLock, command_line
-    from kvseg.utils import atomic_write_text
-
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir}: no such run folder")
     if not Path(image).is_file():
         raise FileNotFoundError(f"--input {image}: no such file")
-    model, config = load_run(run_dir, map_location="cpu")
-    pre = config.get("preprocess") or {}
-    size = int(config["img_size"])
-    raw, prepared = read_slice(image, size, channels=int(pre.get("channels") or 1),
-                               window=pre.get("window"))
+    model, config = open_run(run_dir, map_location="cpu")
+    size = config.img_size
+    raw, prepared = read_slice(image, size, channels=config.preprocess["channels"],
+                               window=config.preprocess.get("window"))
     height, width = raw.shape[:2]
     pts = check_points(points, height, width)
-    x = prepared.repeat(2 * int(config.get("context", 0) or 0) + 1, 1, 1)
+    x = prepared.repeat(2 * config.context + 1, 1, 1)
     if x.shape[0] != model.in_channels:
         raise ConfigError(f"--input {image}: gives {x.shape[0]} channels, the run's model takes "
                           f"{model.in_channels}")
@@ -342,64 +340,13 @@ def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
     with FolderLock(out, command_line()):
         png = plot_attention_grid(prepared[prepared.shape[0] // 2].numpy(), rows, columns,
                                   row_points, out / "attention.png")
-        record = {"run": str(run_dir), "model": config.get("model"), "input": str(image),
+        record = {"run": str(run_dir), "model": config.model, "input": str(image),
                   "img_size": size, "points_image_px": [list(p) for p in pts],
                   "points_model_px": [list(p) for p in scaled],
                   "distance_unit": "model-input pixels", **maps.to_dict()}
         path = out / "attention.json"
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return ExplainSummary(png=png, json=path, maps=maps)
-
-
-def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path]) -> list[str]:
-    """The reproduction's attention figure and table: ``out/attention.png`` (every variant's
-    last-layer head-mean attention of one query point on one validation slice, first seed of
-    each model) and the report section (:func:`kvseg.report.attention_section`) as lines; []
-    when no run has a model. The slice is :func:`kvseg.reproduce.choose_samples`' first; the
-    point the foreground pixel nearest the centroid of its masks (the image centre if empty).
-
-    Args:
-        out: the reproduction's output folder.
-        run_dirs: (model, seed) -> run folder.
-    """
-    from kvseg.data import build_dataset
-    from kvseg.experiments.figures import plot_attention_comparison
-    from kvseg.experiments.report import attention_section
-    from kvseg.experiments.reproduce import choose_samples
-    from kvseg.models.registry import model_info
-    from kvseg.training.checkpoint import load_run, read_config
-    from kvseg.training.rundir import BEST
-
-    first: dict[str, Path] = {}
-    for (name, _), run_dir in sorted(run_dirs.items(), key=lambda kv: kv[0][1]):
-        if (run_dir / BEST).is_file():
-            first.setdefault(name, run_dir)
-    if not first:
-        return []
-    ds = build_dataset(read_config(next(iter(first.values())) / BEST), "val")
-    picks = choose_samples(ds, 1)
-    if not picks:
-        return []
-    item = ds[picks[0]]
-    x, mask = item["image"], item["mask"].sum(0) > 0
-    ys, xs = np.nonzero(mask.numpy())
-    if len(ys):
-        d2 = (ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2
-        point = (float(xs[d2.argmin()]), float(ys[d2.argmin()]))
-    else:
-        point = ((x.shape[-1] - 1) / 2, (x.shape[-2] - 1) / 2)
-    maps, entries = {}, []
-    for name, run_dir in first.items():
-        model, _ = load_run(run_dir, map_location="cpu")
-        la = attention_maps(model, x, points=[point], layers=[-1]).layers[0]
-        maps[name] = la.maps[0].mean(0).numpy()
-        info = model_info(name)
-        entries.append({"model": name, "family": info["family"], "attention": info["mode"],
-                        "layer": la.name, "symmetry": float(np.mean(la.symmetry)),
-                        "distance": float(np.mean(la.distance))})
-    plot_attention_comparison(x[x.shape[0] // 2].numpy(), maps, point, out / "attention.png")
-    return attention_section(entries, slice_id=str(item["id"]), point=point,
-                             figure="attention.png")
 
 
 def _pad_heads(maps, columns: int):
@@ -410,6 +357,60 @@ def _pad_heads(maps, columns: int):
     return out
 
 
-__all__ = ["AttentionMaps", "ExplainSummary", "LayerAttention", "attention_maps",
+# --------------------------------------------------------------------------- the figure
+def attention_panel(ax, image: np.ndarray, attn: np.ndarray,
+                     points: Sequence[tuple[float, float]], title: str | None = None) -> None:
+    """One panel: the slice in grey, the attention map (resized to the slice, normalised to its
+    maximum) as a translucent heat map, the query points as crosses."""
+    size = image.shape[-2:]
+    heat = F.interpolate(torch.as_tensor(attn, dtype=torch.float32)[None, None], size=size,
+                         mode="bilinear", align_corners=False)[0, 0].numpy()
+    heat = heat / max(float(heat.max()), 1e-12)
+    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+    for x, y in points:
+        ax.plot([x], [y], marker="x", color="cyan", markersize=5, mew=1.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def plot_attention_grid(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray]],
+                        columns: Sequence[str], points: Sequence[tuple[float, float]],
+                        path: str | Path) -> Path:
+    """``kvseg attention``'s figure: one row per (layer, point), one column per head and the
+    head mean; each panel the attention of the row's query point over the slice.
+
+    Args:
+        image: the slice (S, S) as the model saw it (the centre channel of its input).
+        rows: (label, maps (columns, h, w)) per row; the maps are on the layer's key grid.
+        columns: the column titles (``head 0`` ... ``mean``).
+        points: per row, the query point (x, y) in the slice's pixels (one per row, or one for
+            all rows).
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, cols = len(rows), len(columns)
+    fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols, 1.55 * n), squeeze=False)
+    for i, (label, maps) in enumerate(rows):
+        point = points[i] if len(points) == n else points[0]
+        for j in range(cols):
+            ax = axes[i][j]
+            attention_panel(ax, image, maps[j], [point], columns[j] if i == 0 else None)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    save_figure(fig, path)
+    return path
+
+
+__all__ = ["AttentionMaps", "ExplainSummary", "LayerAttention", "attention_maps", "attention_panel",
            "attention_modules", "check_layers", "check_points", "explain_run", "parse_point",
-           "write_attention_comparison"]
+           "plot_attention_grid"]

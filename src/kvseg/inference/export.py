@@ -48,6 +48,8 @@ import torch
 
 from kvseg.errors import ConfigError, KvsegError
 from kvseg.inference.cpu import calibration_inputs, cpu_info, inference_copy, ort_session
+from kvseg.training.checkpoint import open_run
+from kvseg.training.metrics import predicted_masks
 from kvseg.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -140,16 +142,13 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
             check on (:func:`kvseg.inference.cpu.calibration_inputs`).
         min_iou: int8: the least mask IoU per class against PyTorch fp32.
     """
-    from kvseg.training.checkpoint import load_run
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir}: no such run folder")
-    model, config = load_run(run_dir, map_location="cpu")
-    size = int(img_size or config["img_size"])
+    model, config = open_run(run_dir, map_location="cpu")
+    size = int(img_size or config.img_size)
     if size < 16:
         raise ConfigError(f"--img-size {size}: expected at least 16")
-    in_channels = int(config.get("in_channels") or 2 * int(config.get("context", 0) or 0) + 1)
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize {quantize!r}: expected int8")
     if quantize == "int8":
@@ -160,12 +159,11 @@ def export_onnx(run_dir: str | Path, onnx_path: str | Path, *, img_size: int | N
         return export_int8(model, onnx_path, calibration=calibration, check=check,
                            dynamic=dynamic, exporter="torchscript" if exporter == "auto"
                            else exporter, tolerance=tolerance,
-                           task=config.get("task") or "multilabel",
-                           threshold=float(config.get("threshold", 0.5)), min_iou=min_iou,
-                           name=str(config.get("model", run_dir.name)))
-    return export_model(model, onnx_path, input_shape=(1, in_channels, size, size),
+                           task=config.task, threshold=config.threshold, min_iou=min_iou,
+                           name=config.model)
+    return export_model(model, onnx_path, input_shape=(1, config.in_channels, size, size),
                         dynamic=dynamic, exporter=exporter, tolerance=tolerance,
-                        name=str(config.get("model", run_dir.name)))
+                        name=config.model)
 
 
 def export_model(model: torch.nn.Module, onnx_path: str | Path, *,
@@ -339,8 +337,6 @@ def _mask_agreement(model: torch.nn.Module, path: Path, inputs: np.ndarray, task
                     threshold: float, chunk: int) -> tuple[list[float], float]:
     """``(IoU per class of the ONNX masks against the PyTorch masks over all inputs together,
     max abs probability difference)``; a class empty in both has IoU 1."""
-    from kvseg.training.metrics import predicted_masks
-
     session = ort_session(path)
     inter = union = None
     worst = 0.0

@@ -57,11 +57,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kvseg.data import CLASSES, rle_encode
 from kvseg.data.context import neighbour_table
 from kvseg.data.inputs import SliceInput, discover_inputs, read_image  # noqa: F401 (API)
 from kvseg.data.manifest import read_manifest, remove_files, write_manifest
+from kvseg.data.nifti import read_volume, write_label_volume
 from kvseg.data.png import read_slice
+from kvseg.data.transforms import prepare_slices, resize_to_original
 from kvseg.errors import ConfigError, DataError, RunDirError
+from kvseg.inference.runtime import prepare_for_inference
+from kvseg.training.checkpoint import open_run
 from kvseg.training.precision import autocast, device_capability, resolve_precision
 from kvseg.training.rundir import LOCK, FolderLock, command_line
 from kvseg.utils import atomic_path, atomic_write_text, resolve_device
@@ -255,9 +260,6 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
         min_iou: ``int8``: the least per-class mask IoU of the int8 model against fp32 on
             held-out training slices; below it the model is refused (one-line error).
     """
-    from kvseg.inference.runtime import prepare_for_inference
-    from kvseg.training.checkpoint import load_run
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir}: no such run folder")
@@ -265,17 +267,15 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
     items = _outside(discover_inputs(source), Path(out))  # a bad --input fails fast
     _check_out(Path(out), items, overwrite)  # ... and so does a used --out
     dev = resolve_device(device)
-    model, config = load_run(run_dir, map_location="cpu")
+    model, config = open_run(run_dir, map_location="cpu")
     if threshold is None:
-        threshold = float(config.get("threshold", 0.5))
+        threshold = config.threshold
     model, precision = prepare_for_inference(model, config, precision, dev, min_iou=min_iou)
-    pre = config.get("preprocess") or {}
+    pre = config.preprocess
     return predict_with_model(model.to(dev).eval(), items, out, precision=precision,
-                              task=config.get("task") or "multilabel",
-                              channels=int(pre.get("channels") or 1), window=pre.get("window"),
-                              img_size=int(config["img_size"]),
-                              context=int(config.get("context", 0) or 0),
-                              classes=tuple(config.get("classes") or _default_classes()),
+                              task=config.task, channels=pre["channels"],
+                              window=pre.get("window"), img_size=config.img_size,
+                              context=config.context, classes=tuple(config.classes),
                               threshold=threshold, tta=tta, device=dev, batch_size=batch_size,
                               overwrite=overwrite)
 
@@ -332,8 +332,6 @@ def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out:
                        prep: dict | None = None) -> PredictSummary:
     """The body of :func:`predict_with_model`, run while holding OUT's lock; ``prep``: the
     run's ``task``, ``channels`` and ``window``."""
-    from kvseg.data import rle_encode
-    from kvseg.data.transforms import resize_to_original
 
     prep = prep or {"task": "multilabel", "channels": 1, "window": None}
     task = prep["task"]
@@ -392,8 +390,6 @@ def _predict_volume(infer, item: SliceInput, out: Path, *, img_size: int, contex
                     window: tuple[float, float] | None, summary: PredictSummary) -> list[str]:
     """Segment one NIfTI volume slice by slice (2.5D stacks within it) and write
     ``masks/<id>.nii.gz``; ``[]`` if it cannot be read (listed in ``summary.skipped``)."""
-    from kvseg.data.nifti import read_volume, write_label_volume
-    from kvseg.data.transforms import prepare_slices, resize_to_original
 
     try:
         volume = read_volume(item.path)
@@ -490,6 +486,4 @@ def _check_args(threshold: float, tta: str, batch_size: int) -> None:
 
 
 def _default_classes() -> tuple[str, ...]:
-    from kvseg.data import CLASSES
-
     return tuple(CLASSES)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kvseg.config import RunConfig
 from kvseg.errors import ConfigError
 from kvseg.inference.cpu import (
     CPU_PRECISIONS,
@@ -62,6 +63,7 @@ def prepare_for_inference(model: nn.Module, config: Mapping, precision: str,
     autocast is ``fp32``. Otherwise (CUDA, ``auto``, ``fp16``) the model is returned as it is
     with :func:`kvseg.precision.inference_precision`'s choice (on the CPU ``auto`` is fp32).
     """
+    config = _typed(config)
     if precision == "int8" and device.type != "cpu":
         raise ConfigError(f"--precision int8 runs on the CPU (ONNX Runtime), not {device}; pass "
                           "--device cpu")
@@ -76,7 +78,7 @@ def prepare_for_inference(model: nn.Module, config: Mapping, precision: str,
                               min_iou=min_iou), "fp32"
         return inference_copy(model), "fp32"
     return model, inference_precision(precision, device.type, device_capability(device),
-                                      config.get("precision"))
+                                      config.precision)
 
 
 def int8_model(model: nn.Module, config: Mapping, *, data: str | os.PathLike | None = None,
@@ -85,13 +87,13 @@ def int8_model(model: nn.Module, config: Mapping, *, data: str | os.PathLike | N
     slices of its training data (:func:`calibration_inputs`, :func:`kvseg.export.export_int8`).
     Its ``int8_check`` attribute: the check's per-class mask IoU vs fp32, the largest
     probability difference and the slice counts (``min_iou`` 0 never refuses)."""
+    config = _typed(config)
     calibration, check = calibration_inputs(config, data, n, flag="--data")
     with tempfile.TemporaryDirectory(prefix="kvseg-int8-") as tmp:
         path = Path(tmp) / "model-int8.onnx"
         report = export_int8(model, path, calibration=calibration, check=check, dynamic=True,
-                             task=config.get("task") or "multilabel",
-                             threshold=float(config.get("threshold", 0.5)), min_iou=min_iou,
-                             name=str(config.get("model", "model")),
+                             task=config.task, threshold=config.threshold, min_iou=min_iou,
+                             name=config.model,
                              on_failure="pass --min-iou to accept a lower agreement")
         log.info("%s", report)
         ort = OrtModel(path.read_bytes(), threads)
@@ -100,6 +102,11 @@ def int8_model(model: nn.Module, config: Mapping, *, data: str | os.PathLike | N
                       "check_slices": len(check), "calibration_slices": len(calibration),
                       "min_iou": min_iou}
     return ort
+
+
+def _typed(config: Mapping) -> RunConfig:
+    """A run's config as :class:`RunConfig` (a plain mapping, e.g. ``load_run``'s, converted)."""
+    return config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
 
 
 __all__ = ["CPU_PRECISIONS", "Bf16Model", "OrtModel", "bf16_note", "calibration_inputs",

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kvseg.config import RunConfig
 from kvseg.errors import CheckpointError
 from kvseg.models.registry import create_model
 from kvseg.training.rundir import BEST
@@ -115,6 +116,26 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 def load_run(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
              ) -> tuple[nn.Module, dict]:
     """Load ``RUN_DIR/best.safetensors`` (written by ``kvseg train``): ``(model, config)``."""
+    return load_model(_best(run_dir), map_location)
+
+
+def open_run(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+             ) -> tuple[nn.Module, RunConfig]:
+    """:func:`load_run` with the typed config (:meth:`RunConfig.from_dict`: the defaults of
+    runs written by older versions applied)."""
+    path = _best(run_dir)
+    model, config = load_model(path, map_location)
+    return model, RunConfig.from_dict(config, source=str(path))
+
+
+def read_run_config(path: str | os.PathLike) -> RunConfig:
+    """The typed config of a model file or of a run folder's ``best.safetensors``."""
+    path = Path(path)
+    path = _best(path) if path.is_dir() else path
+    return RunConfig.from_dict(read_config(path), source=str(path))
+
+
+def _best(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run directory not found")
@@ -122,7 +143,7 @@ def load_run(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {BEST} (has a training run finished an epoch "
                                 "with validation here?)")
-    return load_model(path, map_location)
+    return path
 
 
 # --------------------------------------------------------------------------- training state
