@@ -12,12 +12,15 @@ import random
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import yaml
 
 from kvseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -67,6 +70,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    import torch  # not at the top: the CLI imports this module before torch may load (MKL_CBWR)
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -78,6 +83,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    import torch  # see resolve_device
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -148,10 +155,20 @@ def jsonable(obj):
     return obj
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display), imported when the first
+    figure is drawn: matplotlib takes a while to load and most commands draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Write a matplotlib figure as PNG (110 dpi, tight) atomically and close it."""
-    import matplotlib.pyplot as plt  # matplotlib loads only when a figure is drawn
-
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

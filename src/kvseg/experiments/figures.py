@@ -19,7 +19,7 @@ from kvseg.experiments.results import ResultRow, aggregate, as_rows, value_key
 from kvseg.inference.explain import attention_panel
 from kvseg.inference.predict import overlay
 from kvseg.layers.attention import MODE_LABELS, MODES
-from kvseg.utils import save_figure
+from kvseg.utils import pyplot, save_figure
 
 MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^", "shared_kv": "D", "shared_qv": "v",
            "single": "P", "kv_relpos": "*"}
@@ -41,11 +41,7 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
     the family's MACs per mode, said in the axis label) instead of being labelled in place; the
     seeds sit just left of their mean.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    plt = pyplot()
 
     parsed = as_rows(rows)
     agg = aggregate(parsed)
@@ -78,9 +74,9 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
         ax.tick_params(labelsize=7)
         ax.set_xlim(min(float(a["macs"]) / 1e9 for a in fam) - 0.03 * ref, ref * 1.03)
     axes[0][0].set_ylabel("validation Jaccard (mean over classes)", fontsize=8)
-    handles = [Line2D([], [], color=colors[m], marker=MARKERS.get(m, "x"), linestyle="none",
+    handles = [plt.Line2D([], [], color=colors[m], marker=MARKERS.get(m, "x"), linestyle="none",
                       label=MODE_LABELS.get(m, m)) for m in modes]
-    handles.append(Line2D([], [], color="gray", marker="o", alpha=0.35, linestyle="none",
+    handles.append(plt.Line2D([], [], color="gray", marker="o", alpha=0.35, linestyle="none",
                           label="one seed"))
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles),
                frameon=False, bbox_to_anchor=(0.5, -0.02))
@@ -110,10 +106,7 @@ def plot_training_curves(runs: Mapping[str, tuple[str, str, Path]], path: str | 
     ``runs`` maps a label (``model/seed``) to (family, attention, metrics.csv path); missing
     files are skipped. Colour = family, line style = attention mode.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colors = _family_colors(f for f, _, _ in runs.values())
     fig, (ax_loss, ax_jac) = plt.subplots(1, 2, figsize=(11, 4))
@@ -130,11 +123,9 @@ def plot_training_curves(runs: Mapping[str, tuple[str, str, Path]], path: str | 
             ax_jac.plot(epochs, cols["jaccard"], **style)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     ax_jac.set(xlabel="epoch", ylabel="validation Jaccard", title="validation Jaccard")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax_loss, ax_jac):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax_jac.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     path = Path(path)
@@ -150,10 +141,7 @@ def plot_samples(images: np.ndarray, masks: np.ndarray, predictions: Mapping[str
     ``images`` (N, S, S) float (the centre channel of the model input), ``masks`` and each
     ``predictions[label]`` (N, classes, S, S) binary.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(predictions)
     n, cols = len(images), 1 + len(labels)
@@ -178,10 +166,7 @@ def plot_samples(images: np.ndarray, masks: np.ndarray, predictions: Mapping[str
 def plot_sweep(deltas: Sequence[Mapping], factor: str, path: str | Path) -> Path:
     """Δ Jaccard (95% interval) and the parameter / MAC saving of each mode against QKV, per
     family, against the factor's value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     values = sorted({d["value"] for d in deltas}, key=value_key)
     numeric = all(value_key(v)[0] == 0 for v in values)
@@ -225,10 +210,7 @@ def plot_attention_comparison(image: np.ndarray, maps: Mapping[str, np.ndarray],
     """The reproduction's attention figure: for one slice and one query point, each variant's
     last encoder layer's head-mean attention, side by side (``maps``: variant -> (h, w) map on
     its key grid), ``ncols`` panels per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(maps)
     cols = max(1, min(ncols, len(names)))

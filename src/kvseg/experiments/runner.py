@@ -24,15 +24,19 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
+import shlex
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from kvseg.config import TrainConfig, config_defaults
+from kvseg.config import TrainConfig, config_defaults, config_to_flags
 from kvseg.errors import RunDirError
 from kvseg.training.rundir import CONFIG, CURVES, LAST, METRICS, RUN_FILES
 from kvseg.utils import atomic_write_text, jsonable
@@ -73,9 +77,6 @@ class Job:
     def train_command(self) -> str:
         """A self-contained ``kvseg train`` command line for this run (for a cluster
         scheduler); ``--resume`` when the run was started already."""
-        import shlex
-
-        from kvseg.config import config_to_flags
 
         argv = ["kvseg", "train", *config_to_flags(self.config, skip=("resume",))]
         if (self.run_dir / LAST).is_file():
@@ -170,8 +171,6 @@ def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], *, progress: bool
         on_done: called in this process for each finished (not skipped) job, in completion
             order (e.g. a one-line log).
     """
-    from tqdm.auto import tqdm
-
     for job in jobs:  # refuse mixed settings before anything trains
         done = read_done(job.run_dir / DONE)
         if done is not None and not same_settings(done.get("settings"), job.settings):
@@ -238,9 +237,6 @@ def _clear_partial_run(run_dir: Path) -> None:
 def _run_parallel(jobs: Sequence[Job], pending: list[int], work: Callable[[Job], dict],
                   finish: Callable[[int, dict], None], n_jobs: int, threads: int | None,
                   bar) -> None:
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
     pool = ProcessPoolExecutor(max_workers=min(n_jobs, len(pending)),
                                mp_context=mp.get_context("spawn"), initializer=_init_worker,

@@ -44,12 +44,27 @@ from pathlib import Path
 import yaml
 
 from kvseg.config import TrainConfig, config_defaults, load_config
-from kvseg.errors import ConfigError
-from kvseg.experiments.presets import load_preset
+from kvseg.errors import ConfigError, RunDirError
+from kvseg.experiments.report import write_sweep_report
 from kvseg.experiments.results import RESULT_COLUMNS
-from kvseg.experiments.runner import Job, fingerprint, pending_jobs, run_jobs, untrained_jobs
+from kvseg.experiments.runner import (
+    Job,
+    fingerprint,
+    pending_jobs,
+    run_jobs,
+    same_settings,
+    untrained_jobs,
+)
+from kvseg.experiments.shared import (
+    Arguments,
+    check_arguments,
+    log_finished,
+    profile_models,
+    train_and_evaluate,
+)
+from kvseg.models.registry import model_info, resolve_config
 from kvseg.training.rundir import FolderLock, command_line
-from kvseg.utils import atomic_write_text, check_number, jsonable, resolve_device
+from kvseg.utils import atomic_write_text, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +109,6 @@ def parse_vary(items: list[str] | None) -> dict[str, list]:
 def apply_factor(name: str, value, options: dict, model: str, size: str) -> dict | None:
     """``options`` (TrainConfig options) with factor ``name`` set to ``value`` for ``model``;
     None when the model's family has no such field (it is not run for this factor)."""
-    from kvseg.models.registry import model_info, resolve_config
-
     options = {**options, "model_overrides": dict(options.get("model_overrides") or {})}
     if name in config_defaults():
         options[name] = value
@@ -115,8 +128,6 @@ def apply_factor(name: str, value, options: dict, model: str, size: str) -> dict
 def _without_preset_values(options: dict, model: str, size: str) -> dict:
     """Drop overrides equal to the size preset's own values, so that a factor at the preset's
     value is the preset's run (shared by every factor), not a copy of it."""
-    from kvseg.models.registry import resolve_config
-
     plain = resolve_config(model, size)
     kept = {k: v for k, v in options["model_overrides"].items()
             if (tuple(v) if isinstance(v, list) else v) != getattr(plain, k)}
@@ -176,41 +187,55 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
         modes: attention modes to run (as ``kvseg reproduce``; None: the paper's three).
         progress: the overall progress bar.
     """
-    from kvseg.experiments.reproduce import (
-        default_jobs,
-        log_finished,
-        profile_models,
-        resolve_models,
-        train_and_evaluate,
-    )
-
     t_start = time.perf_counter()
-    data, out = Path(data), Path(out)
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder")
-    cfg = load_preset(preset)
+    out = Path(out)
+    args = check_arguments(data, preset=preset, models=models, modes=modes, seeds=seeds,
+                           margin=margin, device=device, jobs=jobs)
+    cfg = args.preset
     vary = dict(vary) if vary else dict(cfg.vary)
     if not vary:
         raise ConfigError("--vary: name at least one factor (e.g. --vary heads=2,4) or use a "
                           "preset with a vary: section")
     grid = cfg.grid if grid is None else bool(grid)
-    names = resolve_models(models if models and list(models) != ["all"] else cfg.models, modes)
-    seeds = [int(s) for s in (seeds if seeds else cfg.seeds)]
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {seeds}: repeated seed")
-    margin = cfg.margin if margin is None else check_number("--margin", margin, minimum=0)
-    dev = resolve_device(device)
-    n_jobs = default_jobs(dev, cfg.threads) if jobs is None else int(jobs)
-    check_number("--jobs", n_jobs, integer=True, minimum=1)
-    base = {**cfg.train, "data": str(data.resolve()), "device": str(device)}
+    base = {**cfg.train, "data": str(args.data.resolve()), "device": str(device)}
+    profile_settings = args.profile_settings
+    jobs_by_dir, design = _design(vary, grid, args, base, out)
+    if not design:
+        raise ConfigError(f"--vary {', '.join(vary)}: no selected model has these fields")
+    job_list = list(jobs_by_dir.values())
+    if list_runs:
+        return SweepSummary(out, None, 0, len(job_list) - len(pending_jobs(job_list)),
+                            time.perf_counter() - t_start,
+                            commands=[job.train_command() for job in untrained_jobs(job_list)])
+    _check_base(out, base, profile_settings)
+    with FolderLock(out, command_line()):
+        _write_design(out, vary, grid, cfg, base, profile_settings)
+        profile_models(job_list, args.device, cfg)
+        work = functools.partial(train_and_evaluate, device=str(args.device),
+                                 progress=progress and args.jobs == 1)
+        results = run_jobs(job_list, work, progress=progress, desc="sweep", n_jobs=args.jobs,
+                           threads=cfg.threads, on_done=log_finished)
+        rows_by_dir = {r.job.run_dir: r.row for r in results}
+        rows = [{"factor": f, "value": v, **rows_by_dir[job.run_dir]} for f, v, job in design]
+        write_sweep_results(rows, out)
+        report = write_sweep_report(out, rows, vary=vary, grid=grid, preset=cfg,
+                                    margin=args.margin, device=str(args.device))
+    trained = sum(not r.skipped for r in results)
+    return SweepSummary(out, report, trained, len(results) - trained,
+                        time.perf_counter() - t_start)
+
+
+DESIGN = "sweep_design.json"
+
+
+def _design(vary: dict, grid: bool, args: Arguments, base: dict, out: Path):
+    """``(jobs by run folder, design rows (factor, value, job))``: every selected model at every
+    point of the design, each seed; equal resolved configurations share one run."""
     size = base.get("size", TrainConfig().size)
-    profile_settings = {"latency_repeats": cfg.latency_repeats,
-                        "latency_warmup": cfg.latency_warmup,
-                        "latency_threads": cfg.latency_threads}
     jobs_by_dir: dict[Path, Job] = {}
     design: list[tuple[str, object, Job]] = []  # (factor, value, job) rows of sweep.csv
     for factor, value, point in _points(vary, grid):
-        for name in names:
+        for name in args.models:
             options = {**base, "model": name}
             for f, v in point.items():
                 options = apply_factor(f, v, options, name, size) if options else None
@@ -223,7 +248,7 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
             # runs are stored by their resolved options, so equal configurations share a run
             tag = fingerprint({k: v for k, v in resolved.items()
                                if k not in ("data", "device", "out", "seed", "resume")})[:10]
-            for seed in seeds:
+            for seed in args.seeds:
                 run_dir = out / "runs" / name / tag / f"seed{seed}"
                 if run_dir not in jobs_by_dir:
                     try:
@@ -232,46 +257,16 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
                     except ConfigError as e:
                         raise ConfigError(f"--vary {factor}={value} for {name}: {e}") from None
                     jobs_by_dir[run_dir] = Job.make(
-                        (name, seed), run_dir, config, profile=profile_settings,
+                        (name, seed), run_dir, config, profile=args.profile_settings,
                         meta={"profile": run_dir.parent / "profile.json"})
                 design.append((factor, value, jobs_by_dir[run_dir]))
-    if not design:
-        raise ConfigError(f"--vary {', '.join(vary)}: no selected model has these fields")
-    job_list = list(jobs_by_dir.values())
-    if list_runs:
-        return SweepSummary(out, None, 0, len(job_list) - len(pending_jobs(job_list)),
-                            time.perf_counter() - t_start,
-                            commands=[job.train_command() for job in untrained_jobs(job_list)])
-    _check_base(out, base, profile_settings)
-    with FolderLock(out, command_line()):
-        _write_design(out, vary, grid, cfg, base, profile_settings)
-        profile_models(job_list, dev, cfg)
-        work = functools.partial(train_and_evaluate, device=str(dev),
-                                 progress=progress and n_jobs == 1)
-        results = run_jobs(job_list, work, progress=progress, desc="sweep", n_jobs=n_jobs,
-                           threads=cfg.threads, on_done=log_finished)
-        rows_by_dir = {r.job.run_dir: r.row for r in results}
-        rows = [{"factor": f, "value": v, **rows_by_dir[job.run_dir]} for f, v, job in design]
-        write_sweep_results(rows, out)
-        from kvseg.experiments.report import write_sweep_report
-
-        report = write_sweep_report(out, rows, vary=vary, grid=grid, preset=cfg,
-                                    margin=margin, device=str(dev))
-    trained = sum(not r.skipped for r in results)
-    return SweepSummary(out, report, trained, len(results) - trained,
-                        time.perf_counter() - t_start)
-
-
-DESIGN = "sweep_design.json"
+    return jobs_by_dir, design
 
 
 def _check_base(out: Path, base: dict, profile: dict) -> None:
     """Refuse an ``out`` whose sweep used other base settings (training options, data,
     profiling): its runs would sit beside these unnoticed. More factors, values, models or seeds
     are fine: they add runs."""
-    from kvseg.errors import RunDirError
-    from kvseg.experiments.runner import same_settings
-
     path = out / DESIGN
     if not path.is_file():
         return

@@ -33,6 +33,7 @@ null where the kernel does not allow it).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -47,8 +48,18 @@ import torch
 from torch import nn
 
 from kvseg.errors import ConfigError
+from kvseg.inference.export import export_model, quantize_int8
 from kvseg.inference.profile import peak_cpu_memory, time_fns
+from kvseg.inference.runtime import (
+    Bf16Model,
+    OrtModel,
+    bf16_note,
+    cpu_info,
+    import_onnxruntime,
+    inference_copy,
+)
 from kvseg.models.registry import create_model, list_models, model_info
+from kvseg.training.precision import BF16_MIN_CAPABILITY, autocast
 from kvseg.utils import atomic_write_text, check_number, jsonable
 
 log = logging.getLogger(__name__)
@@ -131,8 +142,6 @@ def _check(models: Sequence[str], batches: Sequence[int], devices: Sequence[str]
 
 def machine(threads: int) -> dict:
     """The CPU (model name, flags, bf16/int8 support), thread counts, versions and GPU."""
-    from kvseg.inference.runtime import bf16_note, cpu_info
-
     info = cpu_info()
     out = {"cpu": info["name"], "cores": info["cores"], "cpu_flags": info["flags"],
            "bf16": info["bf16"], "bf16_note": bf16_note(info), "int8": info["int8"],
@@ -155,8 +164,6 @@ def _reset_peak_rss() -> bool:
     as growth instead of reusing them) and reset the process's peak resident set size (Linux
     ``clear_refs`` 5); False where that is not allowed."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -199,12 +206,7 @@ def _runners(model: nn.Module, path: InferencePath, *, shape: tuple[int, int, in
                                                            float | None]]:
     """``(call(x), measure(fn) -> peak MiB)`` for one model on one path. The ONNX files of a
     model are exported once and shared by its ONNX Runtime paths (``cache``)."""
-    from kvseg.inference.runtime import Bf16Model, OrtModel, inference_copy
-    from kvseg.training.precision import autocast
-
     if path.backend == "onnxruntime":
-        from kvseg.inference.export import export_model, quantize_int8
-
         fp32 = workdir / f"{id(model)}-fp32.onnx"
         if "fp32" not in cache:  # checked against PyTorch to 1e-4, as kvseg export does
             export_model(inference_copy(model), fp32, input_shape=(1, *shape), dynamic=True,
@@ -350,12 +352,8 @@ def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
         raise ConfigError(f"--size {size!r}: expected micro, small, base or large")
     paths, notes = plan_paths(list(devices), list(precisions), onnx)
     if any(p.backend == "onnxruntime" for p in paths):
-        from kvseg.inference.runtime import import_onnxruntime
-
         import_onnxruntime()
     if "cuda" in devices and "bf16" in precisions:
-        from kvseg.training.precision import BF16_MIN_CAPABILITY
-
         if torch.cuda.get_device_capability() < BF16_MIN_CAPABILITY:
             paths = [p for p in paths if not (p.device == "cuda" and p.precision == "bf16")]
             notes.append("cuda bf16 skipped: this GPU has no native bf16 (compute capability "

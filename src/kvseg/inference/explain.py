@@ -44,7 +44,7 @@ from kvseg.errors import ConfigError
 from kvseg.layers.attention import AttentionCore
 from kvseg.training.checkpoint import open_run
 from kvseg.training.rundir import FolderLock, command_line
-from kvseg.utils import atomic_write_text, save_figure
+from kvseg.utils import atomic_write_text, pyplot, save_figure
 
 
 @dataclass
@@ -391,10 +391,7 @@ def plot_attention_grid(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray]
             all rows).
         path: the PNG to write.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n, cols = len(rows), len(columns)
     fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols, 1.55 * n), squeeze=False)

@@ -38,6 +38,7 @@ import io
 import logging
 import math
 import re
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.export import Dim
 
 from kvseg.errors import ConfigError, KvsegError
 from kvseg.inference.cpu import calibration_inputs, cpu_info, inference_copy, ort_session
@@ -236,8 +238,6 @@ def export_int8(model: torch.nn.Module, onnx_path: str | Path, *, calibration: n
         name: the model's name in the report.
         on_failure: the end of a failed check's message (default: ``ONNX_PATH not written``).
     """
-    import tempfile
-
     onnx_path = Path(onnx_path)
     if onnx_path.suffix.lower() != ".onnx":
         raise ConfigError(f"--onnx {onnx_path}: expected a file name ending in .onnx")
@@ -391,8 +391,6 @@ def _reason(e: Exception) -> str:
 
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, *, dynamic: bool,
                    opset: int) -> None:
-    from torch.export import Dim
-
     shapes = ({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},) if dynamic else None
     with _quiet():
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,

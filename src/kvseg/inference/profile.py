@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from kvseg.errors import ConfigError
 from kvseg.models.registry import build_on_meta, list_models, model_info
@@ -205,8 +206,6 @@ def peak_cpu_memory(fn) -> int:
     before, such as the weights, are not counted). ``tracemalloc`` does not see torch's allocator
     and the process RSS includes the interpreter and every earlier allocation.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
                                          profile_memory=True) as prof:
         fn()

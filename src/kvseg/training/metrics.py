@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from kvseg.training.distributed import all_reduce_sum
+
 __all__ = [
     "CaseMetricsAccumulator",
     "SegmentationMetrics",
@@ -216,8 +218,6 @@ class SegmentationMetrics:
         """The counts summed over all ranks (a copy; local counts are untouched)."""
         counts = self.counts.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from kvseg.training.distributed import all_reduce_sum
-
             counts = all_reduce_sum(counts)
         return counts
 

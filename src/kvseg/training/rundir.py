@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from kvseg.errors import RunDirError
-from kvseg.utils import atomic_path, atomic_write_text
+from kvseg.utils import atomic_path, atomic_write_text, pyplot
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +174,7 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 def plot_curves(path: Path, history: list[dict]) -> None:
     """Loss (train, val) and validation metrics per epoch -> PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
+    fig = pyplot().Figure(figsize=(10, 4))
     ax1, ax2 = fig.subplots(1, 2)
     ep = [r["epoch"] for r in history]
     ax1.plot(ep, [r["train_loss"] for r in history], "o-", label="train")

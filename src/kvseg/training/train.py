@@ -52,15 +52,19 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
 from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig stays public
     RESUME_MAY_CHANGE,
+    RunConfig,
     TrainConfig,
     config_defaults,
     default_config_path,
     load_config,
 )
+from kvseg.data import CLASSES, build_dataset
 from kvseg.errors import CheckpointError, ConfigError
+from kvseg.models.pretrained import load_pretrained
 from kvseg.training import distributed as D
 from kvseg.training.checkpoint import (
     build_model,
@@ -110,8 +114,6 @@ class NonFiniteLossError(FloatingPointError):
 
 def build_datasets(config: TrainConfig):
     """``(train_dataset, val_dataset)`` for this config (:func:`kvseg.data.build_dataset`)."""
-    from kvseg.data import build_dataset
-
     return build_dataset(config, "train"), build_dataset(config, "val")
 
 
@@ -137,40 +139,18 @@ class _Trainer:
 
     # ---- set-up
     def setup(self) -> None:
+        """Device and precision, data, the run's config, the model, loaders, optimiser."""
         c = self.config
-        if self.device.type == "cuda":
-            if self.device.index is None:  # one GPU per process: that of LOCAL_RANK
-                self.device = torch.device("cuda", self.info.local_rank)
-            torch.cuda.set_device(self.device)  # cuda:N in one process: default work goes there
-        self.precision = precision_for(c.amp, self.device)
-        self.amp_dtype = dtype_of(self.precision)
-        self.workers = D.loader_workers(c.workers, self.device.type, self.info)
+        self._setup_device()
         seed_everything(c.seed)
         self.train_ds, self.val_ds = build_datasets(c)
         if len(self.train_ds) == 0 or len(self.val_ds) == 0:
             raise ConfigError(f"{c.data}: empty train ({len(self.train_ds)}) or val "
                              f"({len(self.val_ds)}) split for fold {c.fold}/{c.n_folds}")
-        first = self.train_ds[0]
-        classes = getattr(self.train_ds, "classes", None)
-        if classes is None:
-            from kvseg.data import CLASSES as classes
-        self.model_config = {**asdict(c), "in_channels": int(first["image"].shape[0]),
-                             "num_classes": int(first["mask"].shape[0]),
-                             "classes": list(classes), "precision": self.precision,
-                             "task": getattr(self.train_ds, "task", "multilabel"),
-                             "preprocess": getattr(self.train_ds, "preprocess", {})}
-        self.model_config["data"] = str(Path(c.data).resolve())
-        self.model_config["out"] = str(self.out)
+        self.run_config = self._run_config()
+        self.model_config = self.run_config.to_dict()
         seed_everything(c.seed)  # the same weights whatever the dataset did above
-        self.model = build_model(self.model_config)
-        if c.pretrained is not None and not c.resume:
-            from kvseg.models.pretrained import load_pretrained
-
-            report = load_pretrained(self.model, c.pretrained, layout=c.pretrained_layout,
-                                     rule=c.pretrained_rule)
-            if self.main:
-                log.info("initialised from %s", report.summary())
-        self.model = self.model.to(self.device)
+        self._setup_model()
         if self.info.rank:
             seed_everything(c.seed + 7919 * self.info.rank)  # per-rank dropout/augment streams
         self.gen = torch.Generator().manual_seed(c.seed + 7919 * self.info.rank)
@@ -179,20 +159,66 @@ class _Trainer:
         self.steps_per_epoch = len(self.train_loader)
         if c.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, c.max_steps_per_epoch)
-        total = c.epochs * self.steps_per_epoch
-        warmup = min(total, round(c.warmup_epochs * self.steps_per_epoch))
         if self.main:
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("%s (%s, %.2fM params) on %d train / %d val slices, %d steps per epoch, "
                      "%d process(es), device %s, %s, %d loader worker(s)", c.model, c.size,
                      n_params / 1e6, len(self.train_ds), len(self.val_ds), self.steps_per_epoch,
                      self.info.world_size, self.device, self.precision, self.workers)
-        if c.sync_batchnorm and self.info.enabled:
+        self._wrap_model()
+        self._setup_optimiser()
+        loss = BCEDiceLoss if self.run_config.task == "multilabel" else CEDiceLoss
+        self.criterion = loss(c.bce_weight, c.dice_weight)
+        self.epoch, self.step, self.best, self.best_epoch = 0, 0, -math.inf, None
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+
+    def _setup_device(self) -> None:
+        c = self.config
+        if self.device.type == "cuda":
+            if self.device.index is None:  # one GPU per process: that of LOCAL_RANK
+                self.device = torch.device("cuda", self.info.local_rank)
+            torch.cuda.set_device(self.device)  # cuda:N in one process: default work goes there
+        self.precision = precision_for(c.amp, self.device)
+        self.amp_dtype = dtype_of(self.precision)
+        self.workers = D.loader_workers(c.workers, self.device.type, self.info)
+
+    def _run_config(self) -> RunConfig:
+        """The options plus what the data decided (written to config.yaml and the weights)."""
+        c, first = self.config, self.train_ds[0]
+        classes = getattr(self.train_ds, "classes", None)
+        return RunConfig(**{**asdict(c), "in_channels": int(first["image"].shape[0]),
+                            "num_classes": int(first["mask"].shape[0]),
+                            "classes": list(CLASSES if classes is None else classes),
+                            "precision": self.precision,
+                            "task": getattr(self.train_ds, "task", "multilabel"),
+                            "preprocess": getattr(self.train_ds, "preprocess", {}),
+                            "data": str(Path(c.data).resolve()), "out": str(self.out)})
+
+    def _setup_model(self) -> None:
+        c = self.config
+        self.model = build_model(self.model_config)
+        if c.pretrained is not None and not c.resume:
+            report = load_pretrained(self.model, c.pretrained, layout=c.pretrained_layout,
+                                     rule=c.pretrained_rule)
+            if self.main:
+                log.info("initialised from %s", report.summary())
+        self.model = self.model.to(self.device)
+
+    def _wrap_model(self) -> None:
+        """SyncBatchNorm and DistributedDataParallel under torchrun."""
+        if self.config.sync_batchnorm and self.info.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ddp_model = self.model
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _setup_optimiser(self) -> None:
+        """AdamW (the encoder at ``encoder_lr_mult``), warm-up + cosine, the AMP scaler."""
+        c = self.config
+        total = c.epochs * self.steps_per_epoch
+        warmup = min(total, round(c.warmup_epochs * self.steps_per_epoch))
         params = list(self.model.parameters())
         if c.encoder_lr_mult != 1.0:  # group 0 (logged): decoder + head at lr; the encoder slower
             named = list(self.model.named_parameters())
@@ -205,11 +231,6 @@ class _Trainer:
             lambda s: lr_lambda(s, warmup, total, c.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype is torch.float16)
-        loss = BCEDiceLoss if self.model_config["task"] == "multilabel" else CEDiceLoss
-        self.criterion = loss(c.bce_weight, c.dice_weight)
-        self.epoch, self.step, self.best, self.best_epoch = 0, 0, -math.inf, None
-        self.history: list[dict] = []
-        self.train_seconds = 0.0
 
     def _autocast(self):
         return autocast(self.device, self.precision)
@@ -325,8 +346,6 @@ class _Trainer:
         return not_over == 0
 
     def train_epoch(self, epoch: int) -> tuple[float, bool]:
-        from tqdm.auto import tqdm
-
         c = self.config
         self.ddp_model.train()
         if self.info.enabled:
