@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
+from kvseg import __version__
 from kvseg.errors import KvsegError
-from kvseg.utils import check_number
+from kvseg.utils import check_number, read_yaml
 
 USER_ERRORS = (KvsegError, OSError)
 
@@ -140,8 +143,6 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    import os
-
     from kvseg.config import load_config, overrides_from_args
     from kvseg.training.train import train
 
@@ -165,7 +166,6 @@ def _add_config(sub) -> None:
 
 def _run_config(args) -> int:
     from kvseg.config import config_path, packaged_configs
-    from kvseg.utils import read_yaml
 
     if args.action == "list":
         for name in packaged_configs():
@@ -427,8 +427,6 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvseg import __version__
-
     parser = _Parser(
         prog="kvseg",
         description="QKV vs KV attention in pure and hybrid Transformers, 2D medical segmentation",
@@ -452,8 +450,6 @@ def _reproducible_blas() -> None:
     a given machine at no measured speed cost. MKL reads the variable when it loads, so this
     runs before torch is imported; a value the user set is kept.
     """
-    import os
-
     if "torch" not in sys.modules:
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
@@ -476,8 +472,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvseg {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception:
-        import traceback
-
         traceback.print_exc()
         print(f"kvseg {args.command}: internal error: this is a bug in kvseg, not in your input; "
               "please report it with the traceback above", file=sys.stderr)

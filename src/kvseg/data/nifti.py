@@ -26,7 +26,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -215,8 +215,6 @@ class NiftiDataset(SliceSet):
 
 def _with_inferred_classes(spec: DatasetSpec, pairs: Sequence[VolumePair],
                            root: Path) -> DatasetSpec:
-    from dataclasses import replace
-
     def top(p: VolumePair) -> int:
         return int(read_volume(p.label, None).max()) if p.label is not None else 0
 

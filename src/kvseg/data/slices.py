@@ -22,7 +22,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -243,8 +243,6 @@ class SliceSet(Dataset):
 
 
 def _with_index(ref: SliceRef, index: int) -> SliceRef:
-    from dataclasses import replace
-
     return replace(ref, index=index)
 
 

@@ -25,6 +25,7 @@ decodes with what the generator drew.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
+from tqdm import tqdm
 
 from kvseg.data.manifest import foreign_entry, read_manifest, remove_files, write_manifest
 from kvseg.data.names import CLASSES, scan_id, slice_filename, slice_id
@@ -322,8 +324,6 @@ def render_scan(spec: ScanSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- writing
 def _png_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -428,8 +428,6 @@ def generate(out: str | os.PathLike, *, cases: int = 8, days: int = 2, slices: i
     try:
         it = specs
         if progress:
-            from tqdm import tqdm
-
             it = tqdm(specs, desc="synth", unit="scan")
         for spec in it:
             image, masks = render_scan(spec, seed)

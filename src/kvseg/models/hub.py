@@ -36,6 +36,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.hub
+
 from kvseg.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,6 @@ def is_named(source: str) -> bool:
 
 def cache_dir() -> Path:
     """torch hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``)."""
-    import torch.hub
-
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
@@ -107,8 +107,6 @@ def weights_file(name: str, family: str, size: str | None) -> WeightsFile:
 
 def _download(url: str, dst: Path) -> None:
     """Fetch ``url`` into ``dst`` (a temporary name, renamed when complete)."""
-    import torch.hub
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".partial")
     torch.hub.download_url_to_file(url, str(tmp), progress=True)
