@@ -101,7 +101,7 @@ def test_factors_map_onto_each_family():
 
 @pytest.mark.parametrize("name", ["ablation_smoke", "ablation_paper"])
 def test_packaged_ablation_presets_build_every_run(tiny, tmp_path, name):
-    from kvseg.config import load_preset
+    from kvseg.experiments.presets import load_preset
     from kvseg.experiments.reproduce import resolve_models
 
     data, _ = tiny

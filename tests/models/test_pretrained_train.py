@@ -10,7 +10,7 @@ import torch
 from official_files import MICRO_WRITERS, write_timm_vit
 
 from kvseg import cli
-from kvseg.config import load_preset
+from kvseg.experiments.presets import load_preset
 from kvseg.models import hub
 from kvseg.training import train as T
 

@@ -89,7 +89,10 @@ def resolve_models(names: list[str] | tuple[str, ...],
     named), ``["all"]`` or mode names (:func:`kvseg.layers.attention.resolve_modes`).
     """
     known = list_models()
-    keep = resolve_modes(modes)
+    try:
+        keep = resolve_modes(modes)
+    except ConfigError as e:  # the layer names no flag; the commands' is --modes
+        raise ConfigError(f"--{e}" if str(e).startswith("modes:") else f"--modes: {e}") from None
     if not names or list(names) == ["all"]:
         return list_models(keep)
     out = []

@@ -524,7 +524,7 @@ def resolve_modes(modes: list[str] | tuple[str, ...] | str | None) -> tuple[str,
         return MODES
     for m in modes:
         if m == "all":
-            raise ConfigError("--modes: 'all' cannot be combined with names")
+            raise ConfigError("modes: 'all' cannot be combined with mode names")
         attention_layer(m)
     return tuple(m for m in MODES if m in modes)
 
