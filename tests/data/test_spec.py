@@ -35,6 +35,18 @@ def test_a_full_spec_parses():
     ({"split": {"test": ["a"]}}, "split: .*expected"),
     ({"group": "("}, "group: '\\(': not a regular expression"),
     ({"classes": ["a", "b"], "mask_threshold": 100}, "mask_threshold: only for a dataset of one"),
+    # seeds numpy and torch cannot take were a traceback (default_rng(-1): ValueError)
+    ({"seed": -1}, r"seed: -1: expected an integer 0\.\.4294967295"),
+    ({"seed": 2**32}, r"seed: 4294967296: expected an integer 0\.\.4294967295"),
+    ({"seed": 2**70}, "seed: .*expected an integer"),
+    ({"seed": 1.5}, "seed: 1.5: expected an integer"),
+    ({"mask_threshold": -1}, "mask_threshold: -1: expected an integer"),
+    # a background value that is also a class value was silently read as the class
+    ({"classes": ["a", "b", "c"], "background_labels": [3]},
+     "background_labels: 3 is also the value of a class"),
+    ({"classes": {"a": [1, 5]}, "background_labels": [5]}, "background_labels: 5 is also"),
+    ({"mask_threshold": 127, "background_labels": [9]},
+     "background_labels: not used with mask_threshold"),
 ])
 def test_bad_specs_name_the_file_and_the_key(data, words):
     with pytest.raises(ConfigError, match=f"^d.yaml: .*{words}"):
@@ -50,6 +62,15 @@ def test_read_spec_overrides_the_layout_defaults_key_by_key(tmp_path):
     (tmp_path / "dataset.yaml").write_text("window: [oops\n")
     with pytest.raises(ConfigError, match="dataset.yaml: not valid YAML"):
         read_spec(tmp_path)
+
+
+def test_classes_over_a_layouts_background_labels_take_those_values():
+    """Synapse reads 5 (esophagus) as background; a dataset.yaml naming it as a class wins."""
+    from kvseg.data.medical import SYNAPSE
+
+    spec = parse_spec({"classes": {"liver": 6, "esophagus": 5}}, "d.yaml", SYNAPSE)
+    assert 5 not in spec.background_labels and 9 in spec.background_labels
+    np.testing.assert_array_equal(to_class_index(np.array([5, 6, 9]), spec, "l.nii"), [2, 1, 0])
 
 
 def test_label_values_outside_the_classes_name_the_file():

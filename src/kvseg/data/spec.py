@@ -38,6 +38,7 @@ from kvseg.utils import read_yaml
 
 SPEC_FILE = "dataset.yaml"
 TASKS = ("multiclass", "multilabel")
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit here
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,25 @@ def parse_spec(data: Mapping, source: str, base: DatasetSpec | None = None) -> D
                 raise _fail(source, key, f"{value!r}: not a regular expression ({e})") from None
             kw[key] = value
         elif key in ("seed", "mask_threshold"):
-            if not isinstance(value, int) or isinstance(value, bool) or (
-                    key == "mask_threshold" and not 0 <= value < 65535):
-                raise _fail(source, key, f"{value!r}: expected an integer")
+            top = SEED_MAX if key == "seed" else 65534
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                raise _fail(source, key, f"{value!r}: expected an integer 0..{top}")
             kw[key] = value
     spec = dataclasses.replace(base or DatasetSpec(), **kw)
     if spec.mask_threshold is not None and spec.classes is not None and len(spec.classes) != 1:
         raise _fail(source, "mask_threshold", "only for a dataset of one class")
+    if spec.background_labels and spec.mask_threshold is not None:
+        raise _fail(source, "background_labels", "not used with mask_threshold (luminance > "
+                                                  "mask_threshold is the class); remove one")
+    if spec.classes is not None:
+        named = {v for vs in spec.label_values() for v in vs}
+        if "background_labels" not in data:  # a layout's default: the file's classes win
+            spec = dataclasses.replace(spec, background_labels=tuple(
+                v for v in spec.background_labels if v not in named))
+        both = sorted(set(spec.background_labels) & named)
+        if both:
+            raise _fail(source, "background_labels", f"{both[0]} is also the value of a class "
+                                                      f"({spec.describe_values()})")
     return spec
 
 
