@@ -177,10 +177,12 @@ class SliceSet(Dataset):
             if unknown:
                 raise DataError(f"{self.spec.source}: split names {unknown[0]!r}, which is not "
                                 f"an image, volume or group of {self.root}")
+            _check_disjoint(self.all_records, lists, self.spec.source)
             keep = select_listed(keep, lambda r: (r.volume, r.group), lists, self.split)
         else:
             keep = select_split(keep, lambda r: r.group, (r.group for r in self.all_records),
-                                self.split, self.fold, self.n_folds, self.spec.seed)
+                                self.split, self.fold, self.n_folds, self.spec.seed,
+                                where=str(self.root))
         if not keep:
             raise DataError(f"{self.root}: split {self.split!r} (fold {self.fold}) selects no "
                             "images")
@@ -240,6 +242,22 @@ class SliceSet(Dataset):
         return (f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, "
                 f"fold={self.fold}, n={len(getattr(self, 'records', ()))}, task={self.task}, "
                 f"classes={self.classes})")
+
+
+def _check_disjoint(records: Sequence[SliceRef], lists: dict, source: str) -> None:
+    """A listed split whose ``train`` and ``val`` lists both hold an image (by its name or its
+    group) is a :class:`DataError` naming the image: it would be trained and validated on."""
+    if set(lists) != {"train", "val"}:
+        return
+    train, val = set(lists["train"]), set(lists["val"])
+    for r in records:
+        in_train = [n for n in (r.volume, r.group) if n in train]
+        in_val = [n for n in (r.volume, r.group) if n in val]
+        if in_train and in_val:
+            how = "" if in_train[0] == in_val[0] == r.volume else \
+                f" (as {in_train[0]} in train, as {in_val[0]} in val)"
+            raise DataError(f"{source}: split: {r.volume} is in both train and val{how}; "
+                            "an image must be in one list only")
 
 
 def _with_index(ref: SliceRef, index: int) -> SliceRef:

@@ -33,7 +33,7 @@ def case_folds(cases: Iterable[Hashable], n_folds: int, seed: int = 0) -> dict:
 
 
 def check_split(split: str, fold: int = 0, n_folds: int = 2, n_cases: int | None = None,
-                ) -> None:
+                where: str = "") -> None:
     """Raise :class:`~kvseg.errors.ConfigError` for a bad ``split``, ``n_folds`` or ``fold``.
 
     Args:
@@ -42,20 +42,27 @@ def check_split(split: str, fold: int = 0, n_folds: int = 2, n_cases: int | None
         n_folds: number of folds, 2..n_cases (ignored for ``"all"``).
         n_cases: the number of cases the folds are built from (all of them, before exclusion);
             ``None`` checks ``split`` alone.
+        where: the dataset (named in the message).
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected 'train', 'val' or 'all'")
     if split == "all" or n_cases is None:
         return
-    if not 2 <= n_folds <= max(n_cases, 2):
-        raise ConfigError(f"n_folds {n_folds}: expected 2..{n_cases} (number of cases)")
+    if n_folds < 2:
+        raise ConfigError(f"n_folds {n_folds}: expected 2..{max(n_cases, 2)} (number of cases)")
+    if n_folds > n_cases:
+        raise ConfigError(
+            f"n_folds {n_folds}: expected 2..{n_cases}: {where or 'the dataset'} has only "
+            f"{n_cases} case(s) (a patient, volume or image is one case, kept in one fold); "
+            "is it the dataset you meant (a run evaluated on other data keeps its n_folds: "
+            "use split 'all' there)?")
     if not 0 <= fold < n_folds:
         raise ConfigError(f"fold {fold}: expected 0..{n_folds - 1}")
 
 
 def select_split(items: Sequence[T], case_of: Callable[[T], Hashable],
                  all_cases: Iterable[Hashable], split: str, fold: int, n_folds: int,
-                 seed: int = 0) -> list[T]:
+                 seed: int = 0, where: str = "") -> list[T]:
     """The items of ``split``: ``"val"`` is fold ``fold``, ``"train"`` the others, ``"all"`` all.
 
     Args:
@@ -64,9 +71,10 @@ def select_split(items: Sequence[T], case_of: Callable[[T], Hashable],
         all_cases: every case of the dataset, before exclusions: the folds come from these.
         split, fold, n_folds: as in :func:`check_split` (checked here).
         seed: the permutation of :func:`case_folds`.
+        where: the dataset, for messages.
     """
     all_cases = sorted(set(all_cases))
-    check_split(split, fold, n_folds, len(all_cases))
+    check_split(split, fold, n_folds, len(all_cases), where)
     if split == "all":
         return list(items)
     folds = case_folds(all_cases, n_folds, seed)

@@ -295,7 +295,7 @@ class UWMadison(Dataset):
         # Folds (and the n_folds check) come from every case in the dataset, before `exclude`,
         # so excluding a scan or a case never moves the other cases between folds.
         keep = select_split(keep, lambda r: r.case, (r.case for r in self.all_records), split,
-                            self.fold, self.n_folds)
+                            self.fold, self.n_folds, where=str(self.root))
         if not keep:
             raise DataError(f"{self.root}: split {split!r} (fold {fold}) selects no slices")
         self.records: list[SliceRecord] = keep
