@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -154,7 +156,7 @@ def test_dataset_yaml_names_classes_values_and_background(tmp_path):
     np.testing.assert_array_equal(ds.full_mask(0)[0], (lab == 1).astype(np.uint8))
 
 
-def test_jpeg_masks_need_mask_threshold(tmp_path):
+def test_jpeg_masks_read_as_binary_or_with_mask_threshold(tmp_path, caplog):
     root = tmp_path / "k"
     for i in range(3):
         lab = discs((24, 24), 1, i)
@@ -164,8 +166,12 @@ def test_jpeg_masks_need_mask_threshold(tmp_path):
             root / "images" / f"p{i}.jpg")
         Image.fromarray((lab * 255).astype(np.uint8)).convert("RGB").save(
             root / "masks" / f"p{i}.jpg", quality=70)
-    with pytest.raises(DataError, match=r"masks/p0\.jpg: mask in colour mode RGB"):
-        _build(root)
+    with caplog.at_level(logging.WARNING, logger="kvseg.data.folder"):
+        ds = _build(root)  # near-binary (issue 22): one class, value >= 128, said once
+    assert ds.classes == ("class_1",) and ds.spec.mask_threshold == 127
+    assert (ds.full_mask(0)[0] == discs((24, 24), 1, 0)).mean() > 0.97
+    said = [r.getMessage() for r in caplog.records if "near 0/255" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{root / 'masks'}: 8-bit masks")
     (root / "dataset.yaml").write_text("classes: [polyp]\nmask_threshold: 127\n")
     ds = _build(root)
     assert ds.classes == ("polyp",) and ds.in_channels == 3

@@ -46,3 +46,71 @@ def test_more_folds_than_cases_says_how_many_cases_the_dataset_has(tmp_path):
                                           r"case\(s\)"):
         _build(root, "val", n_folds=5)
     assert len(_build(root, "all", n_folds=5)) == 4  # 'all' needs no folds
+
+
+# --------------------------------------------------------------------------- mask values
+def test_a_mask_threshold_above_every_mask_value_names_the_range(tmp_path):
+    root = write_folder(tmp_path / "d", k=1, binary_255=True)
+    _spec(root, mask_threshold=255)  # every 0/255 mask would be empty
+    with pytest.raises(DataError, match=r"dataset.yaml: mask_threshold 255: no mask pixel is "
+                                        r"above it \(mask values 0\.\.255 in .*masks\)"):
+        _build(root, cache=False)
+    _spec(root, mask_threshold=254)
+    ds = _build(root, cache=False)
+    assert ds.full_mask("img01")[0].sum() > 0
+
+
+def test_background_labels_are_honoured_when_classes_are_counted(tmp_path):
+    root = write_folder(tmp_path / "d", k=3)  # discs of values 1, 2, 3
+    _spec(root, background_labels=[3])
+    ds = _build(root)
+    assert ds.classes == ("class_1", "class_2")  # was 3 classes: value 3 made a class
+    from data.make import discs
+
+    lab = discs((20, 24), 3, 0)
+    np.testing.assert_array_equal(ds.full_mask("img00"), np.stack([lab == 1, lab == 2]))
+
+
+def test_background_labels_with_per_class_masks_are_refused(tmp_path):
+    root = write_folder(tmp_path / "d", k=2, per_class=True)
+    _spec(root, background_labels=[5])
+    with pytest.raises(ConfigError, match="dataset.yaml: background_labels: the masks are one "
+                                          "folder per class"):
+        _build(root)
+
+
+def test_a_folder_of_empty_masks_invents_no_class(tmp_path):
+    root = write_folder(tmp_path / "d", k=0)
+    with pytest.raises(DataError, match=r"masks: every mask is empty \(only 0\): there is no "
+                                        "class to learn"):
+        _build(root)
+    _spec(root, classes=["lesion"])  # named: empty masks are what the user means
+    assert _build(root).classes == ("lesion",)
+
+
+def test_other_files_among_the_images_are_listed_in_a_warning(tmp_path, caplog):
+    root = write_folder(tmp_path / "d", k=1, binary_255=True)
+    (root / "images" / "notes.txt").write_text("x")
+    (root / "images" / "scan.dcm").write_bytes(b"DICM")
+    (root / "images" / ".DS_Store").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        assert len(_build(root)) == 6
+    said = [r.getMessage() for r in caplog.records if "not images skipped" in r.getMessage()]
+    assert said == [f"{root / 'images'}: 2 file(s) that are not images skipped: notes.txt, "
+                    "scan.dcm"]
+
+
+def test_ambiguous_mask_folders_name_kvseg_convert(tmp_path):
+    from PIL import Image
+
+    root = write_folder(tmp_path / "d", k=1)
+    Image.fromarray(np.full((20, 24), 1000, np.uint16)).save(root / "masks" / "img01.png")
+    with pytest.raises(DataError, match=r"label values 0\.\.1000 .*`kvseg convert FORMAT` "
+                                        r"\(kvasir, isic2018, drive, montgomery\)"):
+        _build(root)
+    colour = np.zeros((20, 24, 3), np.uint8)
+    colour[5:10, 5:10] = (200, 30, 30)  # a red label: colour, not near-binary
+    Image.fromarray(colour).save(root / "masks" / "img01.png")
+    with pytest.raises(DataError, match=r"img01.png: mask in colour \(1 of the masks\) .*"
+                                        "kvseg convert"):
+        _build(root)

@@ -28,12 +28,13 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kvseg.data.convert import FORMATS
+from kvseg.data.masks import BINARY_THRESHOLD, LOSSY_SUFFIXES, Survey, all_dark, survey
 from kvseg.data.png import IMAGE_SUFFIXES, image_info, load_png, read_slice
 from kvseg.data.slices import SliceRef, SliceSet, encode_mask
 from kvseg.data.spec import DatasetSpec, read_spec, resolve_task, to_class_index
@@ -56,6 +57,18 @@ def image_files(folder: Path) -> dict[str, Path]:
                 raise DataError(f"{p}: a second file named {p.stem} (also {out[p.stem].name})")
             out[p.stem] = p
     return out
+
+
+def warn_other_files(folder: Path, kept: Sequence[Path], what: str = "images") -> None:
+    """Log one warning listing the files of ``folder`` that are not among ``kept`` (hidden
+    files and sub-folders aside): they are not read, and the user should know."""
+    names = {p.name for p in kept}
+    other = sorted(p.name for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name not in names)
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        log.warning("%s: %d file(s) that are not %s skipped: %s", folder, len(other), what,
+                    shown)
 
 
 def pair_files(images: dict[str, Path], masks: dict[str, Path], masks_dir: Path) -> None:
@@ -106,13 +119,15 @@ class FolderDataset(SliceSet):
         self.images = list(image_files(self.images_dir).values())
         if not self.images:
             raise DataError(f"{self.images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        warn_other_files(self.images_dir, self.images)
         self.masks_dir = Path(masks_dir) if masks_dir is not None else None
         self.mask_mode = mask_mode
         self._masks: list[list[Path]] = []
         if self.masks_dir is not None:
             spec = self._pair_masks(spec)
+            spec = self._read_values(spec)
         if spec.classes is None:
-            spec = dataclasses.replace(spec, classes=self._infer_classes(spec))
+            spec = dataclasses.replace(spec, classes=("class_1",))  # images only
         if not spec.classes:
             raise ConfigError("classes must name at least one class")
         task = "multilabel" if task is None else resolve_task(
@@ -150,9 +165,14 @@ class FolderDataset(SliceSet):
         by_stem = {p.stem: p for p in self.images}
         if self.mask_mode == "labels":
             masks = image_files(self.masks_dir)
+            warn_other_files(self.masks_dir, list(masks.values()), "masks")
             pair_files(by_stem, masks, self.masks_dir)
             self._masks = [[masks[p.stem]] for p in self.images]
             return spec
+        if spec.background_labels:
+            raise ConfigError(f"{spec.source}: background_labels: the masks are one folder per "
+                              f"class ({self.masks_dir}/CLASS/, nonzero = the class), without "
+                              "label values; remove background_labels")
         if spec.classes is None:
             spec = dataclasses.replace(spec, classes=tuple(
                 sorted(p.name for p in self.masks_dir.iterdir() if p.is_dir()
@@ -167,22 +187,68 @@ class FolderDataset(SliceSet):
         self._masks = [[m[p.stem] for m in per_class] for p in self.images]
         return spec
 
-    def _infer_classes(self, spec: DatasetSpec) -> tuple[str, ...]:
-        """``class_1..class_K`` from the largest label value of every mask (read once)."""
-        if spec.mask_threshold is not None or not self._masks:
-            return ("class_1",)
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            values = set().union(*pool.map(lambda ms: set(np.unique(load_png(ms[0], labels=True))
-                                                          .tolist()), self._masks))
-        top = int(max(values, default=0))
-        if values <= {0, 255}:
-            top = 1  # all background, or a binary mask saved as 0/255
-        if top > 254:
-            raise DataError(f"{self.masks_dir}: label values up to {top}; name the classes and "
-                            "their values in dataset.yaml")
+    def _read_values(self, spec: DatasetSpec) -> DatasetSpec:
+        """Read every mask once when their values decide something (:mod:`kvseg.data.masks`):
+        class names to infer, a ``mask_threshold`` to check, lossy masks to read as binary."""
+        t, folders = spec.mask_threshold, self._mask_folders(spec)
+        lossy = any(p.suffix.lower() in LOSSY_SUFFIXES for ps in folders.values() for p in ps)
+        if self.mask_mode == "labels":
+            one = spec.classes is not None and len(spec.classes) == 1
+            if spec.classes is not None and t is None and not (lossy and one):
+                return spec
+        elif t is None and not lossy:
+            return spec
+        surveys = {d: survey(ps, luminance=t is not None or self.mask_mode == "per_class")
+                   for d, ps in folders.items()}
+        if t is not None:
+            for d, s in surveys.items():
+                _check_threshold(s, t, d, spec)
+            return spec
+        if self.mask_mode == "labels" and spec.classes is None:
+            return self._infer_classes(spec, surveys[self.masks_dir])
+        binary = [s for s in surveys.values() if not s.exact_binary()]
+        if binary and all(s.near_binary() or (s.lossy and all_dark(s.values)) for s in binary):
+            _say_near_binary(self.masks_dir, binary)
+            return dataclasses.replace(spec, mask_threshold=BINARY_THRESHOLD)
+        return spec  # exact values: read as they are (a stray value is named when prepared)
+
+    def _mask_folders(self, spec: DatasetSpec) -> dict[Path, list[Path]]:
+        """The mask files of each mask folder (one, or one per class)."""
+        assert self.masks_dir is not None
+        if self.mask_mode == "labels":
+            return {self.masks_dir: [ms[0] for ms in self._masks]}
+        return {self.masks_dir / c: [ms[k] for ms in self._masks]
+                for k, c in enumerate(spec.classes or ())}
+
+    def _infer_classes(self, spec: DatasetSpec, s: Survey) -> DatasetSpec:
+        """``class_1..class_K`` from the largest label value (background labels aside); 0/255
+        and near-binary 8-bit masks are one class."""
+        values = s.values - set(spec.background_labels)
+        if values <= {0} or (s.lossy and all_dark(values)):
+            raise DataError(f"{self.masks_dir}: every mask is empty (only 0"
+                            f"{', and background_labels' if spec.background_labels else ''}): "
+                            "there is no class to learn; name the classes in dataset.yaml if "
+                            "empty masks are what you mean")
+        if not s.colour and s.exact_binary():
+            return dataclasses.replace(spec, classes=("class_1",))  # binary, saved as 0/255
+        if s.near_binary():
+            _say_near_binary(self.masks_dir, [s])
+            return dataclasses.replace(spec, classes=("class_1",),
+                                       mask_threshold=BINARY_THRESHOLD)
+        convert = (f"or, for a public download, `kvseg convert FORMAT` ({', '.join(FORMATS)}) "
+                   "writes masks kvseg reads")
+        if s.colour:
+            raise DataError(f"{s.colour[0]}: mask in colour ({len(s.colour)} of the masks) and "
+                            "not a near-binary 0/255 mask; save label masks as grayscale or "
+                            f"palette PNGs, {convert}")
+        top = max(values)
+        if top > 254 or min(values) < 0 or any(v != int(v) for v in values):
+            raise DataError(f"{self.masks_dir}: label values {s.range()} ({len(s.values)} "
+                            "distinct), neither label values 1..254 nor a near-binary 0/255 "
+                            f"mask; name the classes and their values in dataset.yaml, {convert}")
         log.info("%s: no class names (dataset.yaml): %d class(es) from the masks' values",
                  self.masks_dir, top)
-        return tuple(f"class_{k}" for k in range(1, top + 1))
+        return dataclasses.replace(spec, classes=tuple(f"class_{k}" for k in range(1, top + 1)))
 
     def _records(self) -> tuple[list[SliceRef], bool]:
         """One record per image (sizes from the headers; masks must match) and whether any
@@ -247,4 +313,24 @@ class FolderDataset(SliceSet):
         return planes.astype(np.uint8)
 
 
-__all__ = ["FolderDataset", "MissingMaskError", "image_files", "pair_files"]
+def _check_threshold(s: Survey, t: int, folder: Path, spec: DatasetSpec) -> None:
+    """``mask_threshold`` must split the masks' values: above all of them, every mask would be
+    empty; below all of them, every pixel the class."""
+    if not s.counts:
+        return
+    lo, hi = min(s.values), max(s.values)
+    if hi <= t or lo > t:
+        what = "no mask pixel is above it" if hi <= t else "every mask pixel is above it"
+        raise DataError(f"{spec.source or 'dataset.yaml'}: mask_threshold {t}: {what} (mask "
+                        f"values {s.range()} in {folder}); every mask would be "
+                        f"{'empty' if hi <= t else 'full'}")
+
+
+def _say_near_binary(folder: Path | None, surveys: list[Survey]) -> None:
+    distinct = len(set().union(*(s.values for s in surveys)))
+    log.warning("%s: 8-bit masks of near 0/255 values (%d distinct values: lossy-compression "
+                "artefacts) read as one class where the value is >= 128; set classes or "
+                "mask_threshold in dataset.yaml to read them otherwise", folder, distinct)
+
+
+__all__ = ["FolderDataset", "MissingMaskError", "image_files", "pair_files", "warn_other_files"]

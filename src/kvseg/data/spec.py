@@ -252,7 +252,8 @@ def to_class_index(raw: np.ndarray, spec: DatasetSpec, path: str | os.PathLike) 
         if (idx < 0).any():
             bad = int(ints[idx < 0].flat[0])
     if bad is not None:
-        hint = ("; a lossy (JPEG) mask? set mask_threshold in dataset.yaml"
+        hint = ("; a lossy (JPEG) mask? set mask_threshold in dataset.yaml, or write the "
+                "download with `kvseg convert FORMAT` (kvasir, isic2018, drive, montgomery)"
                 if Path(path).suffix.lower() in (".jpg", ".jpeg") else "")
         raise DataError(f"{path}: label value {bad} is not a class ({spec.describe_values()}; "
                         f"0 = background){hint}")
