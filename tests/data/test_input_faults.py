@@ -114,3 +114,75 @@ def test_ambiguous_mask_folders_name_kvseg_convert(tmp_path):
     with pytest.raises(DataError, match=r"img01.png: mask in colour \(1 of the masks\) .*"
                                         "kvseg convert"):
         _build(root)
+
+
+# --------------------------------------------------------------------------- volumes
+def test_an_acdc_frame_without_ground_truth_is_an_error_naming_it(tmp_path):
+    from data.make import write_acdc
+
+    root = write_acdc(tmp_path / "training", patients=(1, 2, 3))
+    gt = root / "patient002" / "patient002_frame12_gt.nii.gz"
+    gt.unlink()  # used to drop the frame without a word
+    with pytest.raises(DataError, match=r"patient002_frame12.nii.gz: no ground truth for this "
+                                        r"frame \(expected .*patient002_frame12_gt.nii.gz\)"):
+        _build(tmp_path)
+
+
+def test_a_label_volume_on_another_grid_is_an_error_naming_both_files(tmp_path):
+    import nibabel as nib
+
+    from data.make import write_synapse
+
+    root = write_synapse(tmp_path / "s", cases=(1, 2, 3))
+    label = root / "label" / "label0002.nii.gz"
+    img = nib.load(str(label))
+    data = np.asanyarray(img.dataobj)
+    moved = img.affine.copy()
+    moved[0, 3] += 2.0  # shifted 2 mm: the labels would sit beside the organs
+    nib.save(nib.Nifti1Image(data, moved), str(label))
+    with pytest.raises(DataError, match=r"label0002.nii.gz: its affine differs from its image's "
+                                        r".*img0002.nii.gz by up to 2 mm"):
+        _build(root)
+    nearly = img.affine.copy()
+    nearly[0, 3] += 1e-4  # float32 header rounding: accepted
+    nib.save(nib.Nifti1Image(data, nearly), str(label))
+    assert len(_build(root)) == 18
+
+
+def test_other_files_beside_the_volumes_are_listed_in_a_warning(tmp_path, caplog):
+    from data.make import _nifti, volume
+
+    for name in ("a", "b", "c"):
+        image, labels = volume(seed=len(name))
+        _nifti(tmp_path / "d" / "images" / f"{name}.nii.gz", image)
+        _nifti(tmp_path / "d" / "masks" / f"{name}.nii.gz", labels)
+    (tmp_path / "d" / "images" / "d.mha").write_bytes(b"x")  # another format, not read
+    with caplog.at_level(logging.WARNING):
+        assert _build(tmp_path / "d").classes == ("class_1", "class_2")
+    said = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert said == [f"{tmp_path / 'd' / 'images'}: 1 file(s) that are not NIfTI volumes "
+                    "skipped: d.mha"]
+
+
+def test_a_corrupt_gzip_volume_is_named_corrupt_not_non_finite(tmp_path):
+    from data.make import write_synapse
+
+    root = write_synapse(tmp_path / "s", cases=(1, 2, 3))
+    path = root / "img" / "img0002.nii.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: the gzip CRC fails, nibabel never checks it
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"img0002.nii.gz: unreadable NIfTI file: corrupt gzip "
+                                        r"data \(.*\); the file is damaged"):
+        _build(root)
+
+
+def test_empty_label_volumes_invent_no_class(tmp_path):
+    from data.make import _nifti, volume
+
+    for name in ("a", "b"):
+        image, labels = volume(seed=len(name))
+        _nifti(tmp_path / "d" / "images" / f"{name}.nii.gz", image)
+        _nifti(tmp_path / "d" / "masks" / f"{name}.nii.gz", labels * 0)
+    with pytest.raises(DataError, match="every label volume is empty"):
+        _build(tmp_path / "d")

@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from kvseg.data.folder import MissingMaskError
+from kvseg.data.folder import MissingMaskError, warn_other_files
 from kvseg.data.nifti import NiftiDataset, VolumePair, is_nifti, nifti_files, nifti_stem
 from kvseg.data.spec import DatasetSpec, read_spec
 from kvseg.errors import ConfigError, DataError
@@ -85,7 +85,12 @@ def is_volume_folder(root: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- pairs
-def _match(images: list[Path], labels: list[Path], key, labels_dir: Path) -> list[VolumePair]:
+def _match(images_dir: Path, labels_dir: Path, key) -> list[VolumePair]:
+    """Pair the volumes of ``images_dir`` with those of ``labels_dir`` by ``key``; an image
+    without a label volume (or the other way round) is an error, other files a warning."""
+    images, labels = nifti_files(images_dir), nifti_files(labels_dir)
+    warn_other_files(images_dir, images, "NIfTI volumes")
+    warn_other_files(labels_dir, labels, "NIfTI volumes")
     by_key = {key(p): p for p in labels}
     pairs = []
     for img in images:
@@ -104,20 +109,27 @@ def _key(path: Path) -> str:
 
 
 def synapse_pairs(base: Path) -> list[VolumePair]:
-    return _match(nifti_files(base / "img"), nifti_files(base / "label"), _key, base / "label")
+    return _match(base / "img", base / "label", _key)
 
 
 def msd_pairs(root: Path) -> list[VolumePair]:
-    return _match(nifti_files(root / "imagesTr"), nifti_files(root / "labelsTr"), _key,
-                  root / "labelsTr")
+    return _match(root / "imagesTr", root / "labelsTr", _key)
 
 
 def folder_pairs(root: Path) -> list[VolumePair]:
-    return _match(nifti_files(root / "images"), nifti_files(root / "masks"), nifti_stem,
-                  root / "masks")
+    return _match(root / "images", root / "masks", nifti_stem)
 
 
 def acdc_pairs(base: Path) -> list[VolumePair]:
+    """Every frame with its ground truth; a frame without one (``patientXXX_frameYY.nii.gz``
+    and no ``_gt``) is an error naming it (the ``_4d`` series is not a frame)."""
+    for frame in acdc_images(base):
+        vid = nifti_stem(frame)
+        if vid.endswith("_4d") or re.search(r"_frame\d+$", vid) is None:
+            continue
+        if not any(frame.with_name(f"{vid}_gt{s}").is_file() for s in (".nii.gz", ".nii")):
+            raise MissingMaskError(f"{frame}: no ground truth for this frame (expected "
+                                   f"{frame.with_name(vid + '_gt.nii.gz')})")
     pairs = []
     for gt in sorted(base.glob("patient*/patient*_frame*_gt.nii*")):
         vid = nifti_stem(gt)[: -len("_gt")]

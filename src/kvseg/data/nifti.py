@@ -84,6 +84,39 @@ def _load(path: Path):
         raise DataError(f"{path}: unreadable NIfTI file ({type(e).__name__}: {e})") from None
 
 
+def _load_checked(path: Path):
+    """The image with its data in memory; a ``.nii.gz`` is decompressed whole first, so a
+    corrupt file fails its gzip checksum here (nibabel reads only the bytes it needs and never
+    reaches the checksum: a flipped byte gave silently wrong voxels)."""
+    import nibabel as nib
+
+    if not path.name.lower().endswith(".gz"):
+        return _load(path)
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: volume file not found") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: unreadable NIfTI file: corrupt gzip data ({e}); the file is "
+                        "damaged or truncated: download or copy it again") from None
+    size = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+    if size not in (348, 540):
+        size = int.from_bytes(data[:4], "big") if len(data) >= 4 else 0
+    klass = {348: nib.Nifti1Image, 540: nib.Nifti2Image}.get(size)
+    if klass is None:
+        raise DataError(f"{path}: unreadable NIfTI file (no NIfTI-1 or NIfTI-2 header inside "
+                        "the gzip data)")
+    try:
+        return klass.from_bytes(data)
+    except Exception as e:  # nibabel's HeaderDataError, ValueError...
+        raise DataError(f"{path}: unreadable NIfTI file ({type(e).__name__}: {e})") from None
+
+
+def volume_affine(path: Path) -> np.ndarray:
+    """The voxel-to-world affine (4, 4) from the header."""
+    return np.asarray(_load(path).affine, np.float64)
+
+
 def volume_header(path: Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """``(shape (X, Y, Z), voxel_mm (slice, row, col))`` from the header alone."""
     img = _load(path)
@@ -100,8 +133,8 @@ def volume_header(path: Path) -> tuple[tuple[int, int, int], tuple[float, float,
 def read_volume(path: Path, dtype=np.float32) -> np.ndarray:
     """The voxels as (D, H, W) (slices first, see the module docstring), scaled by the header's
     slope and intercept, as ``dtype`` (``None``: as stored); a truncated or corrupt file is a
-    :class:`DataError` naming it."""
-    img = _load(path)
+    :class:`DataError` naming it (a ``.nii.gz`` whose gzip checksum fails: "corrupt")."""
+    img = _load_checked(path)
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error) as e:
@@ -171,9 +204,8 @@ class NiftiDataset(SliceSet):
         blocks = []
         for p in self.pairs:
             shape, voxel = volume_header(p.image)
-            if p.label is not None and volume_header(p.label)[0] != shape:
-                raise DataError(f"{p.label}: label volume of shape {volume_header(p.label)[0]} "
-                                f"but image {p.image} is {shape}")
+            if p.label is not None:
+                _check_same_grid(p.image, p.label, shape)
             start = len(records)
             records += [SliceRef(f"{p.id}_slice{k:04d}", p.id, p.group, k, shape[0], shape[1],
                                  voxel, str(p.image)) for k in range(shape[2])]
@@ -213,18 +245,47 @@ class NiftiDataset(SliceSet):
                 == labels[ref.slice][None]).astype(np.uint8)
 
 
+#: Largest difference (mm) between an image's and its label volume's affine entries.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def _check_same_grid(image: Path, label: Path, shape: tuple[int, int, int]) -> None:
+    """A label volume must lie on its image's voxel grid: same shape, and the same affine
+    within :data:`AFFINE_TOLERANCE_MM` (a label drawn on another grid would be misplaced)."""
+    label_shape = volume_header(label)[0]
+    if label_shape != shape:
+        raise DataError(f"{label}: label volume of shape {label_shape} but image {image} is "
+                        f"{shape}")
+    a, b = volume_affine(image), volume_affine(label)
+    diff = float(np.abs(a - b).max())
+    if not diff <= AFFINE_TOLERANCE_MM + 1e-5 * float(np.abs(a).max()):
+        raise DataError(f"{label}: its affine differs from its image's {image} by up to "
+                        f"{diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm): the labels lie on "
+                        "another voxel grid; resample them onto the image's grid")
+
+
 def _with_inferred_classes(spec: DatasetSpec, pairs: Sequence[VolumePair],
                            root: Path) -> DatasetSpec:
+    background = set(spec.background_labels)
+
     def top(p: VolumePair) -> int:
-        return int(read_volume(p.label, None).max()) if p.label is not None else 0
+        if p.label is None:
+            return 0
+        values = set(np.unique(read_volume(p.label, None)).tolist()) - background
+        return int(max(values, default=0))
 
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         k = max(pool.map(top, pairs), default=0)
-    if not 1 <= k <= 254:
+    if k <= 0:
+        raise DataError(f"{root}: every label volume is empty (only 0"
+                        f"{', and background_labels' if background else ''}): there is no class "
+                        "to learn; name the classes in dataset.yaml if that is what you mean")
+    if k > 254:
         raise DataError(f"{root}: label values up to {k}; name the classes in dataset.yaml")
     log.info("%s: no class names (dataset.yaml): %d class(es) from the label volumes", root, k)
     return replace(spec, classes=tuple(f"class_{i}" for i in range(1, k + 1)))
 
 
-__all__ = ["NIFTI_SUFFIXES", "NiftiDataset", "VolumePair", "is_nifti", "nifti_files",
-           "nifti_stem", "read_volume", "volume_header", "write_label_volume"]
+__all__ = ["AFFINE_TOLERANCE_MM", "NIFTI_SUFFIXES", "NiftiDataset", "VolumePair", "is_nifti",
+           "nifti_files", "nifti_stem", "read_volume", "volume_affine", "volume_header",
+           "write_label_volume"]
