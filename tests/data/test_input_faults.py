@@ -186,3 +186,39 @@ def test_empty_label_volumes_invent_no_class(tmp_path):
         _nifti(tmp_path / "d" / "masks" / f"{name}.nii.gz", labels * 0)
     with pytest.raises(DataError, match="every label volume is empty"):
         _build(tmp_path / "d")
+
+
+# --------------------------------------------------------------------------- UW-Madison train.csv
+def test_a_slice_missing_one_class_row_is_an_error_naming_it(tmp_path, make_uw):
+    from kvseg.data import UWMadison
+
+    root = make_uw(tmp_path / "uw", slices=3)
+    lines = (root / "train.csv").read_text().splitlines()
+    assert lines[6] == "case1_day0_slice_0002,stomach,"
+    (root / "train.csv").write_text("\n".join(lines[:6] + lines[7:]) + "\n")
+    with pytest.raises(DataError, match=r"train.csv: 1 slice\(s\) lack a class row \(first: "
+                                        r"case1_day0_slice_0002, line 5, has no stomach row\)"):
+        UWMadison(root, split="all", img_size=8, cache=False)
+    # a truncated file: the last slice keeps one row of three
+    (root / "train.csv").write_text("\n".join(lines[:8]) + "\n")
+    with pytest.raises(DataError, match=r"1 slice\(s\) lack a class row \(first: "
+                                        r"case1_day0_slice_0003, line 8, has no small_bowel / "
+                                        r"stomach row\)"):
+        UWMadison(root, split="all", img_size=8, cache=False)
+
+
+def test_an_unterminated_quote_names_the_line_where_it_opened(tmp_path, make_uw):
+    from kvseg.data import UWMadison
+
+    root = make_uw(tmp_path / "uw", slices=40)
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[4] = 'case1_day0_slice_0002,large_bowel,"1 5'  # line 5: the quote never closes
+    lines[100] = 'case1_day0_slice_0034,large_bowel,"'  # ...until a stray one on line 101
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train.csv: line 5: a quote \(\"\) opens a field that "
+                                        r"runs on to line 101; an unterminated quote"):
+        UWMadison(root, split="all", img_size=8, cache=False)
+    lines[100] = "case1_day0_slice_0034,large_bowel,"  # never closed: runs to the end
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train.csv: line 5: a quote .*unterminated"):
+        UWMadison(root, split="all", img_size=8, cache=False)

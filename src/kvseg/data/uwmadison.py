@@ -81,10 +81,12 @@ def read_train_csv(path: str | os.PathLike) -> dict[str, dict[str, tuple[int, st
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: train.csv not found")
-    reader = csv.DictReader(io.StringIO(_decode_csv(p), newline=""))
+    text = _decode_csv(p)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: dict[str, dict[str, tuple[int, str]]] = {}
     try:
         header = reader.fieldnames or []
+        end = reader.line_num  # the last line of the previous row (here: the header)
         missing = [c for c in _COLUMNS if c not in header]
         if missing:
             raise DataError(f"{p}: missing column(s) {', '.join(missing)}; expected "
@@ -92,6 +94,8 @@ def read_train_csv(path: str | os.PathLike) -> dict[str, dict[str, tuple[int, st
         for row in reader:
             line = reader.line_num
             sid, cls, rle = row["id"], row["class"], row["segmentation"] or ""
+            _check_one_line(p, row, end, line, text)
+            end = line
             if None in row:  # DictReader's key for fields beyond the header
                 n = len(header) + len(row[None])
                 raise DataError(f"{p}: line {line} ({sid}): {n} fields but the header has "
@@ -111,8 +115,42 @@ def read_train_csv(path: str | os.PathLike) -> dict[str, dict[str, tuple[int, st
     except csv.Error as e:
         raise DataError(f"{p}: line {reader.line_num}: not readable as CSV ({e})") from None
     if rows:
+        _check_complete(p, rows)
         _warn_empty_classes(p, rows)
     return rows
+
+
+def _check_one_line(p: Path, row: dict, previous: int, line: int, text: str) -> None:
+    """A row that spans lines opened a quote it never closed (the ``csv`` module then reads on
+    to the next quote, maybe hundreds of lines later): a :class:`DataError` naming the line
+    where the row, and its quote, began (the first non-blank line after ``previous``)."""
+    values = [v for k, v in row.items() if k is not None and isinstance(v, str)]
+    values += [v for v in row.get(None) or () if isinstance(v, str)]
+    if not any("\n" in v or "\r" in v for v in values):
+        return
+    lines = text.splitlines()
+    start = previous + 1
+    while start < line and start <= len(lines) and not lines[start - 1].strip():
+        start += 1
+    raise DataError(f"{p}: line {start}: a quote (\") opens a field that runs on to line "
+                    f"{line}; an unterminated quote? (train.csv fields are never quoted)")
+
+
+def _check_complete(p: Path, rows: dict[str, dict[str, tuple[int, str]]]) -> None:
+    """Every slice has a row for every class the file has rows for (the Kaggle file has exactly
+    one per slice and class, empty for no mask): a missing row would silently read as an empty
+    mask, so it is a :class:`DataError` naming the first such slice and the count. A class
+    with no rows at all is only warned about (:func:`_warn_empty_classes`)."""
+    present = [c for c in CLASSES if any(c in per for per in rows.values())]
+    gaps = [(sid, [c for c in present if c not in per]) for sid, per in rows.items()]
+    gaps = [(sid, missing) for sid, missing in gaps if missing]
+    if gaps:
+        sid, missing = gaps[0]
+        line = min(v[0] for v in rows[sid].values())
+        raise DataError(f"{p}: {len(gaps)} slice(s) lack a class row (first: {sid}, line {line}, "
+                        f"has no {' / '.join(missing)} row); the Kaggle file has one row per "
+                        "slice and class, with an empty segmentation for no mask: a truncated "
+                        "or edited file? add the rows, or download it again")
 
 
 def _warn_empty_classes(p: Path, rows: dict[str, dict[str, tuple[int, str]]]) -> None:
