@@ -12,7 +12,7 @@ from data.make import discs
 from kvseg import cli
 from kvseg.data import build_dataset
 from kvseg.data.convert import convert
-from kvseg.errors import RunDirError
+from kvseg.errors import DataError, RunDirError
 
 
 def _save(path, array, **kw):
@@ -111,3 +111,52 @@ def test_convert_refuses_a_used_folder_and_missing_input_via_the_cli(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "masks: folder not found" in err
     assert not (tmp_path / "o2").exists() and not (tmp_path / ".o2.partial").exists()
+
+
+def _isic(root, masks):
+    for i, mask in enumerate(masks, start=1):
+        lab = discs((20, 24), 1, i)
+        _save(root / "ISIC2018_Task1-2_Training_Input" / f"ISIC_{i:07d}.jpg", _rgb(lab))
+        _save(root / "ISIC2018_Task1_Training_GroundTruth" / f"ISIC_{i:07d}_segmentation.png",
+              mask(lab))
+
+
+def test_isic_masks_stored_as_0_1_are_converted_not_emptied(tmp_path):
+    _isic(tmp_path / "src", [lambda lab: lab.astype(np.uint8)] * 2)  # 0/1, not 0/255
+    convert("isic2018", tmp_path / "src", tmp_path / "out")
+    ds = _check(tmp_path / "out", ["lesion"], 2)
+    for i in (1, 2):  # every converted mask used to be empty (thresholded at 127)
+        np.testing.assert_array_equal(ds.full_mask(f"ISIC_{i:07d}")[0], discs((20, 24), 1, i))
+
+
+def test_masks_of_other_value_sets_are_refused_naming_the_file(tmp_path):
+    _isic(tmp_path / "src", [lambda lab: (lab * 255).astype(np.uint8),
+                             lambda lab: (lab * 7).astype(np.uint8)])  # 0/7: which is it?
+    with pytest.raises(DataError, match=r"ISIC_0000002_segmentation.png: mask values 0, 7 \(2 "
+                                        r"distinct\) are not a binary mask"):
+        convert("isic2018", tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_montgomery_mask_of_another_size_is_one_line(tmp_path, capsys):
+    src = tmp_path / "MontgomerySet"
+    lab = discs((20, 24), 2, 0)
+    _save(src / "CXR_png" / "MCUCXR_0001_0.png", (lab * 80 + 20).astype(np.uint8))
+    _save(src / "ManualMask" / "leftMask" / "MCUCXR_0001_0.png",
+          ((lab == 1) * 255).astype(np.uint8))
+    _save(src / "ManualMask" / "rightMask" / "MCUCXR_0001_0.png", np.zeros((10, 12), np.uint8))
+    rc = cli.main(["convert", "montgomery", "--src", str(src), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err  # was a numpy broadcasting traceback
+    assert "rightMask/MCUCXR_0001_0.png: mask is 12x10 but image" in err and "24x20" in err
+
+
+def test_kvasir_src_one_folder_too_high_is_accepted(tmp_path):
+    src = tmp_path / "download" / "Kvasir-SEG"
+    for i in range(2):
+        lab = discs((20, 24), 1, i)
+        _save(src / "images" / f"c{i}.jpg", _rgb(lab))
+        _save(src / "masks" / f"c{i}.jpg", (lab * 255).astype(np.uint8), quality=90)
+    (tmp_path / "download" / "kvasir-seg.zip").write_bytes(b"PK")
+    convert("kvasir", tmp_path / "download", tmp_path / "out")  # the folder the zip was in
+    _check(tmp_path / "out", ["polyp"], 2)

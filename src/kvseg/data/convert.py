@@ -26,6 +26,7 @@ montgomery     Montgomery County chest X-rays: ``CXR_png/NAME.png`` + ``ManualMa
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -36,8 +37,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from kvseg.data.png import IMAGE_SUFFIXES
+from kvseg.data.masks import LOSSY_SUFFIXES, binary_mask
+from kvseg.data.png import IMAGE_SUFFIXES, image_info
 from kvseg.errors import ConfigError, DataError, RunDirError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("kvasir", "isic2018", "drive", "montgomery")
 
@@ -55,13 +59,45 @@ class ConvertSummary:
                 f"{self.out} (images/, masks/, dataset.yaml)")
 
 
-def _binary(path: Path) -> np.ndarray:
-    """A mask file as 0/255 uint8: luminance > 127 (JPEG, GIF, colour or not)."""
+def _binary(path: Path, like: Path | None = None) -> np.ndarray:
+    """A mask file as 0/255 uint8 (:func:`kvseg.data.masks.binary_mask` on its luminance: 0/1,
+    0/255, or 0/255 with JPEG artefacts; any other value set is a :class:`DataError`). ``like``:
+    the image it belongs to, whose size it must have."""
     try:
         with Image.open(path) as im:
-            return np.where(np.asarray(im.convert("L")) > 127, 255, 0).astype(np.uint8)
+            lossy = im.format == "JPEG" or path.suffix.lower() in LOSSY_SUFFIXES
+            arr = np.asarray(im.convert("L"))
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable mask ({e})") from None
+    if like is not None:
+        h, w, _ = image_info(like)
+        if arr.shape != (h, w):
+            raise DataError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but image {like} is "
+                            f"{w}x{h} (width x height)")
+    return np.where(binary_mask(arr, path, lossy), 255, 0).astype(np.uint8)
+
+
+#: What each format's ``--src`` holds (a download unpacked one folder deeper is found too).
+MARKERS = {"kvasir": ("images", "masks"), "isic2018": ("ISIC2018_Task1-2_Training_Input",),
+           "drive": ("training",), "montgomery": ("CXR_png",)}
+
+
+def locate(fmt: str, src: Path) -> Path:
+    """``src``, or its one sub-folder that holds the format's folders (``--src`` pointed at the
+    folder the archive was unpacked into, e.g. the parent of ``Kvasir-SEG/``)."""
+    def has(folder: Path) -> bool:
+        return all((folder / m).is_dir() for m in MARKERS[fmt])
+
+    if has(src):
+        return src
+    inside = sorted(c for c in src.iterdir() if c.is_dir() and has(c))
+    if len(inside) == 1:
+        log.info("--src %s: reading the %s download in %s", src, fmt, inside[0])
+        return inside[0]
+    if len(inside) > 1:
+        raise DataError(f"--src {src}: {len(inside)} {fmt} downloads inside "
+                        f"({', '.join(c.name for c in inside)}); name one")
+    return src  # the converter names the folder it misses
 
 
 def _files(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
@@ -109,7 +145,7 @@ def _kvasir(src: Path, w: _Writer, **_) -> dict:
     masks = {p.stem: p for p in _files(src / "masks")}
     for img, mask in _pairs(_files(src / "images"), masks, src / "masks"):
         w.image(img, img.stem)
-        w.mask(_binary(mask), img.stem)
+        w.mask(_binary(mask, img), img.stem)
     return {"classes": ["polyp"]}
 
 
@@ -123,7 +159,7 @@ def _isic(src: Path, w: _Writer, **_) -> dict:
         masks = {p.stem.removesuffix("_segmentation"): p for p in _files(truth)}
         for img, mask in _pairs(_files(images, (".jpg", ".jpeg", ".png")), masks, truth):
             w.image(img, img.stem)
-            w.mask(_binary(mask), img.stem)
+            w.mask(_binary(mask, img), img.stem)
             if part == "Validation":
                 val.append(img.stem)
     return {"classes": ["lesion"], **({"split": {"val": val}} if val else {})}
@@ -142,9 +178,9 @@ def _drive(src: Path, w: _Writer, **_) -> dict:
             if name not in masks:
                 raise DataError(f"{img}: no vessel mask {name}_manual1.gif in {manual}")
             w.image(img, name)
-            w.mask(_binary(masks[name]), name)
+            w.mask(_binary(masks[name], img), name)
             if name in fov:
-                w.mask(_binary(fov[name]), name, sub="fov")
+                w.mask(_binary(fov[name], img), name, sub="fov")
             if part == "test":
                 val.append(name)
     return {"classes": ["vessel"], **({"split": {"val": val}} if val else {})}
@@ -160,7 +196,7 @@ def _montgomery(src: Path, w: _Writer, lungs: str = "merged", **_) -> dict:
         if img.stem not in right:
             raise DataError(f"{img}: no mask in {src / 'ManualMask' / 'rightMask'}")
         w.image(img, img.stem)
-        a, b = _binary(lmask), _binary(right[img.stem])
+        a, b = _binary(lmask, img), _binary(right[img.stem], img)
         if lungs == "merged":
             w.mask(np.maximum(a, b), img.stem)
         else:
@@ -182,6 +218,7 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, link: b
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src}: no such folder")
+    src = locate(fmt, src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(f"--out {out}: exists and is not an empty folder")
     tmp = out.with_name(f".{out.name}.partial")
@@ -203,4 +240,4 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, link: b
     return ConvertSummary(out, len(w.names), tuple(spec["classes"]), val)
 
 
-__all__ = ["CONVERTERS", "FORMATS", "ConvertSummary", "convert"]
+__all__ = ["CONVERTERS", "FORMATS", "MARKERS", "ConvertSummary", "convert", "locate"]

@@ -37,6 +37,7 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")
 BINARY_THRESHOLD = 127
 _DARK, _BRIGHT = 16, 240  # near-binary: pixels in [0, 16) or [240, 255]
 _MODES, _RARE, _PEAK, _DISTINCT = 0.95, 0.01, 8, 8
+_MODES_LOSSY = 0.9  # one JPEG file of a binary format: 90 % within 0-63 or 192-255
 
 
 def near_binary(hist: np.ndarray) -> bool:
@@ -124,9 +125,10 @@ def survey(paths: Sequence[Path], *, luminance: bool = False) -> Survey:
 
 
 def binary_mask(arr: np.ndarray, path: str | os.PathLike, lossy: bool = False) -> np.ndarray:
-    """A one-class mask of any of the binary forms above -> bool (H, W) (``lossy``: the file is
-    a JPEG, so 0/1 is no form of it); any other value set is a :class:`DataError` naming
-    ``path`` and the values."""
+    """A one-class mask of any of the binary forms above -> bool (H, W); any other value set is
+    a :class:`DataError` naming ``path`` and the values. ``lossy``: the file is a JPEG of a
+    format known to be binary (``kvseg convert``), so 0/1 is no form of it, and one small file
+    is judged alone: some values >= 192 and 90 % of the pixels within 0-63 or 192-255."""
     arr = np.asarray(arr)
     values = np.unique(arr)
     found = set(values.tolist())
@@ -136,7 +138,11 @@ def binary_mask(arr: np.ndarray, path: str | os.PathLike, lossy: bool = False) -
         return arr == 1
     if lossy and all_dark(found):
         return np.zeros(arr.shape, bool)
-    if arr.dtype == np.uint8 and near_binary(np.bincount(arr.ravel(), minlength=256)):
+    hist = np.bincount(arr.ravel(), minlength=256) if arr.dtype == np.uint8 else None
+    if hist is not None and lossy and hist[192:].sum() and (
+            hist[:64].sum() + hist[192:].sum() >= _MODES_LOSSY * arr.size):
+        return arr > BINARY_THRESHOLD  # a JPEG of a binary mask: its values are artefacts
+    if hist is not None and near_binary(hist):
         return arr > BINARY_THRESHOLD
     shown = ", ".join(map(str, values[:6].tolist())) + (", ..." if len(values) > 6 else "")
     raise DataError(f"{path}: mask values {shown} ({len(values)} distinct) are not a binary "
