@@ -89,6 +89,6 @@ def test_folder_dataset_reports_non_finite_pixels(tmp_path, write_png):
     img[0, 0] = np.nan
     _float_image(tmp_path / "img" / "x.png", img)
     write_png(tmp_path / "lab" / "x.png", np.zeros((6, 8), np.uint8))
-    ds = FolderDataset(tmp_path / "img", tmp_path / "lab", img_size=8)
+    ds = FolderDataset(tmp_path / "img", tmp_path / "lab", classes=("a",), img_size=8)
     with pytest.raises(DataError, match="x.png: 1 non-finite"):
         ds[0]
