@@ -41,12 +41,12 @@ from torch import nn
 
 from kvseg.errors import CheckpointError
 from kvseg.layers.attention import mode_spec
+from kvseg.layers.position import KVPosBias
 from kvseg.models.convert_common import Converted, SourceTensors, adapt_input_conv
 from kvseg.models.kv_rules import asymmetry, convert_qk, logit_error, sample_tokens
 
 CLASSIFIER = "ImageNet classifier"
 CLASS_TOKEN = "class token (kvseg's encoders have none)"
-FRESH_MAP_POS = "KV-pos map_pos: no counterpart in a QKV file, starts fresh"
 FRESH_REL_POS = "relative-position table: no counterpart in a QKV file, starts at zero"
 
 
@@ -132,6 +132,7 @@ class ViTTarget:
     patch_key: str  # "encoder.patch_embed.proj" (SETR) or "encoder.patch_embed" (hybrid)
     adapt_patch: bool  # the patch embedding is the stem (SETR): adapt it to in_channels
     rule: str
+    pos_dim: int = 0  # KV-pos map_pos width (0: no KV-pos)
 
 
 def vit_target(model: nn.Module, rule: str, *, hybrid: bool) -> ViTTarget:
@@ -141,7 +142,8 @@ def vit_target(model: nn.Module, rule: str, *, hybrid: bool) -> ViTTarget:
                      grid=tuple(enc.pos_embed.weight.shape[-2:]), in_channels=model.in_channels,
                      final_norm=enc.norm is not None,
                      patch_key="encoder.patch_embed" if hybrid else "encoder.patch_embed.proj",
-                     adapt_patch=not hybrid, rule=rule)
+                     adapt_patch=not hybrid, rule=rule,
+                     pos_dim=attn.pos.pos_dim if getattr(attn, "pos", None) is not None else 0)
 
 
 def convert_vit_encoder(src: SourceTensors, tgt: ViTTarget, conv: Converted) -> None:
@@ -181,8 +183,7 @@ def convert_vit_encoder(src: SourceTensors, tgt: ViTTarget, conv: Converted) -> 
                                                    tgt.num_heads),
                         "asymmetry": asymmetry(x, wq, bq, wk, bk, tgt.num_heads)})
         if spec.key_bias:
-            for name in ("weight", "bias"):
-                conv.fresh[f"{o}attn.pos.map_pos.{name}"] = FRESH_MAP_POS
+            put_kv_start(conv, f"{o}attn.pos.map_pos", tgt.pos_dim)
         if spec.rel_pos:
             conv.fresh[f"{o}attn.rel_pos.table"] = FRESH_REL_POS
     if tgt.final_norm:
@@ -192,6 +193,16 @@ def convert_vit_encoder(src: SourceTensors, tgt: ViTTarget, conv: Converted) -> 
         src.drop(lambda k: k.startswith("norm."),
                  "final norm (SETR-MLA normalises each level in its head, fresh, as SETR)")
     src.drop(lambda k: k.startswith(("head.", "pre_logits.")), CLASSIFIER)
+
+
+def put_kv_start(conv: Converted, prefix: str, pos_dim: int) -> None:
+    """A converted KV-pos layer's ``map_pos`` (no counterpart in a QKV file): temperature 1 and
+    no per-key bias (:meth:`~kvseg.layers.position.KVPosBias.kv_start`), so the layer starts
+    as the converted KV layer instead of at a random temperature Σw (about half of them
+    negative at PyTorch's default init: inverted attention)."""
+    weight, bias = KVPosBias.kv_start(pos_dim)
+    conv.put(f"{prefix}.weight", weight, computed=True)
+    conv.put(f"{prefix}.bias", bias, computed=True)
 
 
 def setr_from_timm(src: SourceTensors, model: nn.Module, rule: str) -> Converted:
@@ -253,6 +264,6 @@ def hybrid_from_transunet(src: SourceTensors, model: nn.Module, rule: str) -> Co
     return conv
 
 
-__all__ = ["ViTTarget", "convert_r50", "convert_vit_encoder", "google_to_timm",
+__all__ = ["ViTTarget", "convert_r50", "convert_vit_encoder", "google_to_timm", "put_kv_start",
            "hybrid_from_transunet", "pos_table", "setr_from_google", "setr_from_timm",
            "vit_target"]

@@ -66,7 +66,8 @@ class LoadReport:
         converted: model tensors computed from the file (transposed, split, resampled, adapted,
             folded by a KV rule).
         skipped: file tensor -> why it was not used (class token, classifier, ...).
-        missing: model tensor -> why it keeps its initialisation (decoder, head, KV-pos map).
+        missing: model tensor -> why it keeps its initialisation (decoder, head, KV-relpos
+            table).
         kv: per attention layer of a KV / KV-pos model: ``{"layer", "rule", "logit_error",
             "asymmetry"}`` (:func:`kvseg.models.kv_rules.logit_error` on sample tokens).
     """
