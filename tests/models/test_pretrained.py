@@ -110,8 +110,9 @@ KV_ONLY = {"setr_cvt": lambda k: k.startswith("stage") and ".conv_proj_q." in k}
 
 
 @pytest.mark.parametrize("family,file,dropped", [
-    ("setr", "vit.pth", {"cls_token", "head.weight", "head.bias"}),
-    ("setr", "ViT-B_16.npz", {"cls_token", "head.weight", "head.bias"}),
+    ("setr", "vit.pth", {"cls_token", "head.weight", "head.bias", "norm.weight", "norm.bias"}),
+    ("setr", "ViT-B_16.npz", {"cls_token", "head.weight", "head.bias", "norm.weight",
+                              "norm.bias"}),
     ("setr_conv", "R50+ViT-B_16.npz", {"cls_token", "head.weight", "head.bias",
                                        "pre_logits.fc.weight", "pre_logits.fc.bias"}),
     ("setr_cvt", "CvT-13.pth", {"stage2.cls_token", "norm.weight", "norm.bias", "head.weight",
@@ -129,7 +130,8 @@ def test_every_tensor_is_consumed_or_dropped_with_a_reason(files, family, file, 
         assert extra and all(KV_ONLY["setr_cvt"](k) for k in extra)
     assert all(report.skipped.values())
     enc = {k for k in own if k.startswith("encoder.")}
-    fresh = {k for k in enc if k.endswith("num_batches_tracked")}
+    fresh = {k for k in enc if k.endswith("num_batches_tracked")
+             or (family == "setr" and k.startswith("encoder.norm."))}
     assert set(report.loaded) | set(report.converted) >= enc - fresh
     assert {k for k in report.missing if k.startswith("encoder.")} <= fresh
     if mode != "qkv":
@@ -158,10 +160,34 @@ def test_qkv_tensors_load_verbatim_and_the_rest_stays_fresh(files):
                      "norm1.weight"):
             assert torch.equal(got[f"encoder.blocks.{i}.{name}"], sd[f"blocks.{i}.{name}"])
     assert torch.equal(got["encoder.patch_embed.proj.weight"], sd["patch_embed.proj.weight"])
-    assert torch.equal(got["encoder.norm.weight"], sd["norm.weight"])
     for k, v in fresh.state_dict().items():
         if not k.startswith("encoder."):
             assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("head", ["naive", "pup", "mla"])
+def test_setr_drops_timms_final_norm_as_setr_does(files, head):
+    """SETR's backbone has no final norm (its loader drops norm.*); naive/PUP's head applies a
+    LayerNorm of its own, freshly initialised: kvseg's encoder.norm starts fresh (1, 0)."""
+    model = _micro("setr_kv", head=head, pretrained=str(files / "vit.pth"))
+    report = model.pretrained_report
+    assert {"norm.weight", "norm.bias"} <= set(report.skipped)
+    assert "SETR" in report.skipped["norm.weight"]
+    if head == "mla":
+        assert model.encoder.norm is None
+        return
+    assert torch.equal(model.encoder.norm.weight.data, torch.ones(96))
+    assert torch.equal(model.encoder.norm.bias.data, torch.zeros(96))
+    assert "fresh" in report.missing["encoder.norm.weight"]
+
+
+def test_the_hybrid_keeps_the_final_norm_as_transunet(files):
+    """TransUNet's encoder has encoder_norm and its load_from loads it."""
+    arrays = transunet_arrays()
+    model = _micro("setr_conv_kv", pretrained=str(files / "R50+ViT-B_16.npz"))
+    assert torch.equal(model.encoder.norm.weight.data,
+                       torch.from_numpy(arrays["Transformer/encoder_norm/scale"]))
+    assert "norm.weight" not in model.pretrained_report.skipped
 
 
 def test_position_table_is_the_original_at_the_native_grid_and_bicubic_elsewhere(files):

@@ -16,8 +16,9 @@ timm (Google ``.npz``)                         kvseg (``encoder.``…)
 (D, heads, head_dim) kernels)                  [rule(W_q, W_k); W_v] (:mod:`.kv_rules`)
 ``blocks.i.attn.proj`` (``out``)               ``blocks.i.attn.proj``
 ``blocks.i.mlp.fc1/2`` (``Dense_0/1``)         ``blocks.i.mlp.fc1/2``
-``norm`` (``encoder_norm``)                    ``norm`` (dropped for SETR-MLA: its head
-                                               normalises each level, fresh, as SETR)
+``norm`` (``encoder_norm``)                    ``norm`` (hybrid, as TransUNet); dropped for
+                                               SETR: naive/PUP's last LayerNorm starts fresh
+                                               and MLA's head normalises each level, as SETR
 ``head``, ``pre_logits``                       dropped: ImageNet classifier
 =============================================  =========================================
 
@@ -47,6 +48,11 @@ from kvseg.models.kv_rules import asymmetry, convert_qk, logit_error, sample_tok
 
 CLASSIFIER = "ImageNet classifier"
 CLASS_TOKEN = "class token (kvseg's encoders have none)"
+#: SETR's backbone has no final norm (its loader drops timm's ``norm.*``); its naive/PUP head
+#: (``VisionTransformerUpHead``) applies a LayerNorm of its own, freshly initialised, to the last
+#: layer: kvseg's ``encoder.norm`` plays that part.
+SETR_FINAL_NORM = "final norm (SETR's loader drops it; its naive/PUP head LayerNorm starts fresh)"
+SETR_HEAD_NORM = "SETR naive/PUP head LayerNorm: starts fresh, as SETR's VisionTransformerUpHead"
 FRESH_REL_POS = "relative-position table: no counterpart in a QKV file, starts at zero"
 
 
@@ -129,6 +135,7 @@ class ViTTarget:
     grid: tuple[int, int]
     in_channels: int
     final_norm: bool
+    load_final_norm: bool  # the file's ``norm`` goes into the model's (TransUNet) or not (SETR)
     patch_key: str  # "encoder.patch_embed.proj" (SETR) or "encoder.patch_embed" (hybrid)
     adapt_patch: bool  # the patch embedding is the stem (SETR): adapt it to in_channels
     rule: str
@@ -140,7 +147,7 @@ def vit_target(model: nn.Module, rule: str, *, hybrid: bool) -> ViTTarget:
     attn = enc.blocks[0].attn
     return ViTTarget(mode=attn.mode, depth=len(enc.blocks), num_heads=attn.num_heads,
                      grid=tuple(enc.pos_embed.weight.shape[-2:]), in_channels=model.in_channels,
-                     final_norm=enc.norm is not None,
+                     final_norm=enc.norm is not None, load_final_norm=hybrid,
                      patch_key="encoder.patch_embed" if hybrid else "encoder.patch_embed.proj",
                      adapt_patch=not hybrid, rule=rule,
                      pos_dim=attn.pos.pos_dim if getattr(attn, "pos", None) is not None else 0)
@@ -186,9 +193,13 @@ def convert_vit_encoder(src: SourceTensors, tgt: ViTTarget, conv: Converted) -> 
             put_kv_start(conv, f"{o}attn.pos.map_pos", tgt.pos_dim)
         if spec.rel_pos:
             conv.fresh[f"{o}attn.rel_pos.table"] = FRESH_REL_POS
-    if tgt.final_norm:
+    if tgt.final_norm and tgt.load_final_norm:
         conv.put("encoder.norm.weight", src.pop("norm.weight"))
         conv.put("encoder.norm.bias", src.pop("norm.bias"))
+    elif tgt.final_norm:
+        src.drop(lambda k: k.startswith("norm."), SETR_FINAL_NORM)
+        for name in ("weight", "bias"):
+            conv.fresh[f"encoder.norm.{name}"] = SETR_HEAD_NORM
     else:
         src.drop(lambda k: k.startswith("norm."),
                  "final norm (SETR-MLA normalises each level in its head, fresh, as SETR)")
