@@ -2,11 +2,13 @@
 
 For every attention layer of a QKV model (from an official weights file, or a kvseg QKV run),
 the layer's own inputs are captured on sample images (forward pre-hooks); then, for each rule
-(``kvseg.models.kv_rules``: key, mean, sym), the KV key projection is computed from W_q, W_k and
-the relative Frobenius error ‖L' − L‖ / ‖L‖ of the converted pre-softmax logits L' = K'K'ᵀ
-against the QKV logits L = QKᵀ is measured on those inputs (all heads and images together).
-``floor`` is ‖(L − Lᵀ)/2‖ / ‖L‖: no KV layer can get below it; it says how asymmetric the
-pretrained attention is (0: symmetric; about 0.71 for unrelated random W_q, W_k).
+(``kvseg.models.kv_rules``: key, mean, sym), the KV key projection is computed from W_q, W_k
+(b_q) and the relative Frobenius error ‖(L' − L)C‖ / ‖LC‖ of the converted pre-softmax logits
+L' = K'K'ᵀ against the QKV logits L = QKᵀ is measured on those inputs, both centred along each
+row (C: per-query constants cancel in the softmax and do not count), all heads and images
+together. ``floor`` is ‖antisym(CLC)‖ / ‖LC‖: no KV layer can get below it; it says how
+asymmetric the pretrained attention is (0: symmetric up to per-row and per-column constants;
+about 0.71 for unrelated random W_q, W_k).
 
 CvT layers are measured as the converter uses them: QKV logits proj_q(dw_bn_q(x)) ·
 proj_k(dw_bn_k(x)ᵀ at stride 2) against the KV logits proj_k'(dw_bn_k(x) at stride 1) ·
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_common import add_threads_option, apply_threads, machine
-from kvseg.models.kv_rules import RULES, convert_qk
+from kvseg.models.kv_rules import RULES, centre_rows, convert_qk, floor
 from kvseg.utils import atomic_write_text
 
 
@@ -45,6 +47,8 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _err(new: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error of the row-centred logits (what the softmax sees)."""
+    new, ref = centre_rows(new), centre_rows(ref)
     return float((new - ref).norm() / ref.norm())
 
 
@@ -56,7 +60,7 @@ def token_layer(attn, x: torch.Tensor) -> dict:
     h = attn.num_heads
     q, k = _heads(F.linear(x, wq, bq), h), _heads(F.linear(x, wk, bk), h)
     ref = q @ k.transpose(-2, -1)
-    row = {"floor": _err((ref + ref.transpose(-2, -1)) / 2, ref)}
+    row = {"floor": floor(ref)}
     for rule in RULES:
         wn, bn = convert_qk(wq, bq, wk, bk, h, rule)
         kn = _heads(F.linear(x, wn, bn), h)

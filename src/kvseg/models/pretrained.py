@@ -69,7 +69,8 @@ class LoadReport:
         missing: model tensor -> why it keeps its initialisation (decoder, head, KV-relpos
             table).
         kv: per attention layer of a KV / KV-pos model: ``{"layer", "rule", "logit_error",
-            "asymmetry"}`` (:func:`kvseg.models.kv_rules.logit_error` on sample tokens).
+            "asymmetry"}`` (:func:`kvseg.models.kv_rules.logit_error` of the row-centred logits
+            on sample tokens, and its floor).
     """
 
     source: str = ""
@@ -96,8 +97,8 @@ class LoadReport:
         if self.kv:
             err = sum(r["logit_error"] for r in self.kv) / len(self.kv)
             floor = sum(r["asymmetry"] for r in self.kv) / len(self.kv)
-            text += (f"; KV rule {self.kv[0]['rule']!r}: logit error {err:.3f} on sample tokens "
-                     f"(floor {floor:.3f}), mean of {len(self.kv)} layers")
+            text += (f"; KV rule {self.kv[0]['rule']!r}: row-centred logit error {err:.3f} on "
+                     f"sample tokens (floor {floor:.3f}), mean of {len(self.kv)} layers")
         return text
 
 
