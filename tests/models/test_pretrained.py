@@ -150,6 +150,25 @@ def test_timm_and_google_files_give_identical_outputs(files, mode):
     assert b.pretrained_report.layout == "google_vit"
 
 
+@pytest.mark.parametrize("name,file", [("setr_qkv", "ViT-B_16.npz"),
+                                       ("setr_conv_qkv", "R50+ViT-B_16.npz")])
+def test_google_kernels_count_as_converted_not_loaded_verbatim(files, name, file):
+    """Google's (in, out), HWIO and (D, heads, head_dim) kernels are transposed/reshaped: the
+    report says converted; norms and plain biases are the file's own (loaded)."""
+    report = _micro(name, pretrained=str(files / file)).pretrained_report
+    assert not set(report.loaded) & set(report.converted)
+    enc = "encoder.blocks.1."
+    for key in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight",
+                "mlp.fc2.weight"):
+        assert enc + key in report.converted, key
+    assert any(k.startswith("encoder.patch_embed") and k.endswith("weight")
+               for k in report.converted)
+    for key in ("norm1.weight", "attn.proj.bias", "mlp.fc1.bias"):
+        assert enc + key in report.loaded, key
+    timm = _micro(name.replace("conv_", ""), pretrained=str(files / "vit.pth")).pretrained_report
+    assert enc + "attn.qkv.weight" in timm.loaded  # timm's layout is PyTorch's: verbatim
+
+
 def test_qkv_tensors_load_verbatim_and_the_rest_stays_fresh(files):
     sd = timm_vit_state()
     fresh = _micro("setr_qkv", seed=9)

@@ -225,10 +225,22 @@ def setr_from_timm(src: SourceTensors, model: nn.Module, rule: str) -> Converted
     return conv
 
 
+#: Model tensors that a Google ``.npz`` gives only transposed or reshaped (kernels (in, out),
+#: HWIO convs, (D, heads, head_dim) attention kernels stacked into ``qkv``, per-head biases):
+#: reported as converted, not as loaded verbatim.
+_GOOGLE_RESHAPED = re.compile(r"encoder\.(patch_embed(\.proj)?\.weight|blocks\.\d+\.("
+                              r"attn\.(qkv|proj)\.weight|attn\.qkv\.bias|mlp\.fc[12]\.weight))$")
+
+
+def _mark_google_reshaped(conv: Converted) -> Converted:
+    conv.computed.update(k for k in conv.state if _GOOGLE_RESHAPED.match(k))
+    return conv
+
+
 def setr_from_google(src: SourceTensors, model: nn.Module, rule: str) -> Converted:
     """Google's ViT ``.npz`` -> a SETR model's encoder tensors (via timm's names)."""
     src.tensors = google_to_timm(src.tensors)
-    return setr_from_timm(src, model, rule)
+    return _mark_google_reshaped(setr_from_timm(src, model, rule))
 
 
 def _hwio(t: torch.Tensor) -> torch.Tensor:
@@ -272,7 +284,7 @@ def hybrid_from_transunet(src: SourceTensors, model: nn.Module, rule: str) -> Co
     convert_vit_encoder(src, vit_target(model, rule, hybrid=True), conv)
     src.finish()
     conv.dropped = src.dropped
-    return conv
+    return _mark_google_reshaped(conv)
 
 
 __all__ = ["ViTTarget", "convert_r50", "convert_vit_encoder", "google_to_timm", "put_kv_start",
