@@ -26,7 +26,8 @@ MODES = ("qkv", "kv", "kvpos")
 
 def _micro(name="setr_kv", **kw):
     torch.manual_seed(kw.pop("seed", 0))
-    return kvseg.create_model(name, size="micro", img_size=kw.pop("img_size", 64), **kw)
+    return kvseg.create_model(name, size=kw.pop("size", "micro"), img_size=kw.pop("img_size", 64),
+                              **kw)
 
 
 # --------------------------------------------------------------------------- kvseg layout
@@ -84,6 +85,45 @@ def test_bad_files_get_one_line_errors(tmp_path):
     np.savez(pickled, obj=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="pickled.npz"):  # allow_pickle=False
         load_pretrained(_micro(), pickled)
+
+
+def test_a_kvseg_file_of_another_family_or_size_is_refused_naming_what_it_is(tmp_path):
+    """Not '1 tensor loaded, 141 skipped' and training from scratch: one line naming the file,
+    how much of the encoder it supplies, and which model it fits."""
+    from kvseg.checkpoint import save_model
+
+    cvt = _micro("setr_cvt_kv")
+    save_model(tmp_path / "best.safetensors", cvt, {"model": "setr_cvt_kv", "size": "micro",
+                                                    "img_size": 64})
+    torch.save(cvt.state_dict(), tmp_path / "cvt.pt")
+    torch.save(_micro("setr_kv", size="small").state_dict(), tmp_path / "small.pt")
+    for file, looks in [("best.safetensors", "a kvseg setr_cvt_kv model (size micro"),
+                        ("cvt.pt", "a kvseg setr_cvt checkpoint (kv)"),
+                        ("small.pt", "a kvseg setr checkpoint (kv)")]:
+        with pytest.raises(CheckpointError) as e:
+            load_pretrained(_micro("setr_kv"), tmp_path / file)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and msg.startswith(str(tmp_path / file)), msg
+        assert "does not fit setr_kv" in msg and "of the encoder's weights" in msg, msg
+        assert looks in msg, msg
+    with pytest.raises(CheckpointError, match=r"small.pt.*another shape \(first: "):
+        load_pretrained(_micro("setr_kv"), tmp_path / "small.pt")
+
+
+def test_a_kvseg_file_of_another_mode_loads_most_of_the_encoder_with_a_warning(tmp_path, caplog):
+    """A QKV checkpoint into a KV model supplies all but the attention's key/value projections:
+    accepted (well above MIN_ENCODER_SHARE), and the tensors left at their init are a warning."""
+    path = tmp_path / "qkv.pt"
+    torch.save(_micro("setr_qkv").state_dict(), path)
+    with caplog.at_level("WARNING", logger="kvseg.models.pretrained"):
+        report = load_pretrained(_micro("setr_kv"), path)
+    assert "encoder.blocks.0.attn.kv.weight" in report.missing
+    assert any("keep their initialisation" in r.getMessage() and "attn.kv" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvseg.models.pretrained"):  # same model: no warning
+        load_pretrained(_micro("setr_qkv"), path)
+    assert not caplog.records
 
 
 # --------------------------------------------------------------------------- official layouts
