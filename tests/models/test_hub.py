@@ -97,3 +97,20 @@ def test_the_official_table(cache, monkeypatch):
         kvseg.create_model("setr_kv", size="micro", img_size=64, pretrained="imagenet")
     with pytest.raises(ConfigError, match="setr_conv at size 'large'"):
         hub.resolve("imagenet", "setr_conv", "large")
+
+
+def test_the_hybrids_offline_message_names_transunets_current_copy(cache, monkeypatch):
+    """Google's bucket may have expired R50+ViT-B_16.npz; TransUNet's README (2026/02) points to
+    a Drive folder: both appear in the one line, offline or with downloading off."""
+    def offline(url, dst):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(hub, "_download", offline)
+    for download in (True, False):
+        with pytest.raises(CheckpointError) as e:
+            hub.resolve("imagenet", "setr_conv", "base", download=download)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1
+        assert "storage.googleapis.com/vit_models/imagenet21k/R50+ViT-B_16.npz" in msg
+        assert "drive.google.com/drive/folders/1ACJEoTp-uqfFJ73qS3eUObQh52nGuzCd" in msg
+        assert "TransUNet" in msg and "--pretrained PATH" in msg

@@ -26,7 +26,8 @@ MODES = ("qkv", "kv", "kvpos")
 
 def _micro(name="setr_kv", **kw):
     torch.manual_seed(kw.pop("seed", 0))
-    return kvseg.create_model(name, size="micro", img_size=kw.pop("img_size", 64), **kw)
+    return kvseg.create_model(name, size=kw.pop("size", "micro"), img_size=kw.pop("img_size", 64),
+                              **kw)
 
 
 # --------------------------------------------------------------------------- kvseg layout
@@ -86,6 +87,45 @@ def test_bad_files_get_one_line_errors(tmp_path):
         load_pretrained(_micro(), pickled)
 
 
+def test_a_kvseg_file_of_another_family_or_size_is_refused_naming_what_it_is(tmp_path):
+    """Not '1 tensor loaded, 141 skipped' and training from scratch: one line naming the file,
+    how much of the encoder it supplies, and which model it fits."""
+    from kvseg.checkpoint import save_model
+
+    cvt = _micro("setr_cvt_kv")
+    save_model(tmp_path / "best.safetensors", cvt, {"model": "setr_cvt_kv", "size": "micro",
+                                                    "img_size": 64})
+    torch.save(cvt.state_dict(), tmp_path / "cvt.pt")
+    torch.save(_micro("setr_kv", size="small").state_dict(), tmp_path / "small.pt")
+    for file, looks in [("best.safetensors", "a kvseg setr_cvt_kv model (size micro"),
+                        ("cvt.pt", "a kvseg setr_cvt checkpoint (kv)"),
+                        ("small.pt", "a kvseg setr checkpoint (kv)")]:
+        with pytest.raises(CheckpointError) as e:
+            load_pretrained(_micro("setr_kv"), tmp_path / file)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and msg.startswith(str(tmp_path / file)), msg
+        assert "does not fit setr_kv" in msg and "of the encoder's weights" in msg, msg
+        assert looks in msg, msg
+    with pytest.raises(CheckpointError, match=r"small.pt.*another shape \(first: "):
+        load_pretrained(_micro("setr_kv"), tmp_path / "small.pt")
+
+
+def test_a_kvseg_file_of_another_mode_loads_most_of_the_encoder_with_a_warning(tmp_path, caplog):
+    """A QKV checkpoint into a KV model supplies all but the attention's key/value projections:
+    accepted (well above MIN_ENCODER_SHARE), and the tensors left at their init are a warning."""
+    path = tmp_path / "qkv.pt"
+    torch.save(_micro("setr_qkv").state_dict(), path)
+    with caplog.at_level("WARNING", logger="kvseg.models.pretrained"):
+        report = load_pretrained(_micro("setr_kv"), path)
+    assert "encoder.blocks.0.attn.kv.weight" in report.missing
+    assert any("keep their initialisation" in r.getMessage() and "attn.kv" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvseg.models.pretrained"):  # same model: no warning
+        load_pretrained(_micro("setr_qkv"), path)
+    assert not caplog.records
+
+
 # --------------------------------------------------------------------------- official layouts
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -110,8 +150,9 @@ KV_ONLY = {"setr_cvt": lambda k: k.startswith("stage") and ".conv_proj_q." in k}
 
 
 @pytest.mark.parametrize("family,file,dropped", [
-    ("setr", "vit.pth", {"cls_token", "head.weight", "head.bias"}),
-    ("setr", "ViT-B_16.npz", {"cls_token", "head.weight", "head.bias"}),
+    ("setr", "vit.pth", {"cls_token", "head.weight", "head.bias", "norm.weight", "norm.bias"}),
+    ("setr", "ViT-B_16.npz", {"cls_token", "head.weight", "head.bias", "norm.weight",
+                              "norm.bias"}),
     ("setr_conv", "R50+ViT-B_16.npz", {"cls_token", "head.weight", "head.bias",
                                        "pre_logits.fc.weight", "pre_logits.fc.bias"}),
     ("setr_cvt", "CvT-13.pth", {"stage2.cls_token", "norm.weight", "norm.bias", "head.weight",
@@ -129,11 +170,10 @@ def test_every_tensor_is_consumed_or_dropped_with_a_reason(files, family, file, 
         assert extra and all(KV_ONLY["setr_cvt"](k) for k in extra)
     assert all(report.skipped.values())
     enc = {k for k in own if k.startswith("encoder.")}
-    fresh = {k for k in enc if ".map_pos." in k or k.endswith("num_batches_tracked")}
+    fresh = {k for k in enc if k.endswith("num_batches_tracked")
+             or (family == "setr" and k.startswith("encoder.norm."))}
     assert set(report.loaded) | set(report.converted) >= enc - fresh
     assert {k for k in report.missing if k.startswith("encoder.")} <= fresh
-    assert all(not k.startswith("encoder.") or "map_pos" in k or "num_batches" in k
-               for k in report.missing)
     if mode != "qkv":
         assert len(report.kv) == len([k for k in enc if k.endswith("proj_k.weight")
                                       or k.endswith("attn.kv.weight")])
@@ -150,6 +190,25 @@ def test_timm_and_google_files_give_identical_outputs(files, mode):
     assert b.pretrained_report.layout == "google_vit"
 
 
+@pytest.mark.parametrize("name,file", [("setr_qkv", "ViT-B_16.npz"),
+                                       ("setr_conv_qkv", "R50+ViT-B_16.npz")])
+def test_google_kernels_count_as_converted_not_loaded_verbatim(files, name, file):
+    """Google's (in, out), HWIO and (D, heads, head_dim) kernels are transposed/reshaped: the
+    report says converted; norms and plain biases are the file's own (loaded)."""
+    report = _micro(name, pretrained=str(files / file)).pretrained_report
+    assert not set(report.loaded) & set(report.converted)
+    enc = "encoder.blocks.1."
+    for key in ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight",
+                "mlp.fc2.weight"):
+        assert enc + key in report.converted, key
+    assert any(k.startswith("encoder.patch_embed") and k.endswith("weight")
+               for k in report.converted)
+    for key in ("norm1.weight", "attn.proj.bias", "mlp.fc1.bias"):
+        assert enc + key in report.loaded, key
+    timm = _micro(name.replace("conv_", ""), pretrained=str(files / "vit.pth")).pretrained_report
+    assert enc + "attn.qkv.weight" in timm.loaded  # timm's layout is PyTorch's: verbatim
+
+
 def test_qkv_tensors_load_verbatim_and_the_rest_stays_fresh(files):
     sd = timm_vit_state()
     fresh = _micro("setr_qkv", seed=9)
@@ -160,10 +219,34 @@ def test_qkv_tensors_load_verbatim_and_the_rest_stays_fresh(files):
                      "norm1.weight"):
             assert torch.equal(got[f"encoder.blocks.{i}.{name}"], sd[f"blocks.{i}.{name}"])
     assert torch.equal(got["encoder.patch_embed.proj.weight"], sd["patch_embed.proj.weight"])
-    assert torch.equal(got["encoder.norm.weight"], sd["norm.weight"])
     for k, v in fresh.state_dict().items():
         if not k.startswith("encoder."):
             assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("head", ["naive", "pup", "mla"])
+def test_setr_drops_timms_final_norm_as_setr_does(files, head):
+    """SETR's backbone has no final norm (its loader drops norm.*); naive/PUP's head applies a
+    LayerNorm of its own, freshly initialised: kvseg's encoder.norm starts fresh (1, 0)."""
+    model = _micro("setr_kv", head=head, pretrained=str(files / "vit.pth"))
+    report = model.pretrained_report
+    assert {"norm.weight", "norm.bias"} <= set(report.skipped)
+    assert "SETR" in report.skipped["norm.weight"]
+    if head == "mla":
+        assert model.encoder.norm is None
+        return
+    assert torch.equal(model.encoder.norm.weight.data, torch.ones(96))
+    assert torch.equal(model.encoder.norm.bias.data, torch.zeros(96))
+    assert "fresh" in report.missing["encoder.norm.weight"]
+
+
+def test_the_hybrid_keeps_the_final_norm_as_transunet(files):
+    """TransUNet's encoder has encoder_norm and its load_from loads it."""
+    arrays = transunet_arrays()
+    model = _micro("setr_conv_kv", pretrained=str(files / "R50+ViT-B_16.npz"))
+    assert torch.equal(model.encoder.norm.weight.data,
+                       torch.from_numpy(arrays["Transformer/encoder_norm/scale"]))
+    assert "norm.weight" not in model.pretrained_report.skipped
 
 
 def test_position_table_is_the_original_at_the_native_grid_and_bicubic_elsewhere(files):
@@ -261,13 +344,29 @@ def test_key_and_mean_rules(files):
         assert model.pretrained_report.kv[2]["rule"] == rule
 
 
-def test_kv_pos_map_starts_fresh(files):
-    fresh = _micro("setr_kvpos", seed=8)
-    model = _micro("setr_kvpos", seed=8, pretrained=str(files / "vit.pth"))
-    for i in range(4):
-        k = f"encoder.blocks.{i}.attn.pos.map_pos.weight"
-        assert torch.equal(model.state_dict()[k], fresh.state_dict()[k])
-        assert "fresh" in model.pretrained_report.missing[k]
+@pytest.mark.parametrize("family,file", [("setr", "vit.pth"), ("setr_conv", "R50+ViT-B_16.npz"),
+                                         ("setr_cvt", "CvT-13.pth")])
+def test_a_converted_kv_pos_model_starts_as_the_converted_kv_model(files, family, file):
+    """map_pos has no counterpart in a QKV file: it starts at temperature Σw = 1 with no per-key
+    bias, so step 0 is the converted KV encoder (not a random, often negative, temperature)."""
+    kv = _micro(f"{family}_kv", seed=3, pretrained=str(files / file)).eval()
+    pos = _micro(f"{family}_kvpos", seed=3, pretrained=str(files / file)).eval()
+    maps = [m for m in pos.modules() if hasattr(m, "map_pos")]
+    assert maps and len(maps) == len(pos.pretrained_report.kv)
+    for m in maps:
+        temperature, key_bias = m(49)
+        torch.testing.assert_close(temperature, torch.tensor(1.0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(key_bias, torch.zeros(49), atol=1e-6, rtol=0)
+    assert not any("map_pos" in k for k in pos.pretrained_report.missing)
+    assert sum("map_pos" in k for k in pos.pretrained_report.converted) == 2 * len(maps)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(pos.encoder(x), kv.encoder(x), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        fresh = _micro(f"{family}_kvpos", seed=3).eval()  # a fresh map_pos would differ
+        fresh.load_state_dict({k: v for k, v in pos.state_dict().items() if "map_pos" not in k},
+                              strict=False)
+        assert (fresh.encoder(x)[-1] - kv.encoder(x)[-1]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name,file,match", [

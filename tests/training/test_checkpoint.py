@@ -48,5 +48,21 @@ def test_missing_and_foreign_files_raise_clearly(tmp_path):
 def test_weights_that_do_not_fit_raise_value_error(tmp_path):
     model = kvseg.create_model("setr_kv", size="micro", img_size=32)
     save_model(tmp_path / "m.safetensors", model, _config(model="setr_qkv"))
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="do not fit") as e:
         load_model(tmp_path / "m.safetensors")
+    # not cut off before the first mismatch: names it (here a missing/extra tensor) and counts
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert "model tensor(s) not in the file (first: encoder.blocks.0.attn.qkv.bias)" in msg
+    assert "file tensor(s) not in the model (first: encoder.blocks.0.attn.kv.bias)" in msg
+
+
+def test_a_tensor_of_another_shape_is_named_with_both_shapes(tmp_path):
+    model = kvseg.create_model("setr_kv", size="micro", img_size=32)
+    save_model(tmp_path / "m.safetensors", model, _config(num_classes=5))
+    with pytest.raises(ValueError, match="do not fit") as e:
+        load_model(tmp_path / "m.safetensors")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert "2 tensor(s) of another shape (first: head.bias (3,) in the file, (5,) in the model)" \
+        in msg

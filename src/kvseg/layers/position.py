@@ -84,6 +84,17 @@ class KVPosBias(nn.Module):
     def num_col_channels(self) -> int:
         return self.pos_dim - min(2 * math.ceil(self.pos_dim / 4), self.pos_dim)
 
+    @staticmethod
+    def kv_start(pos_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``map_pos`` weight (1, pos_dim) and bias (1,) under which the layer is plain KV:
+        temperature Σw = 1 (the row channels share it equally) and no per-key bias (column
+        channels and b zero, so g(j) + b = 0). What a layer converted from a QKV file starts
+        from, so that a converted KV-pos model starts as the converted KV model."""
+        n_row = min(2 * math.ceil(pos_dim / 4), pos_dim)
+        weight = torch.zeros(1, pos_dim)
+        weight[0, :n_row] = 1.0 / n_row
+        return weight, torch.zeros(1)
+
     def forward(self, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.map_pos.weight[0]  # (pos_dim,)
         key = (num_keys, w.device, w.dtype)

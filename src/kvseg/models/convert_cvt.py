@@ -18,7 +18,8 @@ KV / KV-pos models have no query branch: ``conv_proj_q`` is dropped and ``proj_k
 rule(``proj_q``, ``proj_k``) (:mod:`kvseg.models.kv_rules`, applied to the two Linear layers as
 if both read the key branch's map); ``conv_proj_k`` loads unchanged (kvseg runs it at stride 1
 and subsamples, which equals the official stride-2 key branch exactly). KV-pos's ``map_pos``
-starts fresh.
+starts at temperature 1 with no per-key bias, so the converted KV-pos model starts as the
+converted KV model.
 
 The official scale is 1/sqrt(dim) (``attn_scale="dim"``, kvseg's default). A model built with
 ``attn_scale="head"`` gets the difference folded into its weights so that its logits equal the
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from kvseg.models.convert_common import Converted, SourceTensors, adapt_input_conv
-from kvseg.models.convert_vit import CLASS_TOKEN, CLASSIFIER, FRESH_MAP_POS, FRESH_REL_POS
+from kvseg.models.convert_vit import CLASS_TOKEN, CLASSIFIER, FRESH_REL_POS, put_kv_start
 from kvseg.models.kv_rules import asymmetry, convert_qk, logit_error, sample_tokens
 
 _BN = ("weight", "bias", "running_mean", "running_var")
@@ -87,8 +88,7 @@ def _attention(src: SourceTensors, conv: Converted, attn: nn.Module, f: str, o: 
     if bk_new is not None:
         conv.put(f"{o}.proj_k.bias", bk_new * c, computed=True)
     if spec.key_bias:
-        for name in ("weight", "bias"):
-            conv.fresh[f"{o}.pos.map_pos.{name}"] = FRESH_MAP_POS
+        put_kv_start(conv, f"{o}.pos.map_pos", attn.pos.pos_dim)
     if spec.rel_pos:
         conv.fresh[f"{o}.rel_pos.table"] = FRESH_REL_POS
 

@@ -16,8 +16,9 @@ timm (Google ``.npz``)                         kvseg (``encoder.``…)
 (D, heads, head_dim) kernels)                  [rule(W_q, W_k); W_v] (:mod:`.kv_rules`)
 ``blocks.i.attn.proj`` (``out``)               ``blocks.i.attn.proj``
 ``blocks.i.mlp.fc1/2`` (``Dense_0/1``)         ``blocks.i.mlp.fc1/2``
-``norm`` (``encoder_norm``)                    ``norm`` (dropped for SETR-MLA: its head
-                                               normalises each level, fresh, as SETR)
+``norm`` (``encoder_norm``)                    ``norm`` (hybrid, as TransUNet); dropped for
+                                               SETR: naive/PUP's last LayerNorm starts fresh
+                                               and MLA's head normalises each level, as SETR
 ``head``, ``pre_logits``                       dropped: ImageNet classifier
 =============================================  =========================================
 
@@ -41,12 +42,17 @@ from torch import nn
 
 from kvseg.errors import CheckpointError
 from kvseg.layers.attention import mode_spec
+from kvseg.layers.position import KVPosBias
 from kvseg.models.convert_common import Converted, SourceTensors, adapt_input_conv
 from kvseg.models.kv_rules import asymmetry, convert_qk, logit_error, sample_tokens
 
 CLASSIFIER = "ImageNet classifier"
 CLASS_TOKEN = "class token (kvseg's encoders have none)"
-FRESH_MAP_POS = "KV-pos map_pos: no counterpart in a QKV file, starts fresh"
+#: SETR's backbone has no final norm (its loader drops timm's ``norm.*``); its naive/PUP head
+#: (``VisionTransformerUpHead``) applies a LayerNorm of its own, freshly initialised, to the last
+#: layer: kvseg's ``encoder.norm`` plays that part.
+SETR_FINAL_NORM = "final norm (SETR's loader drops it; its naive/PUP head LayerNorm starts fresh)"
+SETR_HEAD_NORM = "SETR naive/PUP head LayerNorm: starts fresh, as SETR's VisionTransformerUpHead"
 FRESH_REL_POS = "relative-position table: no counterpart in a QKV file, starts at zero"
 
 
@@ -129,9 +135,11 @@ class ViTTarget:
     grid: tuple[int, int]
     in_channels: int
     final_norm: bool
+    load_final_norm: bool  # the file's ``norm`` goes into the model's (TransUNet) or not (SETR)
     patch_key: str  # "encoder.patch_embed.proj" (SETR) or "encoder.patch_embed" (hybrid)
     adapt_patch: bool  # the patch embedding is the stem (SETR): adapt it to in_channels
     rule: str
+    pos_dim: int = 0  # KV-pos map_pos width (0: no KV-pos)
 
 
 def vit_target(model: nn.Module, rule: str, *, hybrid: bool) -> ViTTarget:
@@ -139,9 +147,10 @@ def vit_target(model: nn.Module, rule: str, *, hybrid: bool) -> ViTTarget:
     attn = enc.blocks[0].attn
     return ViTTarget(mode=attn.mode, depth=len(enc.blocks), num_heads=attn.num_heads,
                      grid=tuple(enc.pos_embed.weight.shape[-2:]), in_channels=model.in_channels,
-                     final_norm=enc.norm is not None,
+                     final_norm=enc.norm is not None, load_final_norm=hybrid,
                      patch_key="encoder.patch_embed" if hybrid else "encoder.patch_embed.proj",
-                     adapt_patch=not hybrid, rule=rule)
+                     adapt_patch=not hybrid, rule=rule,
+                     pos_dim=attn.pos.pos_dim if getattr(attn, "pos", None) is not None else 0)
 
 
 def convert_vit_encoder(src: SourceTensors, tgt: ViTTarget, conv: Converted) -> None:
@@ -181,17 +190,30 @@ def convert_vit_encoder(src: SourceTensors, tgt: ViTTarget, conv: Converted) -> 
                                                    tgt.num_heads),
                         "asymmetry": asymmetry(x, wq, bq, wk, bk, tgt.num_heads)})
         if spec.key_bias:
-            for name in ("weight", "bias"):
-                conv.fresh[f"{o}attn.pos.map_pos.{name}"] = FRESH_MAP_POS
+            put_kv_start(conv, f"{o}attn.pos.map_pos", tgt.pos_dim)
         if spec.rel_pos:
             conv.fresh[f"{o}attn.rel_pos.table"] = FRESH_REL_POS
-    if tgt.final_norm:
+    if tgt.final_norm and tgt.load_final_norm:
         conv.put("encoder.norm.weight", src.pop("norm.weight"))
         conv.put("encoder.norm.bias", src.pop("norm.bias"))
+    elif tgt.final_norm:
+        src.drop(lambda k: k.startswith("norm."), SETR_FINAL_NORM)
+        for name in ("weight", "bias"):
+            conv.fresh[f"encoder.norm.{name}"] = SETR_HEAD_NORM
     else:
         src.drop(lambda k: k.startswith("norm."),
                  "final norm (SETR-MLA normalises each level in its head, fresh, as SETR)")
     src.drop(lambda k: k.startswith(("head.", "pre_logits.")), CLASSIFIER)
+
+
+def put_kv_start(conv: Converted, prefix: str, pos_dim: int) -> None:
+    """A converted KV-pos layer's ``map_pos`` (no counterpart in a QKV file): temperature 1 and
+    no per-key bias (:meth:`~kvseg.layers.position.KVPosBias.kv_start`), so the layer starts
+    as the converted KV layer instead of at a random temperature Σw (about half of them
+    negative at PyTorch's default init: inverted attention)."""
+    weight, bias = KVPosBias.kv_start(pos_dim)
+    conv.put(f"{prefix}.weight", weight, computed=True)
+    conv.put(f"{prefix}.bias", bias, computed=True)
 
 
 def setr_from_timm(src: SourceTensors, model: nn.Module, rule: str) -> Converted:
@@ -203,10 +225,22 @@ def setr_from_timm(src: SourceTensors, model: nn.Module, rule: str) -> Converted
     return conv
 
 
+#: Model tensors that a Google ``.npz`` gives only transposed or reshaped (kernels (in, out),
+#: HWIO convs, (D, heads, head_dim) attention kernels stacked into ``qkv``, per-head biases):
+#: reported as converted, not as loaded verbatim.
+_GOOGLE_RESHAPED = re.compile(r"encoder\.(patch_embed(\.proj)?\.weight|blocks\.\d+\.("
+                              r"attn\.(qkv|proj)\.weight|attn\.qkv\.bias|mlp\.fc[12]\.weight))$")
+
+
+def _mark_google_reshaped(conv: Converted) -> Converted:
+    conv.computed.update(k for k in conv.state if _GOOGLE_RESHAPED.match(k))
+    return conv
+
+
 def setr_from_google(src: SourceTensors, model: nn.Module, rule: str) -> Converted:
     """Google's ViT ``.npz`` -> a SETR model's encoder tensors (via timm's names)."""
     src.tensors = google_to_timm(src.tensors)
-    return setr_from_timm(src, model, rule)
+    return _mark_google_reshaped(setr_from_timm(src, model, rule))
 
 
 def _hwio(t: torch.Tensor) -> torch.Tensor:
@@ -250,9 +284,9 @@ def hybrid_from_transunet(src: SourceTensors, model: nn.Module, rule: str) -> Co
     convert_vit_encoder(src, vit_target(model, rule, hybrid=True), conv)
     src.finish()
     conv.dropped = src.dropped
-    return conv
+    return _mark_google_reshaped(conv)
 
 
-__all__ = ["ViTTarget", "convert_r50", "convert_vit_encoder", "google_to_timm",
+__all__ = ["ViTTarget", "convert_r50", "convert_vit_encoder", "google_to_timm", "put_kv_start",
            "hybrid_from_transunet", "pos_table", "setr_from_google", "setr_from_timm",
            "vit_target"]

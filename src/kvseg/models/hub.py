@@ -21,7 +21,9 @@ timm's release file names end in the first 8 hex digits of the file's SHA-256 (t
 these files, so kvseg checks that prefix, and says so. Google's and Microsoft's files have no
 published checksum or size: they are checked by their layout (every tensor must convert and
 fit, :mod:`kvseg.models.pretrained`), and a warning says that no checksum was verified. TransUNet's
-README (2026) notes that Google's bucket may have expired the file and points to a Drive copy.
+README (update 2026/02) says that Google's ViT weights appear to have expired and points to a copy
+in its Google Drive project folder (``model/vit_checkpoint/imagenet21k/R50+ViT-B_16.npz`` after
+extraction): the offline and failed-download messages name it (``WeightsFile.elsewhere``).
 
 The file is looked up in the torch hub cache (``torch.hub.get_dir()/checkpoints``) and, only when
 it is not there, downloaded (the user named the source; ``download=False`` forbids it). Offline,
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 
 _TIMM = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
 _CVT_ZOO = "https://1drv.ms/u/s!AhIXJn_J-blW9RzF3rMW7SsLHa8h?e=blQ0Al"
+_TRANSUNET_DRIVE = ("https://drive.google.com/drive/folders/1ACJEoTp-uqfFJ73qS3eUObQh52nGuzCd "
+                    "(TransUNet's project folder; after extraction the file is "
+                    "model/vit_checkpoint/imagenet21k/R50+ViT-B_16.npz)")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class WeightsFile:
     sha256_prefix: str | None = None  # timm's 8 hex digits in the file name
     size_bytes: int | None = None
     page: str = ""  # where the URL or file is documented
+    elsewhere: str = ""  # another place to get the file by hand (a mirror the README names)
 
 
 SOURCES: dict[str, dict[tuple[str, str], WeightsFile]] = {
@@ -72,8 +78,8 @@ SOURCES: dict[str, dict[tuple[str, str], WeightsFile]] = {
         ("setr_conv", "base"): WeightsFile(
             "R50+ViT-B_16.npz",
             "https://storage.googleapis.com/vit_models/imagenet21k/R50+ViT-B_16.npz",
-            "transunet_r50_vit", page="Beckschen/TransUNet README (a Drive copy is linked there "
-            "if Google's bucket has expired the file)"),
+            "transunet_r50_vit", page="Beckschen/TransUNet README",
+            elsewhere=_TRANSUNET_DRIVE),
         ("setr_cvt", "base"): WeightsFile(
             "CvT-13-224x224-IN-1k.pth", None, "microsoft_cvt",
             page=f"microsoft/CvT README model zoo {_CVT_ZOO}"),
@@ -146,6 +152,8 @@ def resolve(name: str, family: str, size: str | None, *, download: bool = True) 
     wf = weights_file(name, family, size)
     path = cache_dir() / wf.filename
     how = f"download it yourself and pass the file (--pretrained PATH), or put it at {path}"
+    if wf.elsewhere:
+        how += f"; Google's copy may have expired, the {wf.page} names another: {wf.elsewhere}"
     if not path.is_file():
         if wf.url is None:
             raise CheckpointError(f"pretrained={name!r} for {family}: {wf.filename} has no direct "

@@ -1,30 +1,36 @@
 """Pretrained QKV attention weights into the query-free modes (KV, KV-pos): three rules.
 
 No official checkpoint has KV attention: W_q has no slot. Per head h, with the Linear weights
-W_q, W_k (head_dim × D) and biases b_q, b_k of that head, QKV's pre-softmax logits are a
-bilinear form of the augmented tokens x̃ = [x, 1]:
+W_q, W_k (head_dim × D) and biases b_q, b_k of that head, QKV's pre-softmax logits are
 
-    L_ij = q_i · k_j = x̃_i M x̃_jᵀ,   M = Ã_qᵀ Ã_k,   Ã = [W | b]  (head_dim × (D + 1)).
+    L_ij = q_i · k_j = x_iᵀ W_qᵀ W_k x_j + b_qᵀ W_k x_j + [x_iᵀ W_qᵀ b_k + b_q · b_k].
 
-A KV layer has one projection Ã (the keys are the queries): L'_ij = x̃_i Ãᵀ Ã x̃_jᵀ, a
-symmetric positive semi-definite form of rank ≤ head_dim. The rules choose Ã:
+Softmax over j discards every term constant along a row (the bracket: b_k never matters), so
+what a layer computes is the **row-centred** form: a bilinear part B = W_qᵀ W_k and a per-key
+vector p = W_kᵀ b_q (the per-key term p · x_j). A KV layer has one projection (W, b), the keys
+are the queries: L'_ij = x_iᵀ WᵀW x_j + (Wᵀ b) · x_j + [row constants], a symmetric positive
+semi-definite bilinear part of rank ≤ head_dim and a per-key vector Wᵀ b. The rules choose W:
 
-* ``key``: Ã = Ã_k (W_q and b_q dropped).
-* ``mean``: Ã = (Ã_q + Ã_k) / 2.
-* ``sym`` (default): the best such form in the Frobenius norm. Only the symmetric part
-  S = (M + Mᵀ)/2 can be represented (the antisymmetric part (M − Mᵀ)/2 is orthogonal to every
-  symmetric matrix); the nearest PSD matrix of rank ≤ head_dim to S keeps its largest positive
-  eigenvalues λ_1..λ_r (r ≤ head_dim) with eigenvectors u_1..u_r, so Ã = diag(√λ) [u_1..u_r]ᵀ
-  and Ãᵀ Ã ≈ S, exactly when S is PSD of rank ≤ head_dim (e.g. when Ã_q = P A, Ã_k = P⁻ᵀ A).
-  S has rank ≤ 2·head_dim and lives in the row space of [Ã_q; Ã_k], so the eigenproblem is
-  solved there (2·head_dim wide, not D + 1).
+* ``key``: W = W_k. ``mean``: W = (W_q + W_k) / 2.
+* ``sym`` (default): the best such bilinear part in the Frobenius norm. Only the symmetric part
+  S = (B + Bᵀ)/2 can be represented (the antisymmetric part is orthogonal to every symmetric
+  matrix); the nearest PSD matrix of rank ≤ head_dim to S keeps its largest positive eigenvalues
+  λ_1..λ_r with eigenvectors u_1..u_r, so W = diag(√λ) [u_1..u_r]ᵀ and WᵀW ≈ S, exactly when S
+  is PSD of rank ≤ head_dim (e.g. W_q = P A, W_k = P⁻ᵀ A). S has rank ≤ 2·head_dim and lives in
+  the row space of [W_q; W_k], so the eigenproblem is solved there (2·head_dim wide, not D).
+
+and every rule then takes the key bias that reproduces the per-key term as well as W allows:
+b = argmin ‖Wᵀ b − W_kᵀ b_q‖ (least squares, per head), which is exact whenever W_kᵀ b_q lies in
+the row space of W (always for ``key``, where b = b_q; for W_q = W_k every rule is exact).
 
 The scale 1/sqrt(head_dim) (or CvT's 1/sqrt(dim)) is the same in both modes and untouched.
 
-How much of the logit form a rule keeps: :func:`logit_error` is the relative Frobenius error
-‖L' − L‖ / ‖L‖ of the converted logits against the QKV logits on sample tokens, summed over the
-heads; :func:`asymmetry` is ‖(L − Lᵀ)/2‖ / ‖L‖, the error no KV layer can go below on those
-tokens (how asymmetric the pretrained attention is).
+How much of the layer a rule keeps, on sample tokens: :func:`logit_error` is the relative
+Frobenius error ‖(L' − L)C‖ / ‖LC‖ of the row-centred logits (C = I − 11ᵀ/n centres each row;
+0: the same attention), summed over the heads; :func:`asymmetry` is ‖(CLC − (CLC)ᵀ)/2‖ / ‖LC‖,
+the error no KV layer can go below on those tokens: any symmetric L' gives ‖(L' − L)C‖ ≥
+‖antisym(CLC)‖ (in a basis [1/√n, U] the row-centred symmetric matrices are exactly those with a
+symmetric UᵀL'U block and a free first row), with equality for some symmetric L'.
 """
 
 from __future__ import annotations
@@ -35,14 +41,8 @@ RULES = ("key", "mean", "sym")
 DEFAULT_RULE = "sym"
 
 
-def _augmented(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """(out, D) weight and (out,) bias -> (out, D + 1) float64 [W | b] (zero bias if None)."""
-    b = torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
-    return torch.cat([w, b[:, None]], dim=1).double()
-
-
 def sym_factor(a_q: torch.Tensor, a_k: torch.Tensor) -> torch.Tensor:
-    """One head: Ã (d × E) whose Ãᵀ Ã is the nearest PSD rank-≤d matrix to sym(Ã_qᵀ Ã_k)."""
+    """One head: W (d × E) whose Wᵀ W is the nearest PSD rank-≤d matrix to sym(a_qᵀ a_k)."""
     d = a_q.shape[0]
     basis, _ = torch.linalg.qr(torch.cat([a_q, a_k]).T)  # (E, r): r = min(E, 2d) orthonormal
     pq, pk = a_q @ basis, a_k @ basis  # (d, r)
@@ -56,6 +56,18 @@ def sym_factor(a_q: torch.Tensor, a_k: torch.Tensor) -> torch.Tensor:
     return factor
 
 
+def key_bias(w: torch.Tensor, wk: torch.Tensor, bq: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The KV key bias b = argmin ‖Wᵀ b − W_kᵀ b_q‖ per head (minimum-norm least squares):
+    the per-key term (Wᵀ b) · x_j closest to QKV's b_qᵀ W_k x_j. float64 (heads·head_dim,)."""
+    hd = w.shape[0] // num_heads
+    out = []
+    for h in range(num_heads):
+        rows = slice(h * hd, (h + 1) * hd)
+        target = wk[rows].double().T @ bq[rows].double()  # (D,) = W_kᵀ b_q
+        out.append(torch.linalg.pinv(w[rows].double().T) @ target)
+    return torch.cat(out)
+
+
 def convert_qk(wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
                bk: torch.Tensor | None, num_heads: int,
                rule: str = DEFAULT_RULE) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,30 +77,30 @@ def convert_qk(wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
         wq: query weight (heads·head_dim, D), head-major rows (as a Linear).
         bq: query bias (heads·head_dim,) or None.
         wk: key weight, same shape.
-        bk: key bias or None (then the result has no bias either, unless ``rule="sym"``
-            needs one; it is returned when any input bias exists).
+        bk: key bias or None; it never changes QKV's attention (constant along a softmax row)
+            and is not used, but it says that the layer has biases.
         num_heads: heads.
-        rule: ``"key"``, ``"mean"`` or ``"sym"`` (see the module docstring).
+        rule: ``"key"``, ``"mean"`` or ``"sym"`` (see the module docstring): chooses W; the
+            bias is then :func:`key_bias` for every rule.
 
     Returns ``(weight, bias)`` in ``wk``'s dtype; bias None when neither input has one.
     """
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}: expected one of {', '.join(RULES)}")
-    has_bias = bq is not None or bk is not None
     if rule == "key":
-        return wk.clone(), (bk.clone() if bk is not None else None)
-    if rule == "mean":
+        w = wk.clone()
+    elif rule == "mean":
         w = (wq + wk) / 2
-        if not has_bias:
-            return w, None
-        zero = torch.zeros(wk.shape[0], dtype=wk.dtype)
-        return w, ((bq if bq is not None else zero) + (bk if bk is not None else zero)) / 2
-    a_q, a_k = _augmented(wq, bq), _augmented(wk, bk)
-    hd = wq.shape[0] // num_heads
-    heads = [sym_factor(a_q[h * hd:(h + 1) * hd], a_k[h * hd:(h + 1) * hd])
-             for h in range(num_heads)]
-    a = torch.cat(heads).to(wk.dtype)  # (heads·head_dim, D + 1)
-    return a[:, :-1].contiguous(), (a[:, -1].contiguous() if has_bias else None)
+    else:
+        hd = wq.shape[0] // num_heads
+        wq64, wk64 = wq.double(), wk.double()
+        w = torch.cat([sym_factor(wq64[h * hd:(h + 1) * hd], wk64[h * hd:(h + 1) * hd])
+                       for h in range(num_heads)]).to(wk.dtype)
+    if bq is None and bk is None:
+        return w.contiguous(), None
+    if bq is None:  # no per-key term to reproduce
+        return w.contiguous(), torch.zeros(wk.shape[0], dtype=wk.dtype)
+    return w.contiguous(), key_bias(w, wk, bq, num_heads).to(wk.dtype)
 
 
 def sample_tokens(weight: torch.Tensor | None, bias: torch.Tensor | None, dim: int,
@@ -116,22 +128,36 @@ def _logits(x: torch.Tensor, wa: torch.Tensor, ba: torch.Tensor | None, wb: torc
     return a @ b.transpose(1, 2)
 
 
+def centre_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Logits minus their mean along the keys (the last axis): what softmax depends on."""
+    return logits - logits.mean(dim=-1, keepdim=True)
+
+
 def logit_error(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
                 bk: torch.Tensor | None, wk_new: torch.Tensor, bk_new: torch.Tensor | None,
                 num_heads: int) -> float:
-    """‖K'K'ᵀ − QKᵀ‖_F / ‖QKᵀ‖_F over all heads on tokens ``x`` (n, D): 0 keeps the logits."""
-    ref = _logits(x, wq, bq, wk, bk, num_heads)
-    new = _logits(x, wk_new, bk_new, wk_new, bk_new, num_heads)
+    """‖(K'K'ᵀ − QKᵀ)C‖_F / ‖QKᵀC‖_F over all heads on tokens ``x`` (n, D), C centring each
+    row (per-query constants, which softmax discards, do not count): 0 keeps the attention."""
+    ref = centre_rows(_logits(x, wq, bq, wk, bk, num_heads))
+    new = centre_rows(_logits(x, wk_new, bk_new, wk_new, bk_new, num_heads))
     return float((new - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def asymmetry(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
               bk: torch.Tensor | None, num_heads: int) -> float:
-    """‖(L − Lᵀ)/2‖_F / ‖L‖_F of the QKV logits L on ``x``: the floor of every KV rule's
-    :func:`logit_error` (0: symmetric attention; 1/√2 ≈ 0.71 for unrelated random W_q, W_k)."""
-    ref = _logits(x, wq, bq, wk, bk, num_heads)
-    return float(((ref - ref.transpose(1, 2)) / 2).norm() / ref.norm().clamp_min(1e-300))
+    """‖antisym(CLC)‖_F / ‖LC‖_F of the QKV logits L on ``x``: the floor of every KV rule's
+    :func:`logit_error` (0: symmetric attention up to per-row and per-column constants; about
+    1/√2 for unrelated random W_q, W_k)."""
+    return floor(_logits(x, wq, bq, wk, bk, num_heads))
 
 
-__all__ = ["DEFAULT_RULE", "RULES", "asymmetry", "convert_qk", "logit_error", "sample_tokens",
-           "sym_factor"]
+def floor(logits: torch.Tensor) -> float:
+    """The least row-centred error of any symmetric logit matrix against ``logits`` (..., n, n),
+    relative: ‖antisym(CLC)‖_F / ‖LC‖_F (see the module docstring)."""
+    both = centre_rows(centre_rows(logits).transpose(-2, -1)).transpose(-2, -1)  # C L C
+    anti = (both - both.transpose(-2, -1)) / 2
+    return float(anti.norm() / centre_rows(logits).norm().clamp_min(1e-300))
+
+
+__all__ = ["DEFAULT_RULE", "RULES", "asymmetry", "centre_rows", "convert_qk", "floor", "key_bias",
+           "logit_error", "sample_tokens", "sym_factor"]

@@ -32,6 +32,7 @@ Every problem with the file is a :class:`~kvseg.errors.CheckpointError` of one l
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -66,9 +67,11 @@ class LoadReport:
         converted: model tensors computed from the file (transposed, split, resampled, adapted,
             folded by a KV rule).
         skipped: file tensor -> why it was not used (class token, classifier, ...).
-        missing: model tensor -> why it keeps its initialisation (decoder, head, KV-pos map).
+        missing: model tensor -> why it keeps its initialisation (decoder, head, KV-relpos
+            table).
         kv: per attention layer of a KV / KV-pos model: ``{"layer", "rule", "logit_error",
-            "asymmetry"}`` (:func:`kvseg.models.kv_rules.logit_error` on sample tokens).
+            "asymmetry"}`` (:func:`kvseg.models.kv_rules.logit_error` of the row-centred logits
+            on sample tokens, and its floor).
     """
 
     source: str = ""
@@ -95,8 +98,8 @@ class LoadReport:
         if self.kv:
             err = sum(r["logit_error"] for r in self.kv) / len(self.kv)
             floor = sum(r["asymmetry"] for r in self.kv) / len(self.kv)
-            text += (f"; KV rule {self.kv[0]['rule']!r}: logit error {err:.3f} on sample tokens "
-                     f"(floor {floor:.3f}), mean of {len(self.kv)} layers")
+            text += (f"; KV rule {self.kv[0]['rule']!r}: row-centred logit error {err:.3f} on "
+                     f"sample tokens (floor {floor:.3f}), mean of {len(self.kv)} layers")
         return text
 
 
@@ -198,7 +201,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, *, layout: str 
     layout = layout or detect_layout(tensors)
     try:
         if layout == "kvseg":
-            report = _load_by_name(model, tensors, strict)
+            report = _load_by_name(model, tensors, strict, describe_file(path, tensors))
         else:
             _check_convertible(model, layout)
             converted = _converter(family, layout)(SourceTensors(tensors, layout), model, rule)
@@ -252,8 +255,69 @@ def _load_converted(model: nn.Module, conv: Converted) -> LoadReport:
                       missing=missing, kv=list(conv.kv))
 
 
-def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> LoadReport:
-    """kvseg layout: copy the tensors matching by name and shape; report the rest."""
+#: A kvseg-layout file must supply at least this share of the model's encoder weights (by
+#: element count) by name and shape; below it, the file is for another network and loading it
+#: would silently train from scratch. Another class count, channel count, image size or a
+#: KV <-> KV-pos/QKV checkpoint of the same family and size stays well above it (a QKV file
+#: into a KV model: about 80 %); another family or size is near 0 %.
+MIN_ENCODER_SHARE = 0.5
+
+
+def describe_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
+    """What a weights file looks like, for error messages: its kvseg model (from the config a
+    ``best.safetensors`` embeds), else the family and mode guessed from the key names."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                config = json.loads((f.metadata() or {}).get("config", "null"))
+            if isinstance(config, dict) and "model" in config:
+                return (f"a kvseg {config['model']} model (size {config.get('size', '?')}, "
+                        f"img_size {config.get('img_size', '?')}): load it into that model")
+        except Exception:  # no or unreadable metadata: fall back to the key names
+            pass
+    keys = set(tensors)
+    family = next((fam for prefix, fam in (("encoder.stages.", "setr_cvt"),
+                                           ("encoder.cnn.", "setr_conv"),
+                                           ("encoder.blocks.", "setr"))
+                   if any(k.startswith(prefix) for k in keys)), None)
+    if family is None:
+        first = sorted(keys)[:2]
+        return (f"not a kvseg checkpoint nor an official layout (first keys: {', '.join(first)}; "
+                f"layouts: {', '.join(LAYOUTS)})")
+    mode = ("kv_pos" if any(".map_pos." in k for k in keys)
+            else "kv_relpos" if any(k.endswith("rel_pos.table") for k in keys)
+            else "qkv" if any(k.endswith(("attn.qkv.weight", "proj_q.weight")) for k in keys)
+            else "kv" if any(k.endswith(("attn.kv.weight", "proj_k.weight")) for k in keys)
+            else "another sharing mode")
+    return f"a kvseg {family} checkpoint ({mode}): load it into a {family} model"
+
+
+def fit_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """Why ``state`` does not fit a model whose state dict is ``own``, in one line: the first
+    tensor of another shape (both shapes), then the counts of each kind of misfit."""
+    shape = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    missing = sorted(k for k in own if k not in state)
+    extra = sorted(k for k in state if k not in own)
+    parts = []
+    if shape:
+        k = shape[0]
+        parts.append(f"{len(shape)} tensor(s) of another shape (first: {k} "
+                     f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
+    if missing:
+        parts.append(f"{len(missing)} model tensor(s) not in the file (first: {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} file tensor(s) not in the model (first: {extra[0]})")
+    return "; ".join(parts) or "the tensors fit"
+
+
+def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool,
+                  looks_like: str = "") -> LoadReport:
+    """kvseg layout: copy the tensors matching by name and shape; report the rest. A file that
+    supplies less than :data:`MIN_ENCODER_SHARE` of the encoder is refused (another network);
+    encoder tensors it leaves at their initialisation are a warning."""
     own = model.state_dict()
     report = LoadReport()
     to_load = {}
@@ -267,7 +331,22 @@ def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool
             to_load[name] = tensor
     if not to_load:
         raise CheckpointError("no tensor matches the model by name and shape (a foreign file? "
-                              f"layouts: {', '.join(LAYOUTS)})")
+                              f"layouts: {', '.join(LAYOUTS)}); it looks like {looks_like}")
+    enc = [k for k in own if k.startswith("encoder.") and own[k].is_floating_point()]
+    total = sum(own[k].numel() for k in enc) or 1
+    share = sum(own[k].numel() for k in enc if k in to_load) / total
+    name = getattr(model, "name", type(model).__name__)
+    if share < MIN_ENCODER_SHARE:
+        raise CheckpointError(
+            f"does not fit {name}: it supplies {share:.0%} of the encoder's weights by name "
+            f"and shape ({sum(k in to_load for k in enc)} of {len(enc)} tensors; "
+            f"{fit_problems(own, state)}); it looks like {looks_like}")
+    left = [k for k in enc if k not in to_load]
+    if left:
+        log.warning("pretrained file: %d of %d encoder tensors of %s keep their initialisation "
+                    "(%s)", len(left), len(enc), name, fit_problems(
+                        {k: own[k] for k in enc}, {k: v for k, v in state.items()
+                                                   if k.startswith("encoder.")}))
     report.loaded = sorted(to_load)
     report.missing = {k: "not in the file" for k in own if k not in to_load}
     if strict and report.missing:
@@ -277,4 +356,5 @@ def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], strict: bool
 
 
 __all__ = ["LAYOUTS", "Converted", "LoadReport", "SourceTensors", "adapt_input_conv",
-           "detect_layout", "load_pretrained", "model_family", "read_tensors"]
+           "describe_file", "detect_layout", "fit_problems", "load_pretrained", "model_family",
+           "read_tensors"]

@@ -107,9 +107,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                               "may be truncated or corrupt") from None
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {config['model']} "
-                              f"({_first_line(e)})") from None
+    except RuntimeError:
+        from kvseg.models.pretrained import fit_problems
+
+        raise CheckpointError(f"{path}: weights do not fit {config['model']} as its config "
+                              f"describes it: {fit_problems(model.state_dict(), state)}") from None
     return model.to(map_location).eval(), config
 
 
