@@ -9,12 +9,17 @@ patch_attention`.
   spacing of a prepared slice; 32 filters doubling per stage up to 512 in 2D; two conv +
   instance norm (affine) + leaky ReLU (0.01) per stage; transposed-conv upsampling). Deep
   supervision is off: the forward returns the full-resolution logits only. No attention.
+  Inputs are padded to a multiple of the total stride and to twice it (2 × 2 at the
+  bottleneck, for instance norm in training).
 * ``unetr``: MONAI's ``UNETR(spatial_dims=2)``: a 12-layer ViT on 16×16 patches with a learned
   position embedding of the built size, skips from layers 3, 6, 9 and 12. It takes inputs of
   exactly ``img_size`` (rounded up to a multiple of 16): other sizes are resized bilinearly to
-  it and the logits back.
+  it and the logits back. MONAI's TransformerBlock builds a ``norm_cross_attn`` LayerNorm even
+  without cross-attention; it is never used and is removed (2·hidden_size parameters per
+  block fewer than MONAI's count: unused parameters get no gradient, and DDP refuses them).
 * ``swinunetr``: MONAI's ``SwinUNETR(spatial_dims=2)``: patch 2, four Swin stages with
-  (shifted) 7×7 windows; any input padded to a multiple of 32 (2⁵), as MONAI requires. Its
+  (shifted) 7×7 windows; any input padded to a multiple of 32 (2⁵), as MONAI requires, and
+  to at least 64 (its bottleneck is 1/32: instance norm needs 2 × 2 in training). Its
   ``img_size`` argument is gone from MONAI; the image size only decides the padding.
 
 Every model is a :class:`SegmentationModel` (``encoder`` is the MONAI network, decoder and head
@@ -41,31 +46,39 @@ NO_ATTENTION = "none"
 
 
 class MonaiSegmentation(SegmentationModel):
-    """A MONAI network (``encoder``) as a kvseg model: input check, padding to
-    ``input_multiple`` and crop (:class:`SegmentationModel`), or, with ``fixed_size``, a
-    bilinear resize to that size and of the logits back (UNETR's fixed token grid)."""
+    """A MONAI network (``encoder``; decoder and head are identities) as a kvseg model.
+
+    The input is zero-padded on the bottom/right to a multiple of ``input_multiple`` and to at
+    least ``min_input`` per side (instance norm needs more than one pixel at the bottleneck in
+    training) and the logits cropped back; with ``fixed_size`` (UNETR's fixed token grid) it
+    is instead resized bilinearly to that square and the logits back to the input's size.
+    """
 
     def __init__(self, net: nn.Module, *, in_channels: int, num_classes: int,
-                 input_multiple: int, fixed_size: int | None = None) -> None:
+                 input_multiple: int, min_input: int = 1,
+                 fixed_size: int | None = None) -> None:
         super().__init__(net, nn.Identity(), nn.Identity(), in_channels=in_channels,
                          num_classes=num_classes, input_multiple=input_multiple)
-        self.fixed_size = fixed_size
+        self.min_input, self.fixed_size = min_input, fixed_size
         self.patch_report = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fixed_size is None:
-            return super().forward(x)
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self.check_input(x)
-        size = x.shape[-2:]
-        s = (self.fixed_size, self.fixed_size)
-        resize = torch.jit.is_tracing() or tuple(size) != s
-        if resize:
-            x = F.interpolate(x, size=s, mode="bilinear", align_corners=False)
-        logits = self.encoder(x)
-        if resize:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+        h, w = x.shape[-2:]
+        if self.fixed_size is not None:
+            s = (self.fixed_size, self.fixed_size)
+            if torch.jit.is_tracing() or (h, w) != s:
+                x = F.interpolate(x, size=s, mode="bilinear", align_corners=False)
+                return F.interpolate(self.encoder(x), size=(h, w), mode="bilinear",
+                                     align_corners=False)
+            return self.encoder(x)
+        m = self.input_multiple
+        pad_h = max(-(-h // m) * m, self.min_input) - h
+        pad_w = max(-(-w // m) * m, self.min_input) - w
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.encoder(x)[..., :h, :w]
 
 
 # --------------------------------------------------------------------------- DynUNet
@@ -109,8 +122,9 @@ def build_dynunet(cfg: DynUNetConfig, mode: str, *, in_channels: int, num_classe
                   norm_name=("INSTANCE", {"affine": True}),
                   act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
                   deep_supervision=False, res_block=cfg.res_block)
+    multiple = 2 ** (len(strides) - 1)
     return MonaiSegmentation(net, in_channels=in_channels, num_classes=num_classes,
-                             input_multiple=2 ** (len(strides) - 1))
+                             input_multiple=multiple, min_input=2 * multiple)
 
 
 # --------------------------------------------------------------------------- UNETR
@@ -138,6 +152,9 @@ def build_unetr(cfg: UNETRConfig, mode: str, *, in_channels: int, num_classes: i
                 hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads,
                 norm_name=cfg.norm_name, res_block=cfg.res_block, dropout_rate=cfg.drop,
                 spatial_dims=2, qkv_bias=cfg.qkv_bias)
+    for block in net.vit.blocks:  # MONAI builds this LayerNorm also without cross-attention:
+        if isinstance(block.cross_attn, nn.Identity):  # unused (no gradient; DDP refuses it)
+            block.norm_cross_attn = nn.Identity()
     _, report = patch_attention(net, mode, rule="key", pos_dim=cfg.pos_dim,
                                 grid_size=(size // 16, size // 16))
     model = MonaiSegmentation(net, in_channels=in_channels, num_classes=num_classes,
@@ -188,7 +205,7 @@ def build_swinunetr(cfg: SwinUNETRConfig, mode: str, *, in_channels: int, num_cl
     net = net.to(device)
     _, report = patch_attention(net, mode, rule="key", pos_dim=cfg.pos_dim)
     model = MonaiSegmentation(net, in_channels=in_channels, num_classes=num_classes,
-                              input_multiple=32)
+                              input_multiple=32, min_input=64)
     model.patch_report = report
     return model
 
