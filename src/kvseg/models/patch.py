@@ -335,6 +335,7 @@ def patch_attention(model: nn.Module, mode: str, rule: str = DEFAULT_RULE, *,
     for path, m, reader in found:
         src = reader(path, m)
         new = _build(src, mode, rule, pos_dim, grid_size, path, m)
+        new.train(m.training)  # a fresh module trains; keep the replaced one's mode (dropout)
         old_params = count_params(m)
         _set(model, path, new)
         attn = new.attn
