@@ -153,8 +153,8 @@ def build_unetr(cfg: UNETRConfig, mode: str, *, in_channels: int, num_classes: i
                 norm_name=cfg.norm_name, res_block=cfg.res_block, dropout_rate=cfg.drop,
                 spatial_dims=2, qkv_bias=cfg.qkv_bias)
     for block in net.vit.blocks:  # MONAI builds this LayerNorm also without cross-attention:
-        if isinstance(block.cross_attn, nn.Identity):  # unused (no gradient; DDP refuses it)
-            block.norm_cross_attn = nn.Identity()
+        if not block.with_cross_attention:  # unused (no gradient; DDP refuses it)
+            block.norm_cross_attn = block.cross_attn = nn.Identity()
     _, report = patch_attention(net, mode, rule="key", pos_dim=cfg.pos_dim,
                                 grid_size=(size // 16, size // 16))
     model = MonaiSegmentation(net, in_channels=in_channels, num_classes=num_classes,

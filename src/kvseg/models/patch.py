@@ -22,7 +22,9 @@ self-attention module it knows with kvseg's :class:`~kvseg.layers.attention.Atte
 
 Any other module whose class name contains ``Attention`` (``nn.MultiheadAttention``, a
 cross-attention block, ...) is an error naming its type and path, and so is a model without
-any attention module. Attention modules inside a replaced one are not visited.
+any attention module. Attention modules inside a replaced one are not visited, nor the
+``cross_attn`` of a MONAI ``TransformerBlock`` with ``with_cross_attention=False`` (MONAI
+before 1.6 builds one there and never calls it).
 
 Weights. ``qkv`` copies Q, K, V (the patched model gives the original's outputs). The
 query-free modes (``kv``, ``kv_pos``, ``kv_relpos``, ``single``) fold W_q into the key
@@ -245,6 +247,8 @@ def _find(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
                           "MONAI WindowAttention, the timm convention: fused qkv Linear, "
                           "num_heads, proj)")
         for name, child in m.named_children():
+            if name == "cross_attn" and getattr(m, "with_cross_attention", None) is False:
+                continue  # MONAI < 1.6 builds an unused CrossAttentionBlock: never called
             visit(f"{path}.{name}" if path else name, child)
 
     visit("", model)
