@@ -239,3 +239,23 @@ def test_refusals_name_the_type():
     patched, _ = kvseg.patch_attention(_unetr(), "kv")
     with pytest.raises(ConfigError, match="already has kvseg attention"):
         kvseg.patch_attention(patched, "kv")
+
+
+def test_kv_pos_window_adds_key_bias_and_window_bias(swin):
+    """KV-pos in a shifted window: softmax(t·s·K Kᵀ + g(j) + B[Δ] + mask) V, written out,
+    equals the fused path (key bias joined to the window bias in one mask)."""
+    patched, _ = kvseg.patch_attention(copy.deepcopy(swin), "kv_pos")
+    win = patched.swinViT.layers1[0].blocks[1].attn.double()  # float64: no kernel rounding
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 49, 12, generator=gen, dtype=torch.float64)
+    mask = torch.where(torch.rand(2, 49, 49, generator=gen) > 0.3, 0.0, -100.0).double()
+    with torch.no_grad():
+        win.attn.pos.map_pos.weight.normal_(generator=gen)  # temperature and g far from 1, 0
+        got = win(x, mask)
+        _, k, v = win.attn.project(x)
+        t, g = win.attn.pos(49)
+        logits = t * (k @ k.transpose(-1, -2)) * 12 ** -0.5 + g.view(1, 1, 1, -1)
+        logits = logits + win.bias(49, 4, mask)
+        out = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        want = win.attn.proj(out)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
