@@ -7,6 +7,7 @@ The front door::
     import kvseg
     model = kvseg.create_model("setr_kv", size="micro", img_size=64)
     kvseg.list_models()
+    model, report = kvseg.patch_attention(monai_unetr, "kv")  # KV inside a MONAI model
 """
 
 from __future__ import annotations
@@ -21,12 +22,22 @@ def create_model(name: str, **kwargs):
     return _create(name, **kwargs)
 
 
-def list_models(modes="all") -> list[str]:
-    """The registered variants (three families × every attention mode), the paper's nine
-    (QKV, KV, KV-pos) first; see :func:`kvseg.models.registry.list_models` for ``modes``."""
+def list_models(modes="all", families=None) -> list[str]:
+    """The registered variants (three families × every attention mode, then the reference
+    families dynunet, unetr, swinunetr), the paper's nine (QKV, KV, KV-pos) first; see
+    :func:`kvseg.models.registry.list_models` for ``modes`` and ``families``."""
     from kvseg.models.registry import list_models as _list
 
-    return _list(modes)
+    return _list(modes, families)
 
 
-__all__ = ["__version__", "create_model", "list_models"]
+def patch_attention(model, mode: str, rule: str = "sym", **kwargs):
+    """Replace a third-party model's self-attention modules (MONAI's SABlock and Swin
+    WindowAttention, the timm convention) in place with kvseg's in ``mode``; returns
+    ``(model, report)``. See :func:`kvseg.models.patch.patch_attention`."""
+    from kvseg.models.patch import patch_attention as _patch
+
+    return _patch(model, mode, rule, **kwargs)
+
+
+__all__ = ["__version__", "create_model", "list_models", "patch_attention"]

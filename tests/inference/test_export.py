@@ -24,13 +24,15 @@ def _ort_logits(path: Path, x: torch.Tensor) -> np.ndarray:
 
 
 def test_every_family_and_mode_is_covered():
-    combos = {(model_info(n)["family"], model_info(n)["mode"]) for n in list_models()}
+    combos = {(model_info(n)["family"], model_info(n)["mode"])
+              for n in list_models(families="paper")}
     families, modes = {f for f, _ in combos}, {m for _, m in combos}
     assert families == {"setr", "setr_conv", "setr_cvt"} and {"qkv", "kv", "kv_pos"} <= modes
     assert combos == {(f, m) for f in families for m in modes}
 
 
-@pytest.mark.parametrize("name", list_models())
+# the reference families (MONAI's networks) export in tests/models/test_monai_nets.py
+@pytest.mark.parametrize("name", list_models(families="paper"))
 def test_dynamic_export_matches_pytorch(name, tmp_path):
     torch.manual_seed(0)
     model = create_model(name, size="micro", img_size=32).eval()

@@ -136,6 +136,8 @@ def test_profile_table_formats():
             assert r["params"] == count_params(model)
         if r["mode"] == "qkv":
             assert r["params_reduction_pct"] == 0.0
+        elif r["mode"] == "none":  # dynunet: no attention, no QKV twin
+            assert r["params_reduction_pct"] is None and r["macs_reduction_pct"] is None
         else:
             assert r["params_reduction_pct"] > 0 and r["macs_reduction_pct"] > 0
     table = list(csv.DictReader(io.StringIO(profile_table(["setr_kv"], size="micro",
@@ -155,7 +157,7 @@ def test_cli_profile_and_models(capsys):
     out = json.loads(capsys.readouterr().out)
     assert [r["model"] for r in out["rows"]] == ["setr_kv", "setr_qkv"]
     assert main(["models", "--size", "micro", "--img-size", "64"]) == 0
-    assert capsys.readouterr().out.count("\n| setr") == len(kvseg.list_models())  # every mode
+    assert capsys.readouterr().out.count("\n| ") == len(kvseg.list_models())  # every variant
     assert main(["profile", "--models", "nope", "--size", "micro"]) == 2
 
 

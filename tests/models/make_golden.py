@@ -1,13 +1,13 @@
 """Write the golden logits that ``test_golden.py`` compares against (``golden/<name>.npy``).
 
-For each variant (three families × seven attention modes): a ``micro`` model with two classes,
-built after ``torch.manual_seed(0)``; seeded noise (std 0.2) added to every attention parameter
-(at the ViT init, std 0.02, the attention is nearly uniform and a wrong scale or key bias would
-move the logits by less than the tolerance); the BatchNorm running statistics set to the batch
-statistics of one seeded training-mode forward (so eval-mode activations keep unit scale and the
-encoder's effect reaches the logits); then, in eval mode and float64, the logits of a fixed
-seeded (1, 3, 40, 56) input (non-square and not a multiple of 16, so padding and cropping run
-too), stored as float32. One file of ~18 KB per variant.
+For each variant (three families × seven attention modes, and the reference families): a
+``micro`` model with two classes, built after ``torch.manual_seed(0)``; seeded noise (std 0.2)
+added to every attention parameter (at the ViT init, std 0.02, the attention is nearly uniform
+and a wrong scale or key bias would move the logits by less than the tolerance); the BatchNorm
+running statistics set to the batch statistics of one seeded training-mode forward (so eval-mode
+activations keep unit scale and the encoder's effect reaches the logits); then, in eval mode and
+float64, the logits of a fixed seeded (1, 3, 40, 56) input (non-square and not a multiple of 16,
+so padding and cropping run too), stored as float32. One file of ~18 KB per variant.
 
 Regenerate only when the numerics change on purpose (a new init, a changed layer), never to make
 a failing golden test pass after a refactor that should have kept them; name the variants to
@@ -23,7 +23,9 @@ unpadded max-pool; CvT's 1/sqrt(dim) scale, QuickGELU and per-stage drop-path), 
 their logits; SETR's default PUP head did not change, so its files were kept. The nine files
 were kept again when KV-pos moved from an SDPA mask to a folded key channel (equal to 1e-5 in
 float64); the twelve variants of the other sharing modes (``shared_kv``, ``shared_qv``,
-``single``, ``kv_relpos``) were written when those modes were added.
+``single``, ``kv_relpos``) were written when those modes were added, and the fourteen of the
+reference families (``dynunet``, ``unetr_*``, ``swinunetr_*``: MONAI 1.6.1's networks with
+kvseg's attention patched in) when those families were added.
 """
 
 from __future__ import annotations

@@ -23,11 +23,21 @@ def test_registry_names():
     assert NAMES[:9] == paper == kvseg.models.list_models(None)  # the paper's nine first
     others = [f"{f}_{m}" for f in ("setr", "setr_conv", "setr_cvt")
               for m in ("sharedkv", "sharedqv", "single", "kvrelpos")]
-    assert NAMES[9:] == others and len(NAMES) == 21
+    assert NAMES[9:21] == others and NAMES[:21] == kvseg.list_models(families="paper")
+    reference = ["dynunet", "unetr_qkv", "unetr_kv", "unetr_kvpos", "swinunetr_qkv",
+                 "swinunetr_kv", "swinunetr_kvpos"]
+    assert NAMES[21:28] == reference  # then the reference families' other modes
+    assert NAMES[28:] == ["unetr_sharedkv", "unetr_sharedqv", "unetr_single",
+                          "unetr_kvrelpos", "swinunetr_sharedkv", "swinunetr_sharedqv",
+                          "swinunetr_single"]  # a Swin window has its own relative bias
     assert model_info("setr_conv_kvpos") == {"family": "setr_conv", "mode": "kv_pos"}
     assert model_info("setr_conv_single") == {"family": "setr_conv", "mode": "single"}
     assert model_info("setr_cvt_kvrelpos") == {"family": "setr_cvt", "mode": "kv_relpos"}
-    assert {model_info(n)["mode"] for n in NAMES} == set(kvseg.layers.MODES)
+    assert model_info("dynunet") == {"family": "dynunet", "mode": "none"}
+    assert model_info("swinunetr_kvpos") == {"family": "swinunetr", "mode": "kv_pos"}
+    assert {model_info(n)["mode"] for n in NAMES} == {*kvseg.layers.MODES, "none"}
+    assert kvseg.list_models(None, families="all") == NAMES[:9] + reference[1:]
+    assert kvseg.list_models(families=["unetr"]) == [n for n in NAMES if n.startswith("unetr")]
     assert kvseg.models.list_models(["single"]) == ["setr_single", "setr_conv_single",
                                                     "setr_cvt_single"]
 

@@ -43,7 +43,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from kvseg.errors import ConfigError
-from kvseg.models.registry import build_on_meta, list_models, model_info
+from kvseg.models.monai_nets import NO_ATTENTION
+from kvseg.models.registry import PRESETS, build_on_meta, list_models, model_info
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -98,11 +99,18 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
-def _expand(models: list[str] | tuple[str, ...] | str) -> list[str]:
+def _has_size(name: str, size: str) -> bool:
+    """The variant's family has a ``size`` preset (the reference families stop at base)."""
+    return size in PRESETS[model_info(name)["family"]]
+
+
+def _expand(models: list[str] | tuple[str, ...] | str, size: str | None = None) -> list[str]:
+    """Names, ``all`` expanded (to the variants with a ``size`` preset, when given)."""
     models = [models] if isinstance(models, str) else list(models)
     names: list[str] = []
     for m in models:
-        for n in (list_models() if m == "all" else [m]):
+        every = [n for n in list_models() if size is None or _has_size(n, size)]
+        for n in (every if m == "all" else [m]):
             model_info(n)  # ValueError for unknown names
             if n not in names:
                 names.append(n)
@@ -112,8 +120,9 @@ def _expand(models: list[str] | tuple[str, ...] | str) -> list[str]:
 def profile_rows(models: list[str] | str = "all", *, size: str = "base", img_size: int = 224,
                  in_channels: int = 3, num_classes: int = 3) -> list[dict]:
     """One dict per variant: name, family, mode, params, macs (batch 1, img_size²) and the
-    reduction in % of params and MACs against the family's QKV variant (positive = fewer)."""
-    names = _expand(models)
+    reduction in % of params and MACs against the family's QKV variant (positive = fewer;
+    None for a family without attention, ``dynunet``)."""
+    names = _expand(models, size)
     cache: dict[str, tuple[int, int]] = {}
 
     def counts(name: str) -> tuple[int, int]:
@@ -128,11 +137,14 @@ def profile_rows(models: list[str] | str = "all", *, size: str = "base", img_siz
     for name in names:
         info = model_info(name)
         params, macs = counts(name)
-        ref_params, ref_macs = counts(f"{info['family']}_qkv")
-        rows.append({"model": name, **info, "params": params, "macs": macs,
-                     "params_m": params / 1e6, "gmacs": macs / 1e9,
-                     "params_reduction_pct": 100.0 * (1 - params / ref_params),
-                     "macs_reduction_pct": 100.0 * (1 - macs / ref_macs)})
+        row = {"model": name, **info, "params": params, "macs": macs,
+               "params_m": params / 1e6, "gmacs": macs / 1e9,
+               "params_reduction_pct": None, "macs_reduction_pct": None}
+        if info["mode"] != NO_ATTENTION:  # dynunet: no QKV twin, no reduction (None)
+            ref_params, ref_macs = counts(f"{info['family']}_qkv")
+            row.update(params_reduction_pct=100.0 * (1 - params / ref_params),
+                       macs_reduction_pct=100.0 * (1 - macs / ref_macs))
+        rows.append(row)
     return rows
 
 
@@ -165,6 +177,8 @@ def profile_table(models: list[str] | str = "all", *, size: str = "base", img_si
     for r in rows:
         if r["mode"] == "qkv":
             red = "reference | reference"
+        elif r["params_reduction_pct"] is None:
+            red = "— | —"
         else:
             red = f"{r['params_reduction_pct']:.2f}% | {r['macs_reduction_pct']:.2f}%"
         lines.append(f"| {r['model']} | {r['family']} | {r['mode']} | {r['params_m']:.2f} | "
@@ -178,6 +192,9 @@ def models_table(*, size: str = "base", img_size: int = 224) -> str:
              "|---|---|---|---:|"]
     for name in list_models():
         info = model_info(name)
+        if not _has_size(name, size):
+            lines.append(f"| {name} | {info['family']} | {info['mode']} | — |")
+            continue
         params = count_params(build_on_meta(name, size=size, img_size=img_size))
         lines.append(f"| {name} | {info['family']} | {info['mode']} | {params / 1e6:.2f} |")
     return "\n".join(lines)

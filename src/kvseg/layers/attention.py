@@ -66,7 +66,9 @@ class AttentionCore(nn.Module):
         key_bias: optional (Nk,) additive bias per key (KV-pos g(j)), broadcast over queries.
         return_attention: also return the post-softmax probabilities (B, heads, Nq, Nk),
             computed explicitly (same maths, dropout applied to them in training).
-        attn_bias: optional additive bias (heads, Nq, Nk) (the relative-position bias).
+        attn_bias: optional additive bias broadcastable to (B, heads, Nq, Nk) (the
+            relative-position bias; a Swin window's bias and shift mask). With ``key_bias``
+            too, the key bias joins it in one float mask (SDPA's masked kernel).
     Returns (B, heads, Nq, dv), or (out, attention).
 
     Runs through ``F.scaled_dot_product_attention`` unless ``return_attention``; dropout only in
@@ -104,10 +106,12 @@ class AttentionCore(nn.Module):
             attn = self.logits(q, k, temperature, key_bias, attn_bias).softmax(dim=-1)
             probs = F.dropout(attn, dropout_p) if dropout_p > 0 else attn
             return probs @ v, attn
-        if key_bias is not None:
+        if key_bias is not None and attn_bias is None:
             return self._key_bias_attention(q, k, v, temperature, key_bias, dropout_p)
         if temperature is not None:
             q = q * temperature
+        if key_bias is not None:  # with an additive bias too (KV-pos in a window): one mask
+            attn_bias = attn_bias + key_bias.view(1, 1, 1, -1)
         mask = None if attn_bias is None else attn_bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               scale=self.scale)
@@ -332,8 +336,10 @@ class Attention(nn.Module):
     ``single``), ``proj`` Linear(dim, dim), ``pos.map_pos`` Linear(pos_dim, 1) in ``kv_pos``,
     ``rel_pos.table`` (heads, 2h − 1, 2w − 1) in ``kv_relpos``. Scale 1/sqrt(head_dim).
 
-    ``forward(x, return_attention=False, grid=None)``: ``grid`` is the actual (h, w) of the
-    tokens (row-major; default ``grid_size``; only ``kv_relpos`` uses it). With
+    ``forward(x, return_attention=False, grid=None, attn_bias=None)``: ``grid`` is the actual
+    (h, w) of the tokens (row-major; default ``grid_size``; only ``kv_relpos`` uses it);
+    ``attn_bias`` an additive logit bias broadcastable to (B, heads, N, N) that the caller
+    supplies (a patched Swin window: relative-position bias plus shift mask). With
     ``return_attention=True`` it returns ``(out, attention)``, the post-softmax probabilities
     (B, heads, N, N).
     """
@@ -379,22 +385,26 @@ class Attention(nn.Module):
 
     @overload
     def forward(self, x: torch.Tensor, return_attention: Literal[False] = False,
-                grid: tuple[int, int] | None = None) -> torch.Tensor:
+                grid: tuple[int, int] | None = None,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         ...
 
     @overload
     def forward(self, x: torch.Tensor, return_attention: Literal[True],
-                grid: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                grid: tuple[int, int] | None = None,
+                attn_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
     def forward(self, x: torch.Tensor, return_attention: bool = False,
-                grid: tuple[int, int] | None = None):
+                grid: tuple[int, int] | None = None, attn_bias: torch.Tensor | None = None):
         q, k, v = self.project(x)
         grid = grid if grid is not None else self.grid_size
         if self.rel_pos is not None and grid[0] * grid[1] != x.shape[1]:
             raise ConfigError(f"grid={tuple(grid)}: {x.shape[1]} tokens are not a "
                               f"{grid[0]}×{grid[1]} grid")
         terms = position_terms(self.pos, self.rel_pos, k.shape[-2], grid)
+        if attn_bias is not None:  # a caller's additive bias (Swin's window bias and mask)
+            terms["attn_bias"] = attn_bias + terms.get("attn_bias", 0)
         out, attn = attend(self.core, q, k, v, return_attention, **terms)
         out = self.proj_drop(self.proj(out))  # (B, N, dim)
         return (out, attn) if return_attention else out

@@ -1,5 +1,5 @@
-"""The variants by name (three families × seven attention modes), their size presets, and
-``create_model``.
+"""The variants by name (three families × seven attention modes, and the reference families
+of :mod:`kvseg.models.monai_nets`), their size presets, and ``create_model``.
 
 A variant is a row: (family, attention mode), named ``{family}_{mode without underscores}``
 (``setr_kvpos``, ``setr_conv_single``, ``setr_cvt_kvrelpos``). The nine variants of the paper
@@ -22,6 +22,15 @@ from kvseg.errors import ConfigError
 from kvseg.layers.attention import MODES, PAPER_MODES, mode_suffix, resolve_modes
 from kvseg.models.conv_hybrid import HybridConfig, build_conv_hybrid
 from kvseg.models.cvt import CvTConfig, build_cvt
+from kvseg.models.monai_nets import (
+    NO_ATTENTION,
+    DynUNetConfig,
+    SwinUNETRConfig,
+    UNETRConfig,
+    build_dynunet,
+    build_swinunetr,
+    build_unetr,
+)
 from kvseg.models.pretrained import load_pretrained
 from kvseg.models.setr import SETRConfig, build_setr
 
@@ -54,38 +63,98 @@ PRESETS: dict[str, dict[str, object]] = {
         "base": CvTConfig(),  # CvT-13
         "large": CvTConfig(depths=(1, 4, 16)),  # CvT-21
     },
+    # The reference families (MONAI's networks; models/monai_nets.py): micro / small / base.
+    "dynunet": {
+        "micro": DynUNetConfig(base_features=16, max_features=128),
+        "small": DynUNetConfig(base_features=32, max_features=256),
+        "base": DynUNetConfig(),  # nnU-Net 2D: 32 filters doubling to 512
+    },
+    "unetr": {
+        "micro": UNETRConfig(hidden_size=96, mlp_dim=384, num_heads=4, feature_size=8),
+        "small": UNETRConfig(hidden_size=384, mlp_dim=1536, num_heads=6),
+        "base": UNETRConfig(),  # UNETR's ViT-B/16, feature size 16
+    },
+    "swinunetr": {
+        "micro": SwinUNETRConfig(feature_size=12, num_heads=(1, 2, 4, 8)),
+        "small": SwinUNETRConfig(feature_size=24),  # MONAI's default
+        "base": SwinUNETRConfig(),  # Swin UNETR's feature size 48
+    },
 }
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "setr": build_setr,
     "setr_conv": build_conv_hybrid,
     "setr_cvt": build_cvt,
+    "dynunet": build_dynunet,
+    "unetr": build_unetr,
+    "swinunetr": build_swinunetr,
 }
 
-#: Variant name -> (family, mode): ``{family}_{mode_suffix(mode)}``, e.g. ``setr_conv_kvpos``;
-#: the paper's nine first (family by family), then the other modes' (family by family).
+#: The paper's three families (kvseg's own networks).
+PAPER_FAMILIES: tuple[str, ...] = ("setr", "setr_conv", "setr_cvt")
+#: The reference families (MONAI's networks): the CNN reference and two transformers.
+REFERENCE_FAMILIES: tuple[str, ...] = ("dynunet", "unetr", "swinunetr")
+#: Attention modes per family: every mode, but DynUNet has none (``NO_ATTENTION``) and a Swin
+#: window keeps its own relative-position bias (no ``kv_relpos``).
+FAMILY_MODES: dict[str, tuple[str, ...]] = {
+    **{f: MODES for f in (*PAPER_FAMILIES, "unetr")},
+    "swinunetr": tuple(m for m in MODES if m != "kv_relpos"),
+    "dynunet": (NO_ATTENTION,),
+}
+
+
+def _variant_name(family: str, mode: str) -> str:
+    return family if mode == NO_ATTENTION else f"{family}_{mode_suffix(mode)}"
+
+
+#: Variant name -> (family, mode): ``{family}_{mode_suffix(mode)}``, e.g. ``setr_conv_kvpos``
+#: (``dynunet`` alone); the paper's nine first (family by family), then the other modes'
+#: (family by family), then the reference families the same way (``dynunet`` first).
 _VARIANTS: dict[str, tuple[str, str]] = {
-    f"{family}_{mode_suffix(mode)}": (family, mode)
-    for group in (PAPER_MODES, tuple(m for m in MODES if m not in PAPER_MODES))
-    for family in BUILDERS for mode in group
+    _variant_name(family, mode): (family, mode)
+    for families in (PAPER_FAMILIES, REFERENCE_FAMILIES)
+    for group in ((*PAPER_MODES, NO_ATTENTION),
+                  tuple(m for m in MODES if m not in PAPER_MODES))
+    for family in families for mode in group if mode in FAMILY_MODES[family]
 }
 
 
-def list_models(modes: list[str] | tuple[str, ...] | str | None = "all") -> list[str]:
+def list_models(modes: list[str] | tuple[str, ...] | str | None = "all",
+                families: list[str] | tuple[str, ...] | str | None = None) -> list[str]:
     """The variant names: the paper's nine (``setr|setr_conv|setr_cvt`` × ``qkv|kv|kvpos``)
     first, then every family in the other modes (``sharedkv``, ``sharedqv``, ``single``,
-    ``kvrelpos``).
+    ``kvrelpos``), then the reference families (``dynunet``, ``unetr_*``, ``swinunetr_*``;
+    :data:`REFERENCE_FAMILIES`) in the same order.
 
     Args:
-        modes: ``"all"`` (default: every variant), None (the paper's three modes) or mode
-            names (:func:`kvseg.layers.attention.resolve_modes`); only those modes' variants.
+        modes: ``"all"`` (default: every variant, ``dynunet`` too), None (the paper's three
+            modes) or mode names (:func:`kvseg.layers.attention.resolve_modes`); only those
+            modes' variants (``dynunet``, without attention, only with ``"all"``).
+        families: ``"all"``, ``"paper"`` (:data:`PAPER_FAMILIES`) or family names; None
+            (default): every family with ``modes="all"``, the paper's three with a mode
+            selection (so ``reproduce --models all`` keeps the paper's nine).
     """
     keep = set(resolve_modes(modes))
-    return [name for name, (_, mode) in _VARIANTS.items() if mode in keep]
+    if modes == "all":
+        keep.add(NO_ATTENTION)
+    if families is None:
+        families = "all" if modes == "all" else "paper"
+    if families == "all":
+        chosen = set(BUILDERS)
+    elif families == "paper":
+        chosen = set(PAPER_FAMILIES)
+    else:
+        chosen = {families} if isinstance(families, str) else set(families)
+        for f in chosen - set(BUILDERS):
+            raise ConfigError(f"family {f!r}: expected one of {', '.join(BUILDERS)}")
+    return [name for name, (family, mode) in _VARIANTS.items()
+            if mode in keep and family in chosen]
 
 
 def model_info(name: str) -> dict[str, str]:
-    """``{"family": "setr"|"setr_conv"|"setr_cvt", "mode": "qkv"|"kv"|...}`` for a name."""
+    """``{"family": ..., "mode": ...}`` for a name: family one of :data:`BUILDERS`
+    (``setr``, ``setr_conv``, ``setr_cvt``, ``dynunet``, ``unetr``, ``swinunetr``), mode one of
+    :data:`~kvseg.layers.attention.MODES`, or ``"none"`` (``NO_ATTENTION``) for ``dynunet``."""
     family, mode = _lookup(name)
     return {"family": family, "mode": mode}
 
@@ -98,7 +167,8 @@ def resolve_config(name: str, size: str = "base", **overrides):
     """
     family, _ = _lookup(name)
     if size not in PRESETS[family]:
-        raise ConfigError(f"size={size!r}: expected one of {', '.join(SIZES)}")
+        raise ConfigError(f"size={size!r}: expected one of {', '.join(PRESETS[family])} "
+                          f"for {name}")
     preset = PRESETS[family][size]
     fields = {f.name for f in dataclasses.fields(preset)}
     for key in overrides:
