@@ -15,6 +15,7 @@ from kvseg.experiments.stats import (
     Difference,
     holm,
     holm_adjust,
+    p_values,
     paired_difference,
     patient_totals,
     pseudo_values,
@@ -245,28 +246,39 @@ def test_holm_adjusted_p_values_by_hand():
     assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
 
 
+def test_shaffer_counts_each_exclusive_group_once():
+    # groups a, a, b: sorted 0.01 (a), 0.02 (a), 0.03 (b) -> x2, x2 (a and b left), x1
+    assert holm_adjust([0.01, 0.02, 0.03], groups=["a", "a", "b"]) == pytest.approx(
+        [0.02, 0.04, 0.04])
+
+
 def test_holm_verdicts_by_hand():
-    # 1: Δ 3.0 ± 1 -> better, p = 2(1 − Φ(3)) = 0.0027 (x3 = 0.0081 < 0.05: stands)
-    # 2: Δ 2.2 ± 1 -> better, p = 2(1 − Φ(2.2)) = 0.0278 (x2 = 0.0556: fails at 97.5%,
-    #    where its interval 2.2 ± 2.2414 still gives "not worse")
-    # 3: Δ −0.5 ± 0.75 -> not worse, p = 2(1 − Φ(1.5/0.75)) = 0.0455 (after the stop, judged
-    #    at 97.5% too: −0.5 − 2.2414·0.75 = −2.18 < −2 -> inconclusive)
+    # normal intervals; p_zero = 2(1 − Φ(|Δ|/se)), p_margin = 2(1 − Φ((Δ + 2)/se)):
+    # 1: Δ 3.0 ± 1    -> better;    p_zero 0.00270, p_margin 5.7e-7
+    # 2: Δ 2.2 ± 1    -> better;    p_zero 0.02781, p_margin 2.7e-5
+    # 3: Δ −0.5 ± 0.75 -> not worse; p_zero 0.50499, p_margin 0.04550
+    # sorted: 1M, 2M, 1Z (x3 comparisons left) = 0.0081; 2Z (x2: 2 and 3 left) = 0.0556;
+    # 3M (x1) -> max(0.0556, 0.0455) = 0.0556; 3Z -> 0.505
     ds = [_normal(3.0, 1.0), _normal(2.2, 1.0), _normal(-0.5, 0.75)]
     assert [d.verdict() for d in ds] == ["better", "better", "not worse"]
     out = holm(ds)
     assert [h.verdict for h in out] == ["better", "not worse", "inconclusive"]
-    assert [h.p_value for h in out] == pytest.approx([0.0027, 0.0278, 0.0455], abs=1e-4)
-    assert [h.p_adjusted for h in out] == pytest.approx([0.0081, 0.0556, 0.0556], abs=2e-4)
-    assert [h.level for h in out] == pytest.approx([1 - 0.05 / 3, 0.975, 0.975])
-    assert out[1].low == pytest.approx(2.2 - sps.norm.ppf(1 - 0.025 / 2), abs=1e-9)
+    assert [h.p_zero for h in out] == pytest.approx([0.00270, 0.02781, 0.50499], abs=1e-5)
+    assert out[2].p_margin == pytest.approx(0.04550, abs=1e-5)
+    assert [h.p_zero_adjusted for h in out] == pytest.approx([0.0081, 0.0556, 0.505], abs=2e-4)
+    assert out[2].p_margin_adjusted == pytest.approx(0.0556, abs=2e-4)
 
 
-def test_holm_verdict_stands_exactly_when_the_adjusted_p_is_below_alpha():
-    rng = np.random.default_rng(12)
-    diffs = [paired_difference(*_runs(int(s), seeds=3, patients=10)) for s in
-             rng.integers(0, 10**6, 6)]
-    for d, h in zip(diffs, holm(diffs), strict=True):
-        assert (h.verdict == d.verdict()) == (h.p_adjusted < 0.05) or d.verdict() == "inconclusive"
-        lo, hi = d.interval(1 - h.p_value)  # the p-value puts the tested value on the boundary
-        if d.verdict() in ("better", "worse"):
-            assert min(abs(lo), abs(hi)) == pytest.approx(0, abs=1e-6)
+def test_holm_of_one_comparison_is_the_unadjusted_verdict():
+    for est, se in [(3.0, 1.0), (2.2, 1.0), (-0.5, 0.75), (-1.0, 0.3), (-4.0, 1.0), (0, 2)]:
+        d = _normal(est, se)
+        assert holm([d])[0].verdict == d.verdict()
+
+
+def test_p_values_put_the_tested_value_on_the_interval_boundary():
+    d = paired_difference(*_runs(12, seeds=3, patients=10))
+    p_zero, p_margin = p_values(d)
+    lo, _ = d.interval(1 - p_margin)
+    assert lo == pytest.approx(-2.0, abs=1e-6)
+    lo, hi = d.interval(1 - p_zero)
+    assert min(abs(lo), abs(hi)) == pytest.approx(0, abs=1e-6)

@@ -43,9 +43,9 @@ bound > 0; ``worse`` when the upper bound < 0 (``worse within margin`` when the 
 also > −δ); ``not worse`` when the lower bound > −δ and the interval reaches 0; otherwise
 ``inconclusive``.
 
-**Multiplicity**: :func:`holm` runs Holm's step-down over the comparisons of one report on the
-p-value of the test behind each verdict, and gives each comparison the verdict of its interval at
-the Holm level it reached (family-wise 95%); the unadjusted interval stays in the Difference.
+**Multiplicity**: :func:`holm` gives family-wise 95% verdicts for the comparisons of one report:
+Holm's step-down (with Shaffer's count) over each comparison's two tests, Δ = 0 and Δ ≤ −δ, from
+the same noise components as the interval; the unadjusted interval stays in the Difference.
 """
 
 from __future__ import annotations
@@ -402,82 +402,75 @@ def _p_at(d: Difference, distance: float) -> float:
                                  xtol=1e-14))
 
 
-def claim_p_value(d: Difference, margin: float = DEFAULT_MARGIN) -> float:
-    """The p-value of the test behind ``d``'s verdict, on the two-sided scale: below α exactly
-    when the (1 − α) interval supports the verdict.
-
-    better / worse: the test of Δ = 0; not worse: the one-sided test of Δ ≤ −margin, doubled;
-    worse within margin: the larger of the two (both claims are made); inconclusive: the smaller
-    (what came closest). 1 when the Difference has a ``reason`` or no interval.
-    """
+def p_values(d: Difference, margin: float = DEFAULT_MARGIN) -> tuple[float, float]:
+    """``(p_zero, p_margin)``: the two-sided p-value of Δ = 0 and the one-sided p-value of
+    Δ ≤ −margin, doubled, from the same noise components as the interval — each below α exactly
+    when the (1 − α) interval excludes 0, or lies above −margin. (1, 1) without an interval."""
     if d.reason or not d.components or not math.isfinite(d.low):
-        return 1.0
-    p_zero = _p_at(d, abs(d.estimate))
-    p_margin = _p_at(d, d.estimate + margin)
-    v = d.verdict(margin)
-    if v in ("better", "worse"):
-        return p_zero
-    if v == "not worse":
-        return p_margin
-    if v == "worse within margin":
-        return max(p_zero, p_margin)
-    return min(p_zero, p_margin)
+        return 1.0, 1.0
+    return _p_at(d, abs(d.estimate)), _p_at(d, d.estimate + margin)
 
 
-def holm_adjust(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error), in the input order."""
+def holm_adjust(p_values: Sequence[float], groups: Sequence | None = None) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order. With ``groups`` (one label per
+    hypothesis, hypotheses of one group logically exclusive: at most one is true), Shaffer's
+    refinement: the j-th smallest p-value is multiplied by the number of groups that still have
+    a hypothesis at or after position j, not by the number of hypotheses left."""
     p = np.asarray(p_values, dtype=np.float64)
     k = len(p)
+    labels = list(range(k)) if groups is None else list(groups)
     order = np.argsort(p, kind="stable")
     adjusted = np.empty(k)
     running = 0.0
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (k - rank) * p[i]))
+        left = len({labels[m] for m in order[rank:]})
+        running = max(running, min(1.0, left * p[i]))
         adjusted[i] = running
     return adjusted.tolist()
 
 
 @dataclass(frozen=True)
 class Adjusted:
-    """A comparison's verdict after Holm: ``verdict`` at the family-wise level, the interval at
-    the confidence level Holm's step-down gave it (``level``), and the p-values."""
+    """A comparison's verdict at the family-wise level (:func:`holm`) and the p-values behind it
+    (unadjusted and adjusted) of its two tests: Δ = 0 and Δ ≤ −margin."""
 
     verdict: str
-    low: float
-    high: float
-    level: float
-    p_value: float
-    p_adjusted: float
+    p_zero: float
+    p_margin: float
+    p_zero_adjusted: float
+    p_margin_adjusted: float
 
 
 def holm(diffs: Sequence[Difference], margin: float = DEFAULT_MARGIN,
          alpha: float = ALPHA) -> list[Adjusted]:
     """Family-wise (1 − α) verdicts for the comparisons of one report, in the input order.
 
-    Holm's step-down on :func:`claim_p_value`: sorted by p-value, the j-th (from 0) of k is
-    judged on its interval at confidence 1 − α/(k − j); while each keeps its unadjusted verdict
-    the level relaxes, the first one that loses it and every later one are judged at that
-    step's level, so they keep what their wider interval still supports (e.g. ``not worse``
-    from ``better``) or become ``inconclusive``. A verdict stands exactly when its Holm-adjusted
-    p-value (:func:`holm_adjust`) is below α.
+    Every comparison brings the two tests its verdict can rest on (:func:`p_values`): Δ = 0
+    (*better* / *worse*) and Δ ≤ −margin (*not worse*, *within margin*). Holm's step-down runs
+    over all 2k of them with Shaffer's count (the two nulls of one comparison cannot both be
+    true, so each comparison counts once while one of its tests is left), and the verdict is
+    read from what is rejected: Δ = 0 rejected -> better (Δ > 0) or worse (Δ < 0, *within
+    margin* if Δ ≤ −margin is rejected too); else Δ ≤ −margin rejected -> not worse; else
+    inconclusive. With one comparison this is the unadjusted verdict.
     """
-    k = len(diffs)
-    p = [claim_p_value(d, margin) for d in diffs]
-    p_adj = holm_adjust(p) if k else []
-    out: list[Adjusted | None] = [None] * k
-    stop = None
-    for rank, i in enumerate(np.argsort(p, kind="stable")):
-        d = diffs[i]
-        a = stop if stop is not None else alpha / (k - rank)
-        low, high = d.interval(1 - a)
-        v = "inconclusive" if d.reason else verdict(low, high, margin)
-        if stop is None and v != d.verdict(margin):
-            stop = a
-        out[i] = Adjusted(v, low, high, 1 - a, p[i], p_adj[i])
-    return out  # type: ignore[return-value]
+    pv = [p_values(d, margin) for d in diffs]
+    flat = [p for pair in pv for p in pair]
+    adj = holm_adjust(flat, groups=[i for i in range(len(diffs)) for _ in range(2)]) \
+        if diffs else []
+    out = []
+    for i, d in enumerate(diffs):
+        zero, beyond = adj[2 * i] < alpha, adj[2 * i + 1] < alpha
+        if zero and d.estimate > 0:
+            v = "better"
+        elif zero and d.estimate < 0:
+            v = "worse within margin" if beyond else "worse"
+        else:
+            v = "not worse" if beyond else "inconclusive"
+        out.append(Adjusted(v, pv[i][0], pv[i][1], adj[2 * i], adj[2 * i + 1]))
+    return out
 
 
 __all__ = ["ALPHA", "DEFAULT_MARGIN", "DEFAULT_RESAMPLES", "METRICS", "MIN_PATIENTS", "VERDICTS",
-           "Adjusted", "Difference", "TwoWay", "case_counts", "claim_p_value", "holm",
-           "holm_adjust", "paired_difference", "patient_totals", "pseudo_values",
+           "Adjusted", "Difference", "TwoWay", "case_counts", "holm", "holm_adjust",
+           "p_values", "paired_difference", "patient_totals", "pseudo_values",
            "scores_from_counts", "two_way", "verdict", "verdict_sentence"]
