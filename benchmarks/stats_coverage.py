@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg import stats as S
+from kvseg.experiments import stats as S
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "stats_coverage.json"
