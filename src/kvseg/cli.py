@@ -186,7 +186,8 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run's best model")
     p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
     p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
-    p.add_argument("--split", default="val", choices=["train", "val", "all"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
+                   help="test: the run's held-out test_fold (default: val)")
     p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
