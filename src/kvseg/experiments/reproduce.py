@@ -35,7 +35,11 @@ import torch
 
 from kvseg.config import PRESET_NAMES, RunConfig, config_path, load_config
 from kvseg.errors import ConfigError
-from kvseg.experiments.figures import plot_jaccard_vs_macs, plot_training_curves
+from kvseg.experiments.figures import (
+    plot_jaccard_vs_macs,
+    plot_patient_differences,
+    plot_training_curves,
+)
 from kvseg.experiments.report import measured_text, results_table, write_report
 from kvseg.experiments.results import write_results
 from kvseg.experiments.runner import Job, run_jobs, untrained_jobs
@@ -52,6 +56,7 @@ from kvseg.experiments.shared import (  # noqa: F401 - re-exported: their earlie
     write_attention_comparison,
     write_samples,
 )
+from kvseg.experiments.verdicts import family_deltas, patient_differences
 from kvseg.layers.attention import MODES, mode_label
 from kvseg.models.registry import model_info
 from kvseg.training.checkpoint import read_config
@@ -183,27 +188,65 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
     sample_note = write_samples(out, run_dirs, cfg.num_samples)
     if sample_note:
         figures.append((sample_note, "samples.png"))
+    if _plot_patients(out, rows, args.margin):
+        figures.append(("Per-patient paired differences of the Jaccard (the verdicts' patients)",
+                        "patient_differences.png"))
     attention = write_attention_comparison(out, run_dirs)
     threads = cfg.latency_threads or torch.get_num_threads()
     first = first_runs(run_dirs)
     run_config = RunConfig.from_dict(read_config(next(iter(first.values())) / BEST)) if first \
         else None
-    measured = measured_text(run_config, evaluation=_first_evaluation(first),
+    split = "test" if train_opts.get("test_fold") is not None else "val"
+    measured = measured_text(run_config, evaluation=_first_evaluation(first, split),
                              repeats=cfg.latency_repeats, warmup=cfg.latency_warmup,
-                             threads=threads)
+                             threads=threads, split=split)
     modes = [m for m in MODES if any(r["attention"] == m for r in rows)]
     title = (f"kvseg reproduction: {' vs '.join(mode_label(m) for m in modes)} attention "
              f"({cfg.name} preset)")
     return write_report(out, rows, title=title, settings=_settings(out, run_dirs, args,
                                                                     train_opts, threads),
                         measured=measured, figures=figures, margin=args.margin,
-                        resamples=cfg.resamples, sections=attention)
+                        sections=attention, classes=run_config.classes if run_config else (),
+                        selection=selection_text(train_opts, rows))
 
 
-def _first_evaluation(first: dict[str, Path]) -> dict | None:
-    """The validation evaluation of the first finished run (what the metrics were computed on)."""
+def _plot_patients(out: Path, rows: list[dict], margin: float) -> bool:
+    """patient_differences.png when the runs carry per-scan counts; whether it was written."""
+    per_patient = patient_differences(rows)
+    if not per_patient:
+        return False
+    intervals = {f"{d['family']} {mode_label(d['attention'])}":
+                 (d["jaccard_pts"], d["jaccard_low"], d["jaccard_high"])
+                 for d in family_deltas(rows, margin=margin)}
+    plot_patient_differences(per_patient, intervals, out / "patient_differences.png")
+    return True
+
+
+def selection_text(train_opts: dict, rows: list[dict]) -> str:
+    """Which patients the verdicts used and what saw them (the report's limits paragraph)."""
+    patients = sorted({str(c["case"]) for r in rows for c in (r.get("cases") or [])},
+                      key=lambda p: (len(p), p))
+    who = (f"the {len(patients)} patients {', '.join(patients)}" if patients
+           else "its patients")
+    fold = train_opts.get("fold", 0)
+    if train_opts.get("test_fold") is not None:
+        return (f"**Selection.** The verdicts use {who} of test fold "
+                f"{train_opts['test_fold']}: neither training nor checkpoint selection "
+                f"(`best.safetensors`, by the Jaccard of validation fold {fold}) nor the "
+                "recipe search saw them. The recipe itself was tuned for QKV's seed agreement "
+                "on the validation fold of an earlier, smaller draw of the synthetic twin (8 "
+                "cases), not on these patients.")
+    return (f"**Selection.** The verdicts use {who} of validation fold {fold}, the same fold "
+            "that selected each run's checkpoint (`best.safetensors`) and on which the recipe "
+            "was tuned: the verdicts are optimistic (set `test_fold` in the preset to hold "
+            "patients out).")
+
+
+def _first_evaluation(first: dict[str, Path], split: str = "val") -> dict | None:
+    """The evaluation of the first finished run on ``split`` (what the metrics were computed
+    on)."""
     for run_dir in first.values():
-        path = run_dir / "eval_val.json"
+        path = run_dir / f"eval_{split}.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
     return None
@@ -222,7 +265,11 @@ def _settings(out: Path, run_dirs: dict, args: Arguments, train_opts: dict,
                    f"--seeds {' '.join(map(str, args.seeds))}`",
         "preset": f"{cfg.name} ({cfg.path})" + (f": {cfg.description}"
                                                 if cfg.description else ""),
-        "data": f"{args.data.resolve()} (validation fold {train_opts.get('fold', 0)})",
+        "data": f"{args.data.resolve()} (" + (
+            f"test fold {train_opts['test_fold']} for the results and verdicts, "
+            if train_opts.get("test_fold") is not None else "") +
+        f"validation fold {train_opts.get('fold', 0)} for checkpoint selection; "
+        f"{train_opts.get('n_folds', 5)} case folds)",
         "training options (the same for every variant)": opts,
         "seeds": ", ".join(map(str, args.seeds)),
         "runs in parallel": f"{args.jobs} process(es), {cfg.threads or 'default'} torch "

@@ -179,9 +179,10 @@ def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
     status = "ok"
     try:
         summary = T.train(config, progress=progress)
-        evaluation = evaluate_run(job.run_dir, split="val", device=device)
+        evaluation = evaluate_run(job.run_dir, split=verdict_split(config), device=device)
         mean = evaluation["mean"]
-        cases = [{k: c[k] for k in ("case", "day", "tp", "fp", "fn")}
+        cases = [{**{k: c[k] for k in ("case", "day", "tp", "fp", "fn")},
+                  "hd95_mm": [c["hd95_mm"][n] for n in evaluation["classes"]]}
                  for c in evaluation["cases"]]
     except T.NonFiniteLossError as e:  # a diverged variant is a result: record it, go on
         log.error("%s seed %d: %s", name, seed, e)
@@ -204,6 +205,12 @@ def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
         hd95_penalized=mean.get("hd95_penalized_mm"), missed=mean.get("missed"),
         false_alarms=mean.get("false_alarms"), cases=cases)
     return row.to_dict()
+
+
+def verdict_split(config) -> str:
+    """The split the results and verdicts are computed on: ``test`` when the run holds a test
+    fold out (neither training nor checkpoint selection saw it), else ``val``."""
+    return "test" if getattr(config, "test_fold", None) is not None else "val"
 
 
 def log_finished(result) -> None:
@@ -337,4 +344,4 @@ def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path])
 
 __all__ = ["Arguments", "check_arguments", "choose_samples", "default_jobs", "first_runs",
            "log_finished", "profile_models", "resolve_models", "train_and_evaluate",
-           "validation_set", "write_attention_comparison", "write_samples"]
+           "validation_set", "verdict_split", "write_attention_comparison", "write_samples"]

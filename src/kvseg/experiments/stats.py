@@ -203,7 +203,9 @@ def _scan_totals(scan: Mapping, metric: str) -> list:
         return [scan["tp"], scan["fp"], scan["fn"]]
     if "hd95_mm" not in scan:
         raise ValueError("metric 'hd95' needs per-scan 'hd95_mm' values (one per class)")
-    hd = np.array([math.nan if v is None else v for v in scan["hd95_mm"]], dtype=np.float64)
+    values = scan["hd95_mm"]
+    values = list(values.values()) if isinstance(values, Mapping) else values  # class -> mm
+    hd = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
     ok = np.isfinite(hd)
     return [np.where(ok, hd, 0.0), ok.astype(np.float64)]
 
