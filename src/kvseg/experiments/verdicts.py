@@ -22,6 +22,7 @@ from kvseg.experiments.stats import (
     Difference,
     holm,
     paired_difference,
+    patient_totals,
     scores_from_counts,
     verdict_sentence,
 )
@@ -181,8 +182,6 @@ def patient_differences(rows: Sequence[ResultRow | Mapping]) -> dict[str, dict[s
 
 
 def _per_patient_jaccard(cases: Sequence[Mapping]) -> dict[str, float]:
-    from kvseg.experiments.stats import patient_totals
-
     patients, _, totals = patient_totals(cases, "jaccard")
     scores = scores_from_counts(totals[:, 0], totals[:, 1], totals[:, 2])
     return dict(zip(patients, np.asarray(scores).tolist(), strict=True))
