@@ -349,6 +349,9 @@ def _add_reproduce(sub) -> None:
                    help="smoke, paper, or a YAML file (`kvseg config show smoke` prints one)")
     p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's epochs")
     _add_run_set_options(p, "reproduce")
+    p.add_argument("--cv", action="store_true",
+                   help="k-fold cross-validation: every fold held out once (last epoch, no "
+                        "selection on it), out-of-fold counts pooled (n_folds x the runs)")
 
 
 def _add_run_set_options(p, command: str) -> None:
@@ -376,7 +379,7 @@ def _run_reproduce(args) -> int:
     report = reproduce(args.data, args.out, preset=args.preset, models=args.models,
                        seeds=args.seeds, device=args.device, epochs=args.epochs,
                        jobs=args.jobs, margin=args.margin, list_runs=args.list_runs,
-                       modes=args.modes)
+                       modes=args.modes, cv=args.cv)
     print(report)
     return 0
 

@@ -124,7 +124,10 @@ def _profile_path(job: Job) -> Path:
 
 
 def _profile_settings(job: Job) -> dict:
-    return {k: v for k, v in job.settings.items() if k != "seed"}
+    """What a model's profile depends on: the job's settings but the seed (and the keys in
+    ``meta["profile_free"]``, e.g. reproduce --cv's fold)."""
+    free = ("seed", *job.meta.get("profile_free", ()))
+    return {k: v for k, v in job.settings.items() if k not in free}
 
 
 def profile_models(jobs: list[Job], device: torch.device, cfg: Preset) -> None:
@@ -174,7 +177,7 @@ def _cached_profile(path: Path, key: str) -> dict | None:
 def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
     """Train and evaluate one job (in this process or a worker); its result row, with the
     model's profile from profile.json. A diverged run is a result too."""
-    name, seed = job.key
+    name, seed = job.key[:2]  # reproduce --cv adds the fold
     config = job.config
     status = "ok"
     try:

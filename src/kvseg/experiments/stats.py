@@ -379,6 +379,10 @@ def _patient_model(runs, metric: str, scale: float) -> Difference:
                           **common)
     table = np.stack([scale * (pseudo_values(rb[2], metric) - pseudo_values(ra[2], metric))
                       for ra, rb in runs])  # (S, P); its grand mean is est
+    if not np.isfinite(table).all():  # e.g. HD95 of an organ that few patients' scans show
+        return Difference(est, -math.inf, math.inf, case_se=math.nan, method="patients x seeds",
+                          reason=f"the {metric} of some patients (or of all but one) is "
+                                 "undefined", **common)
     fit = two_way(table)
     low, high = _interval(est, fit.components)
     one = n_seeds == 1
