@@ -286,11 +286,11 @@ def test_p_values_put_the_tested_value_on_the_interval_boundary():
 
 
 def test_an_undefined_score_for_some_patients_is_inconclusive_not_an_error():
-    """HD95 of an organ only one patient's scans show: leaving that patient out leaves no finite
-    value, so its pseudo-value is undefined -> no interval, with the reason."""
+    """HD95 (one organ) that only one patient's scans define: leaving that patient out leaves no
+    finite value, so its pseudo-value is undefined -> no interval, with the reason."""
     def run(shift):
-        return [{"case": p, "day": 0, "tp": [5, 5], "fp": [1, 1], "fn": [1, 1],
-                 "hd95_mm": [3.0 + shift + p, 4.0 if p == 0 else None]} for p in range(4)]
+        return [{"case": p, "day": 0, "tp": [5], "fp": [1], "fn": [1],
+                 "hd95_mm": [3.0 + shift if p == 0 else None]} for p in range(4)]
 
     d = paired_difference([run(0), run(0.1)], [run(0.5), run(0.2)], metric="hd95")
     assert d.verdict() == "inconclusive" and "undefined" in d.reason
