@@ -24,7 +24,7 @@ a target reads "missed" when within 2 Monte Carlo standard errors of it, "MISSED
 
     python benchmarks/stats_coverage.py [--quick] [--draws 600] [--out PATH]
         [--seed-sd 1.0 --patient-sd 1.0 --inter-sd 1.0 --scan-sd 0.5]
-        [--from-results results.json] [--power-only --power-days 2]
+        [--from-results results.json] [--power-only --power-days 2 --power-seeds 3 5 8]
 
 ``--from-results``: the demo variances measured from a reproduction's results.json (the two-way
 fit of every comparison's seeds x patients table of pseudo-value differences, variances pooled
@@ -300,7 +300,7 @@ def power_only(args, sd: dict, measured: dict | None) -> int:
     t0 = time.time()
     rng = np.random.default_rng(2025)
     power = power_grid(rng, sd, max(args.draws // 2, 20), args.margin, args.power_days,
-                       patients_list=(6, 12, 20, 40))
+                       seeds_list=args.power_seeds, patients_list=(6, 12, 20, 40))
     result = {"command": "python benchmarks/stats_coverage.py " + " ".join(sys.argv[1:]),
               "variances_sd_points": sd, "measured": measured, "margin": args.margin,
               "power": power, "seconds": round(time.time() - t0, 1)}
@@ -323,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--from-results", type=Path, help="measure the demo variances from this "
                                                       "results.json (overrides the --*-sd)")
     ap.add_argument("--power-only", action="store_true", help="only the power grid")
+    ap.add_argument("--power-seeds", type=int, nargs="+", default=list(POWER_SEEDS),
+                    help="seeds in the power grid (--power-only)")
     ap.add_argument("--power-days", type=int, default=None,
                     help="scan days per patient in the power grid (default 1-5)")
     args = ap.parse_args(argv)

@@ -296,8 +296,8 @@ def limits_text(selection: str = "") -> list[str]:
         "It excludes: that the data are synthetic (a twin of UW-Madison, not CT/MRI of "
         "patients); that the models are micro-sized (not the paper's base models); that the "
         "recipe was tuned for QKV (its seed agreement), not for KV; and any selection on the "
-        "patients scored (below). *Not worse* is not *equivalent*."
-        + (f" {selection}" if selection else ""),
+        "patients scored (below). *Not worse* is not *equivalent*.",
+        *([selection] if selection else []),
     ]
 
 
