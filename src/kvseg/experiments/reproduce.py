@@ -205,7 +205,9 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
                                   run_dir / "metrics.csv")
               for (name, seed), run_dir in run_dirs.items()}
     plot_training_curves(curves, out / "training_curves.png")
-    figures = [("Validation Jaccard against MACs", "jaccard_vs_macs.png"),
+    scored = "Out-of-fold" if cv else "Test" if train_opts.get("test_fold") is not None \
+        else "Validation"
+    figures = [(f"{scored} Jaccard against MACs", "jaccard_vs_macs.png"),
                ("Training loss and validation Jaccard of every run", "training_curves.png")]
     sample_note = write_samples(out, run_dirs, cfg.num_samples)
     if sample_note:
