@@ -245,9 +245,16 @@ def plot_patient_differences(per_patient: Mapping[str, Mapping[str, Sequence[flo
                        alpha=0.5, linewidths=0)
             ax.scatter([float(np.mean(diffs))], [y], s=18, color="tab:blue", alpha=0.8,
                        linewidths=0)
+    bounds = [b for v in intervals.values() for b in v if math.isfinite(b)]
+    if bounds:  # the finite interval ends inside the plot; an infinite one runs to its edge
+        lo, hi = ax.get_xlim()
+        pad = 0.05 * (max(hi, *bounds) - min(lo, *bounds))
+        ax.set_xlim(min(lo, min(bounds) - pad), max(hi, max(bounds) + pad))
+    lo, hi = ax.get_xlim()
+    for i, label in enumerate(labels):
+        y = len(labels) - 1 - i
         est, low, high = intervals.get(label, (math.nan, math.nan, math.nan))
         if math.isfinite(est):
-            lo, hi = ax.get_xlim()
             ax.plot([max(low, lo), min(high, hi)], [y + 0.3] * 2, color="tab:red", linewidth=2)
             ax.plot([est], [y + 0.3], marker="|", color="tab:red", markersize=10)
     ax.axvline(0, color="black", linewidth=0.8)
