@@ -168,9 +168,11 @@ def _run_config(args) -> int:
     from kvseg.config import config_path, packaged_configs
 
     if args.action == "list":
-        for name in packaged_configs():
+        names = packaged_configs()
+        width = max(map(len, names)) + 2  # the longest name still leaves two spaces
+        for name in names:
             desc = read_yaml(config_path(name)).get("description", "")
-            print(f"{name:<14}{desc}")
+            print(f"{name:<{width}}{desc}")
         return 0
     if not args.name:
         raise KvsegError("config show: name a config (one of "
@@ -183,8 +185,10 @@ def _run_config(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a run's best model")
-    p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
+    p = sub.add_parser("evaluate", help="evaluate a run's best model (or an ensemble of runs)")
+    p.add_argument("--run", required=True, nargs="+", metavar="RUN_DIR",
+                   help="RUN_DIR written by kvseg train, or a kvseg package folder; several: "
+                        "their probabilities are averaged (an ensemble)")
     p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
     p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json)")
@@ -196,6 +200,19 @@ def _add_evaluate(sub) -> None:
     _add_precision(p)
     p.add_argument("--workers", type=NONNEG_INT,
                    help="DataLoader workers (default: auto, as for kvseg train)")
+    _add_inference_options(p)
+
+
+def _add_inference_options(p) -> None:
+    """What evaluate and predict share: TTA, threshold, tuned post-processing."""
+    p.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
+                   help="test-time augmentation: flip = horizontal mirror, flips = horizontal, "
+                        "vertical and both; probabilities averaged")
+    p.add_argument("--threshold", type=PROBABILITY,
+                   help="sigmoid threshold (default: the run's tuned thresholds if `kvseg tune` "
+                        "stored some, else the run's own, 0.5 unless trained otherwise)")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="ignore the post-processing `kvseg tune` stored in the run")
 
 
 def _run_evaluate(args) -> int:
@@ -204,7 +221,8 @@ def _run_evaluate(args) -> int:
     results = evaluate_run(args.run, data=args.data, split=args.split, out=args.out,
                            device=args.device, batch_size=args.batch_size,
                            slice_thickness_mm=args.slice_thickness, precision=args.precision,
-                           workers=args.workers)
+                           workers=args.workers, tta=args.tta, threshold=args.threshold,
+                           postprocess=args.postprocess)
     print(format_results(results))
     return 0
 
@@ -221,14 +239,14 @@ def _add_precision(p) -> None:
 # --------------------------------------------------------------------------- use
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment new images: masks, overlays, submission.csv")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, nargs="+", metavar="RUN_DIR",
+                   help="RUN_DIR written by kvseg train, or a kvseg package folder; several: "
+                        "their probabilities are averaged (an ensemble)")
     p.add_argument("--input", required=True,
                    help="an image (PNG, JPEG, TIFF) or NIfTI volume, a folder of them, or a "
                         "dataset root (UW-Madison, images/ + masks/, imagesTr/, Synapse, ACDC)")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=PROBABILITY,
-                   help="sigmoid threshold (default: the run's own, 0.5 unless trained otherwise)")
-    p.add_argument("--tta", choices=["none", "flip"], default="none")
+    _add_inference_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--overwrite", action="store_true",
@@ -245,7 +263,8 @@ def _run_predict(args) -> int:
 
     summary = predict(args.run, args.input, args.out, threshold=args.threshold, tta=args.tta,
                       device=args.device, batch_size=args.batch_size, precision=args.precision,
-                      min_iou=args.min_iou, **({"overwrite": True} if args.overwrite else {}))
+                      min_iou=args.min_iou, postprocess=args.postprocess,
+                      **({"overwrite": True} if args.overwrite else {}))
     print(summary)
     return 0
 
@@ -278,6 +297,45 @@ def _run_export(args) -> int:
                          calibration_data=args.calibration_data,
                          calibration_slices=args.calibration_slices, min_iou=args.min_iou)
     print(report)
+    return 0
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="choose per-class thresholds and a minimum component size "
+                                    "on validation; stored in the run, used by evaluate/predict",
+                       description="nnU-Net-style post-processing chosen on the run's validation "
+                                   "fold: each is kept only where it improves the validation "
+                                   "Jaccard; written to RUN_DIR/postprocess.json.")
+    p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
+    p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
+    p.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
+                   help="tune on the probabilities of this TTA (use the same in evaluate/predict)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+
+
+def _run_tune(args) -> int:
+    from kvseg.inference.tune import tune_run
+
+    print(tune_run(args.run, data=args.data, tta=args.tta, device=args.device,
+                   batch_size=args.batch_size))
+    return 0
+
+
+def _add_package(sub) -> None:
+    p = sub.add_parser("package", help="a run as a shareable model folder: config.json, "
+                                       "model.safetensors, README.md model card",
+                       description="Load it with kvseg.from_pretrained(DIR); kvseg predict --run "
+                                   "DIR accepts it. See docs/deployment.md.")
+    p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
+    p.add_argument("--out", required=True, help="new folder (absent, empty, or an earlier "
+                                                "package of kvseg package)")
+
+
+def _run_package(args) -> int:
+    from kvseg.inference.package import package_run
+
+    print(package_run(args.run, args.out))
     return 0
 
 
@@ -419,6 +477,8 @@ COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
+    "tune": (_add_tune, _run_tune),
+    "package": (_add_package, _run_package),
     "benchmark": (_add_benchmark, _run_benchmark),
     "attention": (_add_attention, _run_attention),
     "reproduce": (_add_reproduce, _run_reproduce),
