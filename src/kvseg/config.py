@@ -42,7 +42,8 @@ from kvseg.utils import check_number, read_yaml
 #: Keys written to config.yaml that the data decides; accepted and ignored when read back.
 DERIVED_KEYS = ("in_channels", "num_classes", "classes", "precision", "preprocess")
 #: Options that may differ between the original run and a ``--resume``.
-RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out")
+RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out",
+                     "tensorboard")
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
@@ -160,6 +161,9 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     out: str | None = _opt(None, "RUN_DIR: the run folder (required)")
     resume: bool = _opt(False, "continue from RUN_DIR/last.ckpt")
+    tensorboard: bool = _opt(False, "TensorBoard scalars (losses, metrics, lr) and validation "
+                                    "overlays per epoch in RUN_DIR/tensorboard (needs the "
+                                    "tracking extra: pip install 'kvseg[tracking]')")
 
     def __post_init__(self) -> None:
         self.validate()
