@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -29,7 +30,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from kvseg import __version__
 from kvseg.config import RunConfig
 from kvseg.data.manifest import foreign_entry, read_manifest, remove_files, write_manifest
 from kvseg.errors import CheckpointError, RunDirError
@@ -43,6 +43,10 @@ from kvseg.utils import atomic_write_bytes, atomic_write_text
 CONFIG_JSON, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 MANIFEST = ".kvseg_package.json"
 FORMAT = "kvseg-model/1"
+try:  # not `from kvseg import __version__`: the front door sits above this module
+    __version__ = metadata.version("kvseg")
+except metadata.PackageNotFoundError:  # a source checkout that is not installed
+    __version__ = "unknown"
 LICENSE = "MIT (the kvseg code); the weights inherit the terms of the data they were trained on"
 
 
