@@ -1,0 +1,149 @@
+"""kvseg tune, kvseg package / kvseg.from_pretrained, NIfTI masks of multi-label runs, and
+`kvseg config list`: each against an independent computation or the files as written."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import train_options
+from PIL import Image
+
+import kvseg
+from kvseg import cli
+from kvseg.config import packaged_configs
+from kvseg.inference.evaluate import evaluate_run
+from kvseg.inference.postprocess import Postprocess, small_components
+from kvseg.training.checkpoint import load_run
+from kvseg.training.train import load_config, train
+
+
+@pytest.fixture(scope="module")
+def run(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy") / "run"
+    train(load_config(None, train_options(synth, out, epochs=1)))
+    return out
+
+
+# --------------------------------------------------------------------------- post-processing
+def test_small_components_are_those_below_the_size():
+    mask = np.zeros((8, 8), bool)
+    mask[0, 0:2] = True  # 2 pixels
+    mask[4:7, 4:7] = True  # 9 pixels
+    mask[7, 7] = True  # touches the 9-pixel blob diagonally: one 8-connected component of 10
+    drop = small_components(mask, 3)
+    assert drop.sum() == 2 and drop[0, 0] and drop[0, 1]
+    assert not small_components(mask, 0).any() and small_components(mask, 11).sum() == 12
+
+
+def test_thresholds_map_to_one_half_and_small_components_go():
+    post = Postprocess(("a", "b"), (0.2, 0.7), (0, 3))
+    probs = torch.rand(2, 2, 16, 16)
+    out = post.apply(probs, "multilabel")
+    assert torch.equal(out[:, 0] >= 0.5, probs[:, 0] >= 0.2)
+    for b in range(2):
+        want = (probs[b, 1] >= 0.7).numpy() & ~small_components((probs[b, 1] >= 0.7).numpy(), 3)
+        assert np.array_equal((out[b, 1] >= 0.5).numpy(), want)
+
+
+def test_tune_improves_or_keeps_validation_and_evaluate_reproduces_it(run, capsys):
+    assert cli.main(["tune", "--run", str(run), "--device", "cpu"]) == 0
+    stored = json.loads((run / "postprocess.json").read_text())
+    before, after = np.array(stored["jaccard_before"]), np.array(stored["jaccard_after"])
+    assert (after >= before - 1e-12).all()
+    res = evaluate_run(run, device="cpu", postprocess=True, out=run / "post.json")
+    assert res["mean"]["jaccard"] == pytest.approx(after.mean(), abs=1e-6)
+    assert res["postprocess"]["min_size"] == stored["min_size"]
+    plain = evaluate_run(run, device="cpu", out=run / "plain.json")  # the library default
+    assert plain["postprocess"] is None
+    assert plain["mean"]["jaccard"] == pytest.approx(before.mean(), abs=1e-6)
+    over = evaluate_run(run, device="cpu", postprocess=True, threshold=0.5, out=run / "o.json")
+    assert over["threshold"] == {c: 0.5 for c in stored["classes"]}
+
+
+def test_a_broken_postprocess_file_is_one_line(run, tmp_path, capsys):
+    broken = tmp_path / "run"
+    broken.mkdir()
+    (broken / "best.safetensors").write_bytes((run / "best.safetensors").read_bytes())
+    (broken / "postprocess.json").write_text("{not json")
+    rc = cli.main(["evaluate", "--run", str(broken), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "postprocess.json" in err[0]
+
+
+# --------------------------------------------------------------------------- package
+def test_package_writes_the_files_and_from_pretrained_matches_the_run(run, tmp_path, capsys):
+    pkg = tmp_path / "pkg"
+    assert cli.main(["package", "--run", str(run), "--out", str(pkg)]) == 0
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in pkg.iterdir()}
+    config = json.loads((pkg / "config.json").read_text())
+    assert config["classes"] and config["task"] == "multilabel" and "input" in config
+    card = (pkg / "README.md").read_text()
+    assert "setr_kv" in card and "Jaccard" in card and "not for clinical decisions" in card
+    model, _ = load_run(run)
+    x = torch.rand(2, config["in_channels"], config["img_size"], config["img_size"])
+    with torch.no_grad():
+        assert torch.allclose(kvseg.from_pretrained(pkg)(x), model(x), atol=1e-5)
+    # a second package into its own folder replaces it
+    assert cli.main(["package", "--run", str(run), "--out", str(pkg)]) == 0
+
+
+def test_predict_accepts_a_package_folder(run, synth, tmp_path, capsys):
+    pkg = tmp_path / "pkg"
+    assert cli.main(["package", "--run", str(run), "--out", str(pkg)]) == 0
+    src = sorted((synth / "train").rglob("*.png"))[0]
+    for name, where in (("a", run), ("b", pkg)):
+        rc = cli.main(["predict", "--run", str(where), "--input", str(src), "--out",
+                       str(tmp_path / name), "--device", "cpu", "--no-postprocess"])
+        assert rc == 0
+    a, b = (np.asarray(Image.open(next((tmp_path / n / "masks").rglob("*.png"))))
+            for n in ("a", "b"))
+    assert np.array_equal(a, b)
+
+
+def test_package_refuses_a_folder_it_did_not_write(run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc = cli.main(["package", "--run", str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "notes.txt" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_from_pretrained_of_a_non_package_is_one_error(run, tmp_path):
+    with pytest.raises(kvseg.errors.KvsegError, match="not a kvseg package"):
+        kvseg.from_pretrained(run)
+
+
+# --------------------------------------------------------------------------- volumes
+def test_multilabel_nifti_predictions_are_one_label_volume_per_class(run, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    nib.save(nib.Nifti1Image((rng.random((40, 36, 3)) * 1000).astype(np.float32), affine),
+             str(tmp_path / "vol.nii.gz"))
+    out = tmp_path / "out"
+    rc = cli.main(["predict", "--run", str(run), "--input", str(tmp_path / "vol.nii.gz"),
+                   "--out", str(out), "--device", "cpu", "--threshold", "0.3"])
+    assert rc == 0
+    classes = json.loads(json.dumps(load_run(run)[1]["classes"]))
+    files = sorted(p.name for p in (out / "masks").iterdir())
+    assert files == sorted(f"vol_{c}.nii.gz" for c in classes)
+    for name in files:
+        img = nib.load(str(out / "masks" / name))
+        data = np.asanyarray(img.dataobj)
+        assert data.shape == (40, 36, 3) and set(np.unique(data)) <= {0, 1}
+        assert np.allclose(img.affine, affine)
+
+
+# --------------------------------------------------------------------------- config list
+def test_config_list_keeps_names_and_descriptions_apart(capsys):
+    assert cli.main(["config", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    width = max(map(len, packaged_configs()))
+    for name, line in zip(packaged_configs(), lines, strict=True):
+        assert line.startswith(name) and line[len(name):width + 2].strip() == ""
