@@ -40,7 +40,7 @@ def open_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """A run folder's best model or a packaged model's: ``(model in eval mode, RunConfig)``."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--run {path}: no such run or package folder")
+        raise FileNotFoundError(f"--run {path}: no such run folder")
     if is_package(path):
         return open_package(path, map_location)
     return open_run(path, map_location)

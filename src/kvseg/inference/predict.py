@@ -274,7 +274,7 @@ def predict(run_dir: str | Path | Sequence[str | Path], source: str | Path, out:
     runs = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
     for run in runs:
         if not Path(run).is_dir():
-            raise FileNotFoundError(f"--run {run}: no such run or package folder")
+            raise FileNotFoundError(f"--run {run}: no such run folder")
     _check_args(0.5 if threshold is None else threshold, tta, batch_size)
     items = _outside(discover_inputs(source), Path(out))  # a bad --input fails fast
     dev = resolve_device(device)
