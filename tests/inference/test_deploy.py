@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import train_options
 from PIL import Image
 
 import kvseg
+from helpers import train_options
 from kvseg import cli
 from kvseg.config import packaged_configs
 from kvseg.inference.evaluate import evaluate_run

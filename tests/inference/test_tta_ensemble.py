@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import train_options
 from sklearn.metrics import jaccard_score
 from torch import nn
 
+from helpers import train_options
 from kvseg import cli
 from kvseg.data import build_dataset
 from kvseg.inference.ensemble import AveragedModel

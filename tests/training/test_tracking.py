@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from helpers import cli_train_args, train_options
 
+from helpers import cli_train_args, train_options
 from kvseg import cli
 from kvseg.training.tracking import SCALARS, blend
 
