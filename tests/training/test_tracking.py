@@ -53,3 +53,19 @@ def test_blend_colours_only_the_mask():
     rgb = blend(image, mask, alpha=0.5)
     assert torch.allclose(rgb[:, 0, 0], torch.full((3,), 0.5))
     assert torch.allclose(rgb[:, 1, 2], 0.25 + 0.5 * torch.tensor([0.9, 0.24, 0.24]))
+
+
+def test_reproduce_runs_log_to_tensorboard_from_the_preset(tmp_path):
+    pytest.importorskip("tensorboard")
+    from helpers import TINY_PRESET, make_tiny
+    from kvseg.experiments.reproduce import reproduce
+    from kvseg.experiments.runner import same_settings
+
+    data, preset = make_tiny(tmp_path, seed=4,
+                             train={**TINY_PRESET["train"], "tensorboard": True})
+    reproduce(data, tmp_path / "out", preset=str(preset), models=["setr_kv"], device="cpu",
+              progress=False)
+    events = list((tmp_path / "out").rglob("tensorboard/events.out.tfevents*"))
+    assert len(events) == 1
+    # watching a run is not a setting of its result: finished runs stay valid either way
+    assert same_settings({"model": "setr_kv", "tensorboard": True}, {"model": "setr_kv"})
