@@ -147,3 +147,40 @@ def test_config_list_keeps_names_and_descriptions_apart(capsys):
     width = max(map(len, packaged_configs()))
     for name, line in zip(packaged_configs(), lines, strict=True):
         assert line.startswith(name) and line[len(name):width + 2].strip() == ""
+
+
+def test_case_bootstrap_against_a_hand_loop_and_in_the_card(run, tmp_path, capsys):
+    from kvseg.inference.package import case_bootstrap
+
+    rng = np.random.default_rng(1)
+    cases = [{"case": i // 2, "tp": rng.integers(0, 50, 2).tolist(),
+              "fp": rng.integers(0, 20, 2).tolist(), "fn": rng.integers(0, 20, 2).tolist()}
+             for i in range(8)]
+    est, lo, hi = case_bootstrap(cases, resamples=300, seed=5)
+    by_case = {}
+    for c in cases:  # days of one case go together
+        by_case.setdefault(c["case"], []).append(c)
+    keys = sorted(by_case)
+
+    def jac(chosen):
+        tp = np.sum([c["tp"] for k in chosen for c in by_case[k]], axis=0)
+        fp = np.sum([c["fp"] for k in chosen for c in by_case[k]], axis=0)
+        fn = np.sum([c["fn"] for k in chosen for c in by_case[k]], axis=0)
+        return float(np.mean(tp / (tp + fp + fn)))
+
+    draws = np.random.default_rng(5).integers(0, len(keys), size=(300, len(keys)))
+    hand = [jac([keys[j] for j in row]) for row in draws]
+    assert est == pytest.approx(jac(keys), abs=1e-12)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(hand, (2.5, 97.5))), abs=1e-12)
+    assert case_bootstrap(cases[:2]) is None  # one case: no interval
+    evaluate_run(run, device="cpu")  # eval_val.json, as kvseg reproduce leaves it
+    assert cli.main(["package", "--run", str(run), "--out", str(tmp_path / "p")]) == 0
+    assert "fewer than two cases" in (tmp_path / "p" / "README.md").read_text()  # 1 val case
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("best.safetensors", "metrics.csv"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    (copy / "eval_val.json").write_text(json.dumps({"cases": cases}))
+    assert cli.main(["package", "--run", str(copy), "--out", str(tmp_path / "q")]) == 0
+    est, lo, hi = case_bootstrap(cases)
+    assert f"95% interval [{lo:.4f}, {hi:.4f}]" in (tmp_path / "q" / "README.md").read_text()

@@ -25,6 +25,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -122,6 +123,47 @@ def _best_metrics(run: Path) -> dict | None:
     return max(rows, key=lambda r: float(r["jaccard"])) if rows else None
 
 
+def case_bootstrap(cases: list[dict], resamples: int = 2000, seed: int = 0
+                   ) -> tuple[float, float, float] | None:
+    """``(mean Jaccard, 2.5 %, 97.5 % percentile)`` of the set-level mean Jaccard over
+    ``cases`` (evaluate's per-case ``tp``/``fp``/``fn`` lists), resampling whole cases (all days
+    of a case together); ``None`` with fewer than two cases."""
+    groups: dict = {}
+    for c in cases:
+        counts = np.array([c["tp"], c["fp"], c["fn"]], dtype=np.float64)  # (3, K)
+        groups[c["case"]] = groups.get(c["case"], 0) + counts
+    if len(groups) < 2:
+        return None
+    table = np.stack(list(groups.values()))  # (cases, 3, K)
+
+    def score(counts: np.ndarray) -> np.ndarray:  # (..., 3, K) -> (...)
+        tp, fp, fn = counts[..., 0, :], counts[..., 1, :], counts[..., 2, :]
+        den = tp + fp + fn
+        return np.where(den > 0, tp / np.maximum(den, 1), 1.0).mean(-1)
+
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(table), size=(resamples, len(table)))
+    scores = score(table[draws].sum(1))
+    lo, hi = np.percentile(scores, (2.5, 97.5))
+    return float(score(table.sum(0))), float(lo), float(hi)
+
+
+def _interval_text(run: Path) -> str:
+    """The case-bootstrap interval of ``RUN_DIR/eval_val.json`` (written by ``kvseg evaluate`` and
+    by ``kvseg reproduce``), or why there is none."""
+    try:
+        cases = json.loads((run / "eval_val.json").read_text(encoding="utf-8"))["cases"]
+        result = case_bootstrap(cases)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "No confidence interval: the run has no readable eval_val.json (`kvseg evaluate`)."
+    if result is None:
+        return "No confidence interval: the validation fold has fewer than two cases."
+    est, lo, hi = result
+    return (f"Jaccard {est:.4f}, 95% interval [{lo:.4f}, {hi:.4f}] (`kvseg evaluate` on the "
+            f"validation fold, eval_val.json; percentile bootstrap over its cases, 2000 "
+            f"resamples; one run, so seed-to-seed variation is not included).")
+
+
 def _card(config: RunConfig, model: nn.Module, run: Path) -> str:
     info = model_info(config.model)
     params = count_params(model)
@@ -132,8 +174,7 @@ def _card(config: RunConfig, model: nn.Module, run: Path) -> str:
                    f"{float(best['dice']):.4f} |\n| weighted Jaccard | "
                    f"{float(best['weighted_jaccard']):.4f} |\n\nBest validation epoch "
                    f"{best['epoch']} of {config.epochs} (metrics.csv), fold {config.fold} of "
-                   f"{config.n_folds}, threshold {config.threshold}. No confidence interval: "
-                   "one run on one validation fold.")
+                   f"{config.n_folds}, threshold {config.threshold}.\n\n{_interval_text(run)}")
     else:
         metrics = "No validation metrics were found in the run folder."
     data = Path(config.data).name if config.data else "unknown"
@@ -228,5 +269,5 @@ def package_run(run: str | os.PathLike, out: str | os.PathLike) -> str:
     return f"packaged {run} ({config.model}) -> {out}: {', '.join(files)}"
 
 
-__all__ = ["CARD", "CONFIG_JSON", "WEIGHTS", "from_pretrained", "is_package", "open_package",
-           "package_run", "read_package_config"]
+__all__ = ["CARD", "CONFIG_JSON", "WEIGHTS", "case_bootstrap", "from_pretrained", "is_package",
+           "open_package", "package_run", "read_package_config"]
