@@ -184,3 +184,30 @@ def test_case_bootstrap_against_a_hand_loop_and_in_the_card(run, tmp_path, capsy
     assert cli.main(["package", "--run", str(copy), "--out", str(tmp_path / "q")]) == 0
     est, lo, hi = case_bootstrap(cases)
     assert f"95% interval [{lo:.4f}, {hi:.4f}]" in (tmp_path / "q" / "README.md").read_text()
+
+
+def test_tune_on_a_multiclass_run_sizes_only_and_evaluate_agrees(tmp_path, capsys):
+    from data.make import write_folder
+
+    data = write_folder(tmp_path / "data", n=9, k=2, shape=(32, 32))
+    out = tmp_path / "run"
+    train(load_config(None, train_options(data, out, epochs=1, context=0)))
+    assert cli.main(["tune", "--run", str(out), "--device", "cpu"]) == 0
+    stored = json.loads((out / "postprocess.json").read_text())
+    assert stored["thresholds"] is None and len(stored["min_size"]) == 2
+    after = np.array(stored["jaccard_after"])
+    assert (after >= np.array(stored["jaccard_before"]) - 1e-12).all()
+    res = evaluate_run(out, device="cpu", postprocess=True, tta="flips", out=tmp_path / "e.json")
+    assert res["task"] == "multiclass" and res["tta"] == "flips"
+    plain = evaluate_run(out, device="cpu", postprocess=True, out=tmp_path / "p.json")
+    assert plain["mean"]["jaccard"] == pytest.approx(after.mean(), abs=1e-6)
+
+
+def test_multiclass_small_components_become_background():
+    probs = torch.zeros(1, 3, 8, 8)
+    probs[0, 0] = 1.0  # background everywhere ...
+    probs[0, :, 0, 0] = torch.tensor([0.1, 0.8, 0.1])  # ... but a 1-pixel class-1 island
+    probs[0, :, 4:7, 4:7] = torch.tensor([0.1, 0.1, 0.8]).view(3, 1, 1)  # a 9-pixel class 2
+    out = Postprocess(("a", "b"), None, (2, 2)).apply(probs, "multiclass")
+    labels = out.argmax(1)[0]
+    assert labels[0, 0] == 0 and (labels[4:7, 4:7] == 2).all() and labels.sum() == 18
