@@ -258,7 +258,9 @@ def package_run(run: str | os.PathLike, out: str | os.PathLike) -> str:
                        complete=False)
         remove_files(out, own - set(files) - {MANIFEST})
         body = {"format": FORMAT, "kvseg_version": __version__, **config.to_dict(),
-                "data": Path(config.data).name if config.data else None, "out": None,
+                # not the author's path: evaluating a package asks for --data
+                "data": None, "out": None,
+                "training_data": Path(config.data).name if config.data else None,
                 "input": _input_text(config)}
         atomic_write_text(out / CONFIG_JSON, json.dumps(body, indent=2) + "\n")
         save_model(out / WEIGHTS, model, config.to_dict())
