@@ -105,6 +105,12 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: the weights cannot be read ({_first_line(e)}); the file "
                               "may be truncated or corrupt") from None
+    bad = next((k for k, v in state.items()
+                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values; the model "
+                              "would predict nothing (a diverged or damaged run): use another "
+                              "run or train again")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
