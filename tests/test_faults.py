@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from kvseg import cli
 from kvseg.config import load_config
 from kvseg.data.synth import generate
-from kvseg.errors import CheckpointError, ConfigError, DataError, RunDirError
+from kvseg.errors import CheckpointError, ConfigError, DataError
 from kvseg.training import checkpoint as C
 from kvseg.utils import atomic_write_text, read_yaml
 
