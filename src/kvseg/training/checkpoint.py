@@ -28,6 +28,7 @@ from torch import nn
 
 from kvseg.config import RunConfig
 from kvseg.errors import CheckpointError
+from kvseg.models.pretrained import fit_problems
 from kvseg.models.registry import create_model
 from kvseg.training.rundir import BEST
 from kvseg.utils import atomic_path
@@ -114,8 +115,6 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
-        from kvseg.models.pretrained import fit_problems
-
         raise CheckpointError(f"{path}: weights do not fit {config['model']} as its config "
                               f"describes it: {fit_problems(model.state_dict(), state)}") from None
     return model.to(map_location).eval(), config
