@@ -13,7 +13,11 @@ The front door::
 
 from __future__ import annotations
 
+from kvseg import _compat
+
 __version__ = "0.1.0"
+
+_compat.install()  # the 0.1.0 module paths (kvseg.stats, kvseg.train, ...) as aliases
 
 
 def create_model(name: str, **kwargs):

@@ -37,7 +37,7 @@ from kvseg.errors import CheckpointError, ConfigError
 from kvseg.models.kv_rules import RULES
 from kvseg.models.pretrained import LAYOUTS
 from kvseg.models.registry import SIZES, build_on_meta, list_models
-from kvseg.utils import check_number, read_yaml
+from kvseg.utils import MAX_SEED, check_number, read_yaml
 
 #: Keys written to config.yaml that the data decides; accepted and ignored when read back.
 DERIVED_KEYS = ("in_channels", "num_classes", "classes", "precision", "preprocess")
@@ -180,7 +180,7 @@ class TrainConfig:
         for name in ("context", "fold"):
             check_number(name, getattr(self, name), integer=True, minimum=0)
         check_number("workers", self.workers, integer=True, minimum=0, optional=True)
-        check_number("seed", self.seed, integer=True)
+        check_number("seed", self.seed, integer=True, minimum=0, maximum=MAX_SEED)
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "bce_weight", "dice_weight"):
             check_number(name, getattr(self, name), minimum=0)
         if not self.fold < self.n_folds:

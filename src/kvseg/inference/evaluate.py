@@ -23,7 +23,7 @@ import torch
 
 from kvseg.config import RunConfig
 from kvseg.data import build_dataset
-from kvseg.errors import ConfigError, DataError
+from kvseg.errors import CheckpointError, ConfigError, DataError
 from kvseg.inference.ensemble import combine, open_runs, tuned_postprocess
 from kvseg.inference.runtime import prepare_for_inference
 from kvseg.training.distributed import loader_workers
@@ -45,7 +45,26 @@ def _dataset(config: RunConfig, data: str | None, split: str):
         raise ConfigError("--data: the run's config names no dataset; pass --data DIR")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: dataset root not found")
-    return build_dataset({**config, "data": str(root)}, split, augment=False)
+    options = {**config, "data": str(root)}
+    try:
+        ds = build_dataset(options, split, augment=False)
+    except ConfigError:  # a fold check fails on data of another kind: say that instead
+        if split != "all":
+            _check_labels(config, build_dataset(options, "all", augment=False), root)
+        raise
+    _check_labels(config, ds, root)
+    return ds
+
+
+def _check_labels(config: RunConfig, ds, root) -> None:
+    """Refuse a dataset labelled otherwise than the run's training data (other classes or
+    another task): its scores would compare unlike channels."""
+    classes = tuple(getattr(ds, "classes", config.classes))
+    task = getattr(ds, "task", config.task)
+    if classes != tuple(config.classes) or task != config.task:
+        raise DataError(f"{root}: its classes {', '.join(classes)} ({task}) are not the run's "
+                        f"{', '.join(config.classes)} ({config.task}); evaluate on data "
+                        "labelled like the run's training data")
 
 
 def _volume_of(batch: dict, i: int, size: int, volumes: dict[str, int]
@@ -215,6 +234,7 @@ def _score(model, loader, config: RunConfig, threshold: float, slice_thickness_m
         y = batch["mask"].to(dev, non_blocking=True)
         with autocast(dev, autocast_precision):
             logits = model(x)
+        _check_finite(logits, batch, config, autocast_precision)
         metrics.update(logits, y)
         pred = predicted_masks(logits, task, threshold).cpu().numpy()
         target = target_masks(y, task).cpu().numpy()
@@ -223,6 +243,16 @@ def _score(model, loader, config: RunConfig, threshold: float, slice_thickness_m
             cases.add(key, int(batch["slice"][i]), pred[i], target[i], pixel_mm, slice_mm)
         n += x.shape[0]
     return metrics.compute(sync=False), cases.finalize(), n, volumes
+
+
+def _check_finite(logits: torch.Tensor, batch: dict, config: RunConfig, precision: str) -> None:
+    """NaN logits (or infinite ones in fp32) would score as empty masks: refuse them."""
+    bad = torch.isnan(logits) if precision != "fp32" else ~torch.isfinite(logits)
+    if bool(bad.any()):
+        first = int(bad.flatten(1).any(1).nonzero()[0])
+        raise CheckpointError(f"{config.model}: the model gives NaN or infinite logits on "
+                              f"{batch['id'][first]} ({precision}); its scores would be "
+                              "meaningless (a diverged or damaged run?)")
 
 
 def _metrics(sets: dict, per_case: dict, classes, volumes: dict[str, int]) -> dict:

@@ -506,9 +506,9 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
     tracking = tracking_callbacks(config)  # a missing package fails before anything starts
     D.check_device_option(config.device, D.env_info())  # before any process group or CUDA
     device = resolve_device(config.device)
-    if config.sync_batchnorm and D.env_info().enabled and device.type != "cuda":
-        raise ConfigError(f"sync_batchnorm: SyncBatchNorm needs CUDA devices (device is "
-                          f"{device.type}); use --no-sync-batchnorm")
+    if config.sync_batchnorm and device.type != "cuda":
+        raise ConfigError(f"sync_batchnorm: SyncBatchNorm needs CUDA devices under torchrun "
+                          f"(device is {device.type}); use --no-sync-batchnorm")
     info = D.setup(device.type)
     owns_group = info.enabled
     try:
