@@ -36,6 +36,7 @@ import torch
 from kvseg.config import PRESET_NAMES, RunConfig, config_path, load_config
 from kvseg.errors import ConfigError
 from kvseg.experiments.figures import plot_jaccard_vs_macs, plot_training_curves
+from kvseg.experiments.reference import reference_section
 from kvseg.experiments.report import measured_text, results_table, write_report
 from kvseg.experiments.results import write_results
 from kvseg.experiments.runner import Job, run_jobs, untrained_jobs
@@ -192,12 +193,13 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
                              repeats=cfg.latency_repeats, warmup=cfg.latency_warmup,
                              threads=threads)
     modes = [m for m in MODES if any(r["attention"] == m for r in rows)]
-    title = (f"kvseg reproduction: {' vs '.join(mode_label(m) for m in modes)} attention "
-             f"({cfg.name} preset)")
+    reference = reference_section(rows, resamples=cfg.resamples)
+    title = (f"kvseg reproduction: {' vs '.join(mode_label(m) for m in modes)} attention"
+             f"{' and the CNN reference' if reference else ''} ({cfg.name} preset)")
     return write_report(out, rows, title=title, settings=_settings(out, run_dirs, args,
                                                                     train_opts, threads),
                         measured=measured, figures=figures, margin=args.margin,
-                        resamples=cfg.resamples, sections=attention)
+                        resamples=cfg.resamples, sections=[*reference, *attention])
 
 
 def _first_evaluation(first: dict[str, Path]) -> dict | None:
