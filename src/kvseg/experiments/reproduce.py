@@ -54,7 +54,7 @@ from kvseg.experiments.shared import (  # noqa: F401 - re-exported: their earlie
     write_samples,
 )
 from kvseg.layers.attention import MODES, mode_label
-from kvseg.models.registry import model_info
+from kvseg.models.registry import NO_ATTENTION, model_info
 from kvseg.training.checkpoint import read_config
 from kvseg.training.rundir import BEST, FolderLock, command_line
 
@@ -194,8 +194,10 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
                              threads=threads)
     modes = [m for m in MODES if any(r["attention"] == m for r in rows)]
     reference = reference_section(rows, resamples=cfg.resamples)
-    title = (f"kvseg reproduction: {' vs '.join(mode_label(m) for m in modes)} attention"
-             f"{' and the CNN reference' if reference else ''} ({cfg.name} preset)")
+    what = [f"{' vs '.join(mode_label(m) for m in modes)} attention"] if modes else []
+    if any(r["attention"] == NO_ATTENTION for r in rows):
+        what.append("the CNN reference")
+    title = f"kvseg reproduction: {' and '.join(what)} ({cfg.name} preset)"
     return write_report(out, rows, title=title, settings=_settings(out, run_dirs, args,
                                                                     train_opts, threads),
                         measured=measured, figures=figures, margin=args.margin,
