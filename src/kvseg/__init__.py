@@ -8,11 +8,16 @@ The front door::
     model = kvseg.create_model("setr_kv", size="micro", img_size=64)
     kvseg.list_models()
     model, report = kvseg.patch_attention(monai_unetr, "kv")  # KV inside a MONAI model
+    model = kvseg.from_pretrained("PACKAGE_DIR")  # a model written by `kvseg package`
 """
 
 from __future__ import annotations
 
+from kvseg import _compat
+
 __version__ = "0.1.0"
+
+_compat.install()  # the 0.1.0 module paths (kvseg.stats, kvseg.train, ...) as aliases
 
 
 def create_model(name: str, **kwargs):
@@ -40,4 +45,12 @@ def patch_attention(model, mode: str, rule: str = "sym", **kwargs):
     return _patch(model, mode, rule, **kwargs)
 
 
-__all__ = ["__version__", "create_model", "list_models", "patch_attention"]
+def from_pretrained(path, map_location="cpu"):
+    """The model of a package folder written by ``kvseg package`` (``config.json`` +
+    ``model.safetensors``), in eval mode; see :func:`kvseg.inference.package.from_pretrained`."""
+    from kvseg.inference.package import from_pretrained as _load
+
+    return _load(path, map_location)
+
+
+__all__ = ["__version__", "create_model", "from_pretrained", "list_models", "patch_attention"]

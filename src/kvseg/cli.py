@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 
 from kvseg import __version__
-from kvseg.errors import KvsegError
-from kvseg.utils import check_number, read_yaml
+from kvseg.errors import ConfigError, KvsegError
+from kvseg.utils import MAX_SEED, check_number, read_yaml
 
 USER_ERRORS = (KvsegError, OSError)
 
@@ -43,6 +44,7 @@ def _number(integer: bool = False, **bounds):
 POSITIVE_INT = _number(True, minimum=1)
 NONNEG_INT = _number(True, minimum=0)
 ANY_INT = _number(True)
+SEED = _number(True, minimum=0, maximum=MAX_SEED)  # what NumPy's generators accept
 POSITIVE = _number(minimum=0, min_open=True)
 PROBABILITY = _number(minimum=0, maximum=1, min_open=True, max_open=True)
 UNIT_INTERVAL = _number(minimum=0, maximum=1)
@@ -95,7 +97,7 @@ def _add_synth(sub) -> None:
     p.add_argument("--cases", type=POSITIVE_INT, default=8)
     p.add_argument("--days", type=POSITIVE_INT, default=2)
     p.add_argument("--slices", type=POSITIVE_INT, default=32)
-    p.add_argument("--seed", type=ANY_INT, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
 
 
 def _run_synth(args) -> int:
@@ -119,14 +121,17 @@ def _add_convert(sub) -> None:
     p.add_argument("--out", required=True, help="new dataset folder (absent or empty)")
     p.add_argument("--link", action="store_true",
                    help="hard-link the images instead of copying them (same file system)")
-    p.add_argument("--lungs", choices=["merged", "separate"], default="merged",
-                   help="montgomery: one class, or left and right lung as two classes")
+    p.add_argument("--lungs", choices=["merged", "separate"],
+                   help="montgomery: one class (merged, the default), or left and right lung "
+                        "as two classes")
 
 
 def _run_convert(args) -> int:
     from kvseg.data.convert import convert
 
-    print(convert(args.format, args.src, args.out, link=args.link, lungs=args.lungs))
+    if args.lungs is not None and args.format != "montgomery":
+        raise ConfigError(f"--lungs applies to montgomery only, not to {args.format}")
+    print(convert(args.format, args.src, args.out, link=args.link, lungs=args.lungs or "merged"))
     return 0
 
 
@@ -168,9 +173,11 @@ def _run_config(args) -> int:
     from kvseg.config import config_path, packaged_configs
 
     if args.action == "list":
-        for name in packaged_configs():
+        names = packaged_configs()
+        width = max(map(len, names)) + 2  # the longest name still leaves two spaces
+        for name in names:
             desc = read_yaml(config_path(name)).get("description", "")
-            print(f"{name:<14}{desc}")
+            print(f"{name:<{width}}{desc}")
         return 0
     if not args.name:
         raise KvsegError("config show: name a config (one of "
@@ -183,8 +190,10 @@ def _run_config(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a run's best model")
-    p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
+    p = sub.add_parser("evaluate", help="evaluate a run's best model (or an ensemble of runs)")
+    p.add_argument("--run", required=True, nargs="+", metavar="RUN_DIR",
+                   help="RUN_DIR written by kvseg train, or a kvseg package folder; several: "
+                        "their probabilities are averaged (an ensemble)")
     p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
     p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json)")
@@ -196,6 +205,19 @@ def _add_evaluate(sub) -> None:
     _add_precision(p)
     p.add_argument("--workers", type=NONNEG_INT,
                    help="DataLoader workers (default: auto, as for kvseg train)")
+    _add_inference_options(p)
+
+
+def _add_inference_options(p) -> None:
+    """What evaluate and predict share: TTA, threshold, tuned post-processing."""
+    p.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
+                   help="test-time augmentation: flip = horizontal mirror, flips = horizontal, "
+                        "vertical and both; probabilities averaged")
+    p.add_argument("--threshold", type=PROBABILITY,
+                   help="sigmoid threshold (default: the run's tuned thresholds if `kvseg tune` "
+                        "stored some, else the run's own, 0.5 unless trained otherwise)")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="ignore the post-processing `kvseg tune` stored in the run")
 
 
 def _run_evaluate(args) -> int:
@@ -204,7 +226,8 @@ def _run_evaluate(args) -> int:
     results = evaluate_run(args.run, data=args.data, split=args.split, out=args.out,
                            device=args.device, batch_size=args.batch_size,
                            slice_thickness_mm=args.slice_thickness, precision=args.precision,
-                           workers=args.workers)
+                           workers=args.workers, tta=args.tta, threshold=args.threshold,
+                           postprocess=args.postprocess)
     print(format_results(results))
     return 0
 
@@ -221,33 +244,43 @@ def _add_precision(p) -> None:
 # --------------------------------------------------------------------------- use
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment new images: masks, overlays, submission.csv")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, nargs="+", metavar="RUN_DIR",
+                   help="RUN_DIR written by kvseg train, or a kvseg package folder; several: "
+                        "their probabilities are averaged (an ensemble)")
     p.add_argument("--input", required=True,
                    help="an image (PNG, JPEG, TIFF) or NIfTI volume, a folder of them, or a "
                         "dataset root (UW-Madison, images/ + masks/, imagesTr/, Synapse, ACDC)")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=PROBABILITY,
-                   help="sigmoid threshold (default: the run's own, 0.5 unless trained otherwise)")
-    p.add_argument("--tta", choices=["none", "flip"], default="none")
+    _add_inference_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--overwrite", action="store_true",
                    help="write into an OUT used by an earlier predict (its old outputs are "
                         "removed; files predict did not write are kept)")
     _add_precision(p)
-    p.add_argument("--min-iou", type=UNIT_INTERVAL, default=0.99,
-                   help="--precision int8: refuse the int8 model unless its masks overlap fp32's "
-                        "with at least this IoU in every class, on held-out training slices")
+    p.add_argument("--min-iou", type=UNIT_INTERVAL,
+                   help="--precision int8 (default 0.99): refuse the int8 model unless its "
+                        "masks overlap fp32's with at least this IoU in every class, on held-out "
+                        "training slices")
 
 
 def _run_predict(args) -> int:
     from kvseg.inference.predict import predict
 
+    min_iou = _int8_only(args.min_iou, args.precision == "int8", "--precision int8")
     summary = predict(args.run, args.input, args.out, threshold=args.threshold, tta=args.tta,
                       device=args.device, batch_size=args.batch_size, precision=args.precision,
-                      min_iou=args.min_iou, **({"overwrite": True} if args.overwrite else {}))
+                      min_iou=min_iou, postprocess=args.postprocess,
+                      **({"overwrite": True} if args.overwrite else {}))
     print(summary)
     return 0
+
+
+def _int8_only(min_iou: float | None, int8: bool, needs: str) -> float:
+    """``--min-iou`` (default 0.99); refused without int8, where nothing would read it."""
+    if min_iou is not None and not int8:
+        raise ConfigError(f"--min-iou checks int8 masks: it needs {needs}")
+    return 0.99 if min_iou is None else min_iou
 
 
 def _add_export(sub) -> None:
@@ -266,18 +299,58 @@ def _add_export(sub) -> None:
     p.add_argument("--calibration-data", help="int8: dataset root (default: the run's data)")
     p.add_argument("--calibration-slices", type=POSITIVE_INT, default=32,
                    help="int8: slices to calibrate on, and as many others to check on")
-    p.add_argument("--min-iou", type=PROBABILITY, default=0.99,
-                   help="int8: the least mask IoU per class against PyTorch fp32")
+    p.add_argument("--min-iou", type=PROBABILITY,
+                   help="int8: the least mask IoU per class against PyTorch fp32 (default 0.99)")
 
 
 def _run_export(args) -> int:
     from kvseg.inference.export import export_onnx
 
+    min_iou = _int8_only(args.min_iou, args.quantize == "int8", "--quantize int8")
     report = export_onnx(args.run, args.onnx, img_size=args.img_size, dynamic=args.dynamic,
                          exporter=args.exporter, quantize=args.quantize,
                          calibration_data=args.calibration_data,
-                         calibration_slices=args.calibration_slices, min_iou=args.min_iou)
+                         calibration_slices=args.calibration_slices, min_iou=min_iou)
     print(report)
+    return 0
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="choose per-class thresholds and a minimum component size "
+                                    "on validation; stored in the run, used by evaluate/predict",
+                       description="nnU-Net-style post-processing chosen on the run's validation "
+                                   "fold: each is kept only where it improves the validation "
+                                   "Jaccard; written to RUN_DIR/postprocess.json.")
+    p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
+    p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
+    p.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
+                   help="tune on the probabilities of this TTA (use the same in evaluate/predict)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+
+
+def _run_tune(args) -> int:
+    from kvseg.inference.tune import tune_run
+
+    print(tune_run(args.run, data=args.data, tta=args.tta, device=args.device,
+                   batch_size=args.batch_size))
+    return 0
+
+
+def _add_package(sub) -> None:
+    p = sub.add_parser("package", help="a run as a shareable model folder: config.json, "
+                                       "model.safetensors, README.md model card",
+                       description="Load it with kvseg.from_pretrained(DIR); kvseg predict --run "
+                                   "DIR accepts it. See docs/deployment.md.")
+    p.add_argument("--run", required=True, help="RUN_DIR written by kvseg train")
+    p.add_argument("--out", required=True, help="new folder (absent, empty, or an earlier "
+                                                "package of kvseg package)")
+
+
+def _run_package(args) -> int:
+    from kvseg.inference.package import package_run
+
+    print(package_run(args.run, args.out))
     return 0
 
 
@@ -317,6 +390,9 @@ def _run_benchmark(args) -> int:
     return 0
 
 
+_POINT_LIKE = re.compile(r"^-\d*\.?\d+(,-?\d*\.?\d*)*$")
+
+
 def _add_attention(sub) -> None:
     p = sub.add_parser("attention", help="a run's attention maps for one image (PNG + JSON)",
                        description="Per attention layer and head: the post-softmax attention "
@@ -326,17 +402,23 @@ def _add_attention(sub) -> None:
     p.add_argument("--input", required=True, help="an image file")
     p.add_argument("--points", nargs="+", metavar="X,Y",
                    help="query points in the image's pixels (default: the centre)")
+    # "-3,-3" is a point, not a flag (argparse only takes plain numbers like -3 as values)
+    p._negative_number_matcher = _POINT_LIKE
     p.add_argument("--layers", nargs="+", type=ANY_INT, metavar="I",
                    help="attention layers in forward order, negative from the end "
                         "(default: all)")
     p.add_argument("--out", required=True, help="folder for attention.png and attention.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace attention.png / attention.json that kvseg attention did not "
+                        "write (its own it always replaces)")
 
 
 def _run_attention(args) -> int:
     from kvseg.inference.explain import explain_run, parse_point
 
     points = [parse_point(t) for t in args.points] if args.points else None
-    print(explain_run(args.run, args.input, args.out, points=points, layers=args.layers))
+    print(explain_run(args.run, args.input, args.out, points=points, layers=args.layers,
+                      **({"overwrite": True} if args.overwrite else {})))
     return 0
 
 
@@ -358,7 +440,7 @@ def _add_run_set_options(p, command: str) -> None:
     p.add_argument("--modes", nargs="+", metavar="MODE",
                    help="attention modes to run: 'all' or names (qkv kv kv_pos shared_kv "
                         "shared_qv single kv_relpos); default: the paper's qkv kv kv_pos")
-    p.add_argument("--seeds", nargs="+", type=ANY_INT)
+    p.add_argument("--seeds", nargs="+", type=SEED)
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=POSITIVE_INT,
                    help="runs trained at once in separate processes (default: 1 on CUDA, "
@@ -421,6 +503,8 @@ COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
+    "tune": (_add_tune, _run_tune),
+    "package": (_add_package, _run_package),
     "benchmark": (_add_benchmark, _run_benchmark),
     "attention": (_add_attention, _run_attention),
     "reproduce": (_add_reproduce, _run_reproduce),
@@ -465,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     run = COMMANDS[args.command][1]
     try:
         return run(args)
+    except BrokenPipeError:  # `kvseg ... | head`: the reader left; stop quietly, as cat does
+        _silence_stdout()
+        return 141
     except USER_ERRORS as e:
         if args.verbose:
             raise
@@ -478,6 +565,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvseg {args.command}: internal error: this is a bug in kvseg, not in your input; "
               "please report it with the traceback above", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's final flush does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
 
 
 def _one_line(e: BaseException) -> str:

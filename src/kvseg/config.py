@@ -37,12 +37,13 @@ from kvseg.errors import CheckpointError, ConfigError
 from kvseg.models.kv_rules import RULES
 from kvseg.models.pretrained import LAYOUTS
 from kvseg.models.registry import SIZES, build_on_meta, check_pretrained, list_models
-from kvseg.utils import check_number, read_yaml
+from kvseg.utils import MAX_SEED, check_number, read_yaml
 
 #: Keys written to config.yaml that the data decides; accepted and ignored when read back.
 DERIVED_KEYS = ("in_channels", "num_classes", "classes", "precision", "preprocess")
 #: Options that may differ between the original run and a ``--resume``.
-RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out")
+RESUME_MAY_CHANGE = ("resume", "device", "workers", "cache_dir", "time_budget_s", "data", "out",
+                     "tensorboard")
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
@@ -160,6 +161,9 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     out: str | None = _opt(None, "RUN_DIR: the run folder (required)")
     resume: bool = _opt(False, "continue from RUN_DIR/last.ckpt")
+    tensorboard: bool = _opt(False, "TensorBoard scalars (losses, metrics, lr) and validation "
+                                    "overlays per epoch in RUN_DIR/tensorboard (needs the "
+                                    "tracking extra: pip install 'kvseg[tracking]')")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -176,7 +180,7 @@ class TrainConfig:
         for name in ("context", "fold"):
             check_number(name, getattr(self, name), integer=True, minimum=0)
         check_number("workers", self.workers, integer=True, minimum=0, optional=True)
-        check_number("seed", self.seed, integer=True)
+        check_number("seed", self.seed, integer=True, minimum=0, maximum=MAX_SEED)
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "bce_weight", "dice_weight"):
             check_number(name, getattr(self, name), minimum=0)
         if not self.fold < self.n_folds:

@@ -5,10 +5,12 @@ seeding."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,6 +24,9 @@ from kvseg.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+#: The largest seed: NumPy's generators take 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -33,12 +38,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only or full folder: name the file asked for, not the temp one
+        raise OSError(e.errno, f"{e.strerror} (cannot write it)", str(path)) from e
     os.close(fd)
     tmp = Path(tmp)
     try:
         try:
-            yield tmp
+            try:
+                yield tmp
+            except Exception as e:  # writers in C++/Rust (torch.save, safetensors) on ENOSPC
+                if isinstance(e, OSError) or not _write_failure(e):
+                    raise
+                code = _disk_errno(e, tmp)
+                raise OSError(code, os.strerror(code), str(tmp)) from e
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             # mkstemp creates 0600; give the result the permissions a plain open() would.
@@ -57,6 +71,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _write_failure(e: BaseException) -> bool:
+    """Whether an error that is not an OSError (torch.save's RuntimeError, safetensors'
+    SafetensorError) reports a failed write of the file."""
+    text = str(e).lower()
+    return any(word in text for word in ("no space", "storagefull", "ioerror", "write failed",
+                                         "file write", "os error", "errno"))
+
+
+def _disk_errno(e: BaseException, tmp: Path) -> int:
+    """The errno a writer's message names (Rust's ``code: 28``), else ENOSPC when the folder
+    has no free space left, else EIO."""
+    code = re.search(r"(?:code|errno|os error):? (\d+)", str(e), re.IGNORECASE)
+    if code:
+        return int(code.group(1))
+    try:
+        st = os.statvfs(tmp.parent)
+        return errno.ENOSPC if st.f_bavail * st.f_frsize < 1 << 20 else errno.EIO
+    except OSError:
+        return errno.EIO
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
     with atomic_path(path) as tmp:
@@ -66,6 +101,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gigabytes(n: float) -> str:
+    """``n`` bytes as ``'1.5 GB'`` (three significant digits)."""
+    return f"{n / 1e9:.3g} GB"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -90,6 +138,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _DuplicateKey(Exception):
+    """A mapping that names one key twice (plain YAML keeps the last value silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, naming it and its
+    line (the safe loader otherwise lets the later value win without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} given twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            except TypeError:  # an unhashable key: let the safe loader report it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """One YAML file as a mapping (``yaml.safe_load``: a file never executes).
 
@@ -100,9 +170,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -132,10 +204,13 @@ def check_number(name: str, value, *, integer: bool = False, minimum: float | No
         raise ConfigError(f"{name}={value!r}: expected an integer")
     if not math.isfinite(value):
         raise ConfigError(f"{name}={value}: must be a finite number")
+    def show(bound) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     if minimum is not None and (value <= minimum if min_open else value < minimum):
-        raise ConfigError(f"{name}={value}: must be {'>' if min_open else '>='} {minimum:g}")
+        raise ConfigError(f"{name}={value}: must be {'>' if min_open else '>='} {show(minimum)}")
     if maximum is not None and (value >= maximum if max_open else value > maximum):
-        raise ConfigError(f"{name}={value}: must be {'<' if max_open else '<='} {maximum:g}")
+        raise ConfigError(f"{name}={value}: must be {'<' if max_open else '<='} {show(maximum)}")
     return value
 
 

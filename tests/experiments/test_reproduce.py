@@ -305,3 +305,52 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
     run_jobs([Job.make(("setr_kv", 0), run_dir, config)], work, progress=False)
     assert seen == [[]] and not config.resume  # a clean start, not a refused one
     assert (tmp_path / "runs" / "notes.txt").read_text() == "mine"
+
+
+def test_the_verdict_is_read_from_jaccard_not_weighted_jaccard():
+    """A fixture where the two metrics disagree: KV is +3 Jaccard points (not worse by the
+    2-point margin) but 10 weighted-Jaccard points below QKV in every seed. The report's
+    verdict column is the Jaccard's."""
+    from kvseg.experiments.report import deltas_table
+
+    rows = _rows()
+    for row in rows:
+        if row["attention"] == "kv":
+            row["weighted_jaccard"] -= 0.10  # QKV's weighted Jaccard stays j - 0.1
+    table = deltas_table(rows, margin=2.0, resamples=200)
+    lines = {line.split("|")[2].strip(): line for line in table.splitlines()[2:]}
+    assert "+3.00 [-1.97, +7.97]" in lines["KV"]
+    assert "KV not worse than QKV" in lines["KV"]
+
+
+def test_a_partly_trained_run_is_listed_and_resumes_at_its_next_epoch(tmp_path):
+    """A run stopped after epoch 1 of 2: metrics.csv holds a header and one row. It is still
+    untrained (its header is not an epoch), and its listed command resumes at epoch 2."""
+    import shlex
+
+    from helpers import train_options
+    from kvseg.config import load_config
+    from kvseg.data.synth import generate
+    from kvseg.experiments.runner import Job, untrained_jobs
+    from kvseg.training.train import train
+
+    generate(tmp_path / "data", cases=3, days=1, slices=6, seed=0)
+    run_dir = tmp_path / "run"
+    config = load_config(None, train_options(tmp_path / "data", run_dir, epochs=2))
+
+    def stop_after_first(epoch, row):
+        if epoch == 1 or row.get("epoch") == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=(stop_after_first,))
+    with open(run_dir / "metrics.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1]
+    job = Job.make(("setr_kv", 3), run_dir, config)
+    assert untrained_jobs([job]) == [job]
+    args = shlex.split(job.train_command())
+    assert args[-1] == "--resume"
+    assert cli.main(args[1:]) == 0
+    with open(run_dir / "metrics.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+    assert untrained_jobs([job]) == []

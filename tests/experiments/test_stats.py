@@ -1,5 +1,6 @@
-"""kvseg.experiments.stats: the paired difference with its interval, checked on constructed cases and against
-independent references (scipy's t interval, scikit-learn's Jaccard and Dice, explicit loops)."""
+"""kvseg.experiments.stats: the paired difference with its interval, checked on constructed
+cases and against independent references (scipy's t interval, scikit-learn's Jaccard and Dice,
+explicit loops)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import yaml
 
 from helpers import TINY_PRESET, make_tiny
 from kvseg import cli
+from kvseg.config import TrainConfig
 from kvseg.errors import ConfigError
 from kvseg.experiments.sweep import apply_factor, parse_vary, sweep
 
@@ -119,3 +120,35 @@ def test_packaged_ablation_presets_build_every_run(tiny, tmp_path, name):
     else:  # CvT-13's last stage has depth 10, not among the depth values: one run more per mode
         cvt = sum(n.startswith("setr_cvt_") for n in names)
         assert len(listed.commands) == (per_model * models + cvt) * len(cfg.seeds)
+
+
+def test_seeds_share_their_configurations_run_tag_and_each_folder_names_its_model(tiny, tmp_path):
+    """Runs are stored as runs/<model>/<tag>/seed<k>: the tag hashes the configuration, not the
+    seed (the seeds of one configuration sit side by side), and the folder's model is the one
+    its command trains."""
+    data, preset = tiny
+    listed = sweep(data, tmp_path / "out", preset=str(preset), vary={"img_size": [32, 48]},
+                   models=["setr_qkv", "setr_kv"], seeds=[0, 1], device="cpu", list_runs=True)
+    runs: dict[str, dict[str, set[str]]] = {}
+    for command in listed.commands:
+        args = shlex.split(command)
+        run_dir = Path(args[args.index("--out") + 1])
+        model, tag, seed = run_dir.parts[-3:]
+        trained = args[args.index("--model") + 1] if "--model" in args else TrainConfig().model
+        assert trained == model, command  # flags at their default are left out
+        runs.setdefault(model, {}).setdefault(tag, set()).add(seed)
+    assert sorted(runs) == ["setr_kv", "setr_qkv"]
+    for tags in runs.values():
+        assert len(tags) == 2 and all(seeds == {"seed0", "seed1"} for seeds in tags.values())
+
+
+@pytest.mark.parametrize("factor", ["model=setr_qkv,setr_kv", "seed=1,2", "out=a,b"])
+def test_factors_the_sweep_sets_itself_are_refused_by_name(tiny, tmp_path, capsys, factor):
+    data, preset = tiny
+    rc = cli.main(["sweep", "--data", str(data), "--out", str(tmp_path / "o"), "--preset",
+                   str(preset), "--vary", factor, "--vary", "img_size=32", "--device", "cpu",
+                   "--list-runs"])
+    err = capsys.readouterr().err.strip()
+    name = factor.split("=")[0]
+    assert rc == 2 and len(err.splitlines()) == 1 and f"--vary {name}: cannot be a factor" in err
+    assert not (tmp_path / "o").exists()

@@ -204,3 +204,19 @@ def test_int8_export_needs_calibration_data(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "int8 calibration needs slices" in err, err
     assert not list(tmp_path.iterdir())
+
+
+class TracingErrsDownward(nn.Module):
+    """The exported graph is wrong by -1: a check taking the signed difference (got - want)
+    instead of its absolute value would see -1 < tolerance and pass it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - 1.0 if torch.jit.is_tracing() else x
+
+
+def test_a_graph_that_errs_downward_fails_the_check_too(tmp_path):
+    path = tmp_path / "low.onnx"
+    with pytest.raises(ExportCheckError, match="max abs diff 1 >= 0.0001"):
+        export_model(TracingErrsDownward(), path, input_shape=(1, 3, 16, 16),
+                     exporter="torchscript")
+    assert not path.exists()

@@ -13,8 +13,8 @@ import kvseg
 from helpers import cli_train_args, train_options
 from kvseg import cli
 from kvseg.errors import ConfigError
+from kvseg.inference.profile import count_params
 from kvseg.models.monai_nets import plan_unet
-from kvseg.profile import count_params
 
 REFERENCE = ["dynunet", "unetr_qkv", "unetr_kv", "unetr_kvpos", "swinunetr_qkv",
              "swinunetr_kv", "swinunetr_kvpos"]

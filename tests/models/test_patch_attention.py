@@ -16,9 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kvseg
 from kvseg.errors import ConfigError
+from kvseg.inference.profile import count_macs, count_params
 from kvseg.layers.attention import MODES, mode_spec
 from kvseg.models.patch import TokenAttention, WindowTokenAttention
-from kvseg.profile import count_macs, count_params
 
 D, HEADS = 48, 4  # UNETR micro width here: 12 blocks
 

@@ -22,8 +22,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from kvseg.data import medical
+from kvseg.data.folder import FolderDataset, image_files
+from kvseg.data.nifti import nifti_files
 from kvseg.data.spec import DatasetSpec
-from kvseg.data.splits import check_split
+from kvseg.data.splits import GroupSubset, check_split
+from kvseg.data.uwmadison import UWMadison
 from kvseg.errors import ConfigError, DataError
 
 
@@ -58,8 +62,6 @@ class Layout:
 
 
 def _build_uwmadison(o: DataOptions) -> Dataset:
-    from kvseg.data.uwmadison import UWMadison
-
     if o.task not in ("auto", "multilabel"):
         raise ConfigError(f"task={o.task}: UW-Madison masks overlap; the task is multilabel")
     return UWMadison(o.data, split=o.split, fold=o.fold, n_folds=o.n_folds, img_size=o.img_size,
@@ -68,9 +70,6 @@ def _build_uwmadison(o: DataOptions) -> Dataset:
 
 
 def _build_folder(o: DataOptions) -> Dataset:
-    from kvseg.data import medical
-    from kvseg.data.folder import FolderDataset
-
     if not (o.data / "images").is_dir() or not (o.data / "masks").is_dir():
         raise DataError(f"{o.data}: no images/ and masks/ folders")
     if medical.is_volume_folder(o.data):
@@ -84,17 +83,12 @@ def _build_folder(o: DataOptions) -> Dataset:
 
 def _medical(name: str) -> Callable:
     def call(arg):
-        from kvseg.data import medical
-
         return getattr(medical, name)(arg)
 
     return call
 
 
 def _folder_images(root: Path) -> list[Path]:
-    from kvseg.data.folder import image_files
-    from kvseg.data.nifti import nifti_files
-
     return nifti_files(root / "images") or list(image_files(root / "images").values())
 
 
@@ -211,9 +205,7 @@ def build_dataset(config: Mapping[str, Any] | object, split: str, *,
         raise FileNotFoundError(f"{options.data}: dataset root not found")
     dataset = LAYOUTS[name].build(options)
     if split == "train" and options.train_fraction < 1.0:
-        from kvseg.data.splits import GroupSubset
-
-        dataset = GroupSubset.fraction(dataset, options.train_fraction)
+            dataset = GroupSubset.fraction(dataset, options.train_fraction)
     return dataset
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvseg.data.factory import LAYOUTS, find_layout
 from kvseg.data.names import parse_slice_path
 from kvseg.data.nifti import is_nifti, nifti_stem
 from kvseg.data.png import IMAGE_SUFFIXES, load_png
@@ -51,8 +52,6 @@ def _is_input(p: Path) -> bool:
 
 def _layout_files(path: Path) -> list[Path] | None:
     """The images of a dataset root a layout recognises (not UW-Madison), else ``None``."""
-    from kvseg.data.factory import LAYOUTS, find_layout
-
     name = find_layout(path)
     if name is None or LAYOUTS[name].images is None:
         return None

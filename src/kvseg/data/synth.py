@@ -44,6 +44,7 @@ from kvseg.data.manifest import foreign_entry, read_manifest, remove_files, writ
 from kvseg.data.names import CLASSES, scan_id, slice_filename, slice_id
 from kvseg.data.rle import rle_encode
 from kvseg.errors import ConfigError, RunDirError
+from kvseg.utils import MAX_SEED, check_number, gigabytes, physical_memory
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +405,30 @@ def _swap_in(tmp: Path, out: Path, own: set[str]) -> None:
         log.warning("%s: files written during the replacement of %s were kept here", old, out)
 
 
+#: A lower bound of one slice's PNG on disk (they measure ~105 kB: noise does not compress).
+PNG_BYTES = 50_000
+
+
+def _check_fits(out: Path, cases: int, days: int, slices: int, seed: int) -> None:
+    """Refuse, before anything is allocated or written, a seed NumPy cannot take, a dataset
+    the disk under ``out`` cannot hold, or a scan larger than this machine's memory."""
+    check_number("--seed", seed, integer=True, minimum=0, maximum=MAX_SEED)
+    if not all(isinstance(v, int) and v >= 1 for v in (cases, days, slices)):
+        return  # scan_layout says what is wrong
+    n = cases * days * slices
+    folder = next(p for p in (out, *out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if n * PNG_BYTES > free:
+        raise ConfigError(f"--cases {cases} --days {days} --slices {slices}: {n} slices need at "
+                          f"least {gigabytes(n * PNG_BYTES)} on disk; {folder} has "
+                          f"{gigabytes(free)} free")
+    scan = slices * max(w * h for w, h, _ in SIZES) * 4 * (1 + len(CLASSES))  # fp32 + masks
+    memory = physical_memory()
+    if memory is not None and scan > memory:
+        raise ConfigError(f"--slices {slices}: one scan needs {gigabytes(scan)} of memory; this "
+                          f"machine has {gigabytes(memory)}")
+
+
 def generate(out: str | os.PathLike, *, cases: int = 8, days: int = 2, slices: int = 32,
              seed: int = 0, progress: bool = False) -> str:
     """Write a synthetic dataset in the exact UW-Madison layout; return a one-line summary.
@@ -417,8 +442,9 @@ def generate(out: str | os.PathLike, *, cases: int = 8, days: int = 2, slices: i
     under a second).
     """
     t0 = time.perf_counter()
-    specs = scan_layout(cases, days, slices, seed)
     out = Path(out)
+    _check_fits(out, cases, days, slices, seed)
+    specs = scan_layout(cases, days, slices, seed)
     own = _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

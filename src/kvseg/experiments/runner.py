@@ -100,15 +100,21 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: Training options that only watch a run (what they change is not a result): a finished run
+#: stays valid when they change.
+OBSERVERS = ("tensorboard",)
+
+
 def same_settings(stored: dict | None, current: dict) -> bool:
     """Whether a finished run's settings equal the current ones. A training option the stored
     run does not list (added to kvseg since) counts as equal when the current value is that
-    option's default, so upgrading kvseg does not invalidate finished runs."""
+    option's default, so upgrading kvseg does not invalidate finished runs; :data:`OBSERVERS`
+    are not compared."""
     if not isinstance(stored, dict):
         return False
     defaults = config_defaults()
     missing = object()
-    for key in set(stored) | set(current):
+    for key in (set(stored) | set(current)) - set(OBSERVERS):
         a, b = stored.get(key, missing), current.get(key, missing)
         a = defaults.get(key, missing) if a is missing else a
         b = defaults.get(key, missing) if b is missing else b

@@ -55,6 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import optimize, stats
 
 DEFAULT_MARGIN = 2.0
 DEFAULT_RESAMPLES = 2000  # kept for callers; the interval is analytic and draws nothing
@@ -276,16 +277,12 @@ def two_way(table: np.ndarray) -> TwoWay:
 def _half_width(parts: Components, alpha: float = ALPHA) -> float:
     """sqrt(Σ t²(1 − α/2, df_i) v_i): each source of noise with the quantile its own degrees of
     freedom allow (a few seeds cannot borrow the many patients' df; conservative, Banerjee)."""
-    from scipy import stats
-
     return math.sqrt(sum(float(stats.t.ppf(1 - alpha / 2, df)) ** 2 * v
                          for v, df in parts if v > 0))
 
 
 def _effective_df(parts: Components) -> float:
     """The df of the single t quantile that gives the same 95% half-width (for the report)."""
-    from scipy import optimize, stats
-
     se = math.sqrt(sum(v for v, _ in parts))
     if se == 0:
         return math.inf
@@ -392,8 +389,6 @@ def _patient_model(runs, metric: str, scale: float) -> Difference:
 def _p_at(d: Difference, distance: float) -> float:
     """The α at which the (1 − α) interval's half-width equals ``distance``: the two-sided
     p-value of the value ``distance`` away from Δ (consistent with the intervals at all levels)."""
-    from scipy import optimize
-
     if distance <= 0:
         return 1.0
     if _half_width(d.components, 1e-15) <= distance:

@@ -76,6 +76,9 @@ ALIASES = {"heads": "num_heads"}
 #: CvT's per-stage fields a scalar factor sets at the last stage.
 _CVT_STAGE = {"num_heads": "num_heads", "dim": "dims", "depth": "depths"}
 SWEEP_COLUMNS = ("factor", "value", *RESULT_COLUMNS)
+#: Options a sweep sets itself, so they cannot be factors: what to use instead.
+FIXED = {"model": "--models (every listed model runs at every value)", "seed": "--seeds",
+         "out": "--out", "data": "--data", "device": "--device", "resume": "no option"}
 
 
 @dataclass
@@ -234,6 +237,10 @@ def sweep(data: str | Path, out: str | Path, *, preset: str = "ablation_smoke",
     if not vary:
         raise ConfigError("--vary: name at least one factor (e.g. --vary heads=2,4) or use a "
                           "preset with a vary: section")
+    fixed = [name for name in vary if name in FIXED]
+    if fixed:
+        raise ConfigError("--vary " + "; ".join(f"{n}: cannot be a factor (the sweep sets it; "
+                                                 f"use {FIXED[n]})" for n in fixed))
     grid = cfg.grid if grid is None else bool(grid)
     base = {**cfg.train, "data": str(args.data.resolve()), "device": str(device)}
     profile_settings = args.profile_settings

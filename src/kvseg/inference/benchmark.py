@@ -60,7 +60,7 @@ from kvseg.inference.runtime import (
 )
 from kvseg.models.registry import create_model, list_models, model_info
 from kvseg.training.precision import BF16_MIN_CAPABILITY, autocast
-from kvseg.utils import atomic_write_text, check_number, jsonable
+from kvseg.utils import atomic_write_text, check_number, gigabytes, jsonable, physical_memory
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +321,23 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the command
+def _check_memory(devices: list[str], batch: int, img_size: int, in_channels: int,
+                  num_classes: int) -> None:
+    """Refuse sizes whose input and output tensors alone (a lower bound of what a forward
+    pass holds: fp32, plus one 64-channel map at 1/16 resolution) exceed the device's memory,
+    before anything is allocated."""
+    need = 4 * batch * img_size**2 * (in_channels + num_classes + 64 / 16**2)
+    for device in devices:
+        if device.startswith("cuda") and torch.cuda.is_available():
+            have, where = torch.cuda.get_device_properties(0).total_memory, "this GPU has"
+        else:
+            have, where = physical_memory(), "this machine has"
+        if have is not None and need > have:
+            raise ConfigError(f"--batch {batch} at --img-size {img_size}: the input and output "
+                              f"tensors alone need {gigabytes(need)}; {where} {gigabytes(have)} "
+                              f"({device}); use smaller batches or images")
+
+
 def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
               img_size: int = 256, batches: Sequence[int] = (1,),
               devices: Sequence[str] = ("cpu",), onnx: bool = False,
@@ -350,6 +367,7 @@ def benchmark(models: Sequence[str] = DEFAULT_MODELS, *, size: str = "base",
     check_number("--img-size", img_size, integer=True, minimum=16)
     if size not in ("micro", "small", "base", "large"):
         raise ConfigError(f"--size {size!r}: expected micro, small, base or large")
+    _check_memory(list(devices), max(batches), img_size, in_channels, num_classes)
     paths, notes = plan_paths(list(devices), list(precisions), onnx)
     if any(p.backend == "onnxruntime" for p in paths):
         import_onnxruntime()

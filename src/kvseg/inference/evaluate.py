@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from kvseg.config import RunConfig
 from kvseg.data import build_dataset
-from kvseg.errors import ConfigError, DataError
+from kvseg.errors import CheckpointError, ConfigError, DataError
+from kvseg.inference.ensemble import combine, open_runs, tuned_postprocess
 from kvseg.inference.runtime import prepare_for_inference
-from kvseg.training.checkpoint import open_run
 from kvseg.training.distributed import loader_workers
 from kvseg.training.metrics import (
     CaseMetricsAccumulator,
@@ -44,7 +45,26 @@ def _dataset(config: RunConfig, data: str | None, split: str):
         raise ConfigError("--data: the run's config names no dataset; pass --data DIR")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{root}: dataset root not found")
-    return build_dataset({**config, "data": str(root)}, split, augment=False)
+    options = {**config, "data": str(root)}
+    try:
+        ds = build_dataset(options, split, augment=False)
+    except ConfigError:  # a fold check fails on data of another kind: say that instead
+        if split != "all":
+            _check_labels(config, build_dataset(options, "all", augment=False), root)
+        raise
+    _check_labels(config, ds, root)
+    return ds
+
+
+def _check_labels(config: RunConfig, ds, root) -> None:
+    """Refuse a dataset labelled otherwise than the run's training data (other classes or
+    another task): its scores would compare unlike channels."""
+    classes = tuple(getattr(ds, "classes", config.classes))
+    task = getattr(ds, "task", config.task)
+    if classes != tuple(config.classes) or task != config.task:
+        raise DataError(f"{root}: its classes {', '.join(classes)} ({task}) are not the run's "
+                        f"{', '.join(config.classes)} ({config.task}); evaluate on data "
+                        "labelled like the run's training data")
 
 
 def _volume_of(batch: dict, i: int, size: int, volumes: dict[str, int]
@@ -61,11 +81,12 @@ def _volume_of(batch: dict, i: int, size: int, volumes: dict[str, int]
 
 
 @torch.no_grad()
-def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "val",
-                 out: str | os.PathLike | None = None, device: str = "auto",
+def evaluate_run(run: str | os.PathLike | Sequence[str | os.PathLike], data: str | None = None,
+                 split: str = "val", out: str | os.PathLike | None = None, device: str = "auto",
                  batch_size: int = 8, threshold: float | None = None,
                  slice_thickness_mm: float = 3.0, precision: str = "auto",
-                 workers: int | None = None) -> dict:
+                 workers: int | None = None, tta: str = "none",
+                 postprocess: bool = False) -> dict:
     """Evaluate ``RUN_DIR/best.safetensors`` on ``split`` of ``data`` (default: the training
     data, same fold) and write the results to ``out`` (default ``RUN_DIR/eval_<split>.json``).
 
@@ -90,16 +111,28 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     IoU vs fp32 on held-out training slices; predict refuses the model below ``--min-iou``, evaluate
     scores it anyway).
     ``workers``: DataLoader workers (None: as ``kvseg train``'s auto).
+
+    ``run`` may name several runs (or package folders): their probabilities are averaged (an
+    ensemble; :mod:`kvseg.inference.ensemble`, which refuses runs that disagree). ``tta``:
+    ``none``, ``flip`` or ``flips`` (:mod:`kvseg.inference.tta`). ``postprocess``: apply the
+    run's ``postprocess.json`` (``kvseg tune``) if it has one (``kvseg evaluate`` does; the
+    library default and ``kvseg reproduce`` do not). All three are recorded in the result
+    (``runs``, ``tta``, ``postprocess``); the default ``out`` of anything but one plain run is
+    ``eval_<split>_<tta, ensemble, post>.json`` in the first run's folder.
     """
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     check_number("batch_size", batch_size, integer=True, minimum=1)
+    check_number("threshold", threshold, minimum=0, maximum=1, min_open=True, max_open=True,
+                 optional=True)
     check_number("slice_thickness_mm", slice_thickness_mm, minimum=0, min_open=True)
     dev = resolve_device(device)
-    model, config = open_run(run, map_location=dev)
-    model, autocast_precision, precision, int8_check = _inference_model(model, config, precision,
-                                                                        dev, data)
-    threshold = config.threshold if threshold is None else threshold
+    runs = [run] if isinstance(run, (str, os.PathLike)) else list(run)
+    models, config = open_runs(runs, map_location=dev)
+    post, threshold = tuned_postprocess(runs, config, threshold, enabled=postprocess)
+    prepared = [_inference_model(m, config, precision, dev, data) for m in models]
+    _, autocast_precision, precision, int8_check = prepared[0]
+    model = combine([p[0] for p in prepared], config.task, tta, post)
     ds = _dataset(config, data, split)
     if len(ds) == 0:
         raise DataError(f"split {split!r} of {data or config.data} is empty")
@@ -109,7 +142,10 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
     sets, per_case, n, volumes = _score(model, loader, config, threshold, slice_thickness_mm,
                                         dev, autocast_precision)
     results = {
-        "run": str(run),
+        "run": str(runs[0]),
+        "runs": [str(r) for r in runs],
+        "tta": tta,
+        "postprocess": None if post is None else post.to_dict(),
         "data": str(data or config.data),
         "split": split,
         "model": config.model,
@@ -117,17 +153,24 @@ def evaluate_run(run: str | os.PathLike, data: str | None = None, split: str = "
         "n_cases": len(per_case["cases"]),
         "classes": list(config.classes),
         "task": config.task,
-        "threshold": threshold,
+        "threshold": (threshold if post is None or post.thresholds is None
+                      else dict(zip(config.classes, post.thresholds, strict=True))),
         "precision": precision,
         **({"int8_check": int8_check} if int8_check else {}),
         "slice_thickness_mm": slice_thickness_mm,
         **_metrics(sets, per_case, config.classes, volumes),
     }
     results = jsonable(results)
-    out = Path(out) if out is not None else Path(run) / f"eval_{split}.json"
+    out = Path(out) if out is not None else Path(runs[0]) / _default_name(split, runs, tta, post)
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     results["out"] = str(out)
     return results
+
+
+def _default_name(split: str, runs: list, tta: str, post) -> str:
+    tags = ([f"tta-{tta}"] if tta != "none" else []) + (
+        [f"ensemble{len(runs)}"] if len(runs) > 1 else []) + (["post"] if post else [])
+    return f"eval_{split}{''.join('_' + t for t in tags)}.json"
 
 
 def format_results(results: dict) -> str:
@@ -137,8 +180,12 @@ def format_results(results: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     head = f"{'class':<14}{'jaccard':>9}{'dice':>9}{'dice_3d':>9}{'hd95_mm':>9}"
+    extra = "".join(f", {k}" for k in (
+        f"ensemble of {len(results.get('runs', []))}" if len(results.get("runs", [])) > 1 else "",
+        f"tta {results['tta']}" if results.get("tta", "none") != "none" else "",
+        "tuned post-processing" if results.get("postprocess") else "") if k)
     lines = [f"{results['model']} on {results['split']} ({results['n_slices']} slices, "
-             f"{results['n_cases']} case-days)", head, "-" * len(head)]
+             f"{results['n_cases']} case-days{extra})", head, "-" * len(head)]
     for name, m in results["per_class"].items():
         lines.append(f"{name:<14}{f(m['jaccard']):>9}{f(m['dice']):>9}{f(m['dice_3d']):>9}"
                      f"{f(m['hd95_mm'], '.2f'):>9}")
@@ -187,6 +234,7 @@ def _score(model, loader, config: RunConfig, threshold: float, slice_thickness_m
         y = batch["mask"].to(dev, non_blocking=True)
         with autocast(dev, autocast_precision):
             logits = model(x)
+        _check_finite(logits, batch, config, autocast_precision)
         metrics.update(logits, y)
         pred = predicted_masks(logits, task, threshold).cpu().numpy()
         target = target_masks(y, task).cpu().numpy()
@@ -195,6 +243,16 @@ def _score(model, loader, config: RunConfig, threshold: float, slice_thickness_m
             cases.add(key, int(batch["slice"][i]), pred[i], target[i], pixel_mm, slice_mm)
         n += x.shape[0]
     return metrics.compute(sync=False), cases.finalize(), n, volumes
+
+
+def _check_finite(logits: torch.Tensor, batch: dict, config: RunConfig, precision: str) -> None:
+    """NaN logits (or infinite ones in fp32) would score as empty masks: refuse them."""
+    bad = torch.isnan(logits) if precision != "fp32" else ~torch.isfinite(logits)
+    if bool(bad.any()):
+        first = int(bad.flatten(1).any(1).nonzero()[0])
+        raise CheckpointError(f"{config.model}: the model gives NaN or infinite logits on "
+                              f"{batch['id'][first]} ({precision}); its scores would be "
+                              "meaningless (a diverged or damaged run?)")
 
 
 def _metrics(sets: dict, per_case: dict, classes, volumes: dict[str, int]) -> dict:

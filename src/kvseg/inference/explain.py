@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvseg.data.manifest import read_manifest, write_manifest
 from kvseg.data.png import read_slice
-from kvseg.errors import ConfigError
+from kvseg.errors import ConfigError, RunDirError
 from kvseg.layers.attention import AttentionCore
 from kvseg.models.patch import WindowTokenAttention
 from kvseg.training.checkpoint import open_run
@@ -295,9 +296,26 @@ def parse_point(text: str) -> tuple[float, float]:
     return x, y
 
 
+#: What kvseg attention writes into ``out``, and the manifest listing them.
+OUTPUTS = ("attention.png", "attention.json")
+MANIFEST = ".kvseg_attention.json"
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an output file kvseg attention did not write (as predict does)."""
+    meta = read_manifest(out / MANIFEST) if out.is_dir() else None
+    own = set(meta["files"]) if meta else set()
+    for name in OUTPUTS:
+        if (out / name).exists() and name not in own and not overwrite:
+            raise RunDirError(f"{out / name}: exists and was not written by kvseg attention; "
+                              "refusing to overwrite it (choose another --out, move it, or "
+                              "pass --overwrite)")
+
+
 def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
                 points: Sequence[Sequence[float]] | None = None,
-                layers: Sequence[int] | None = None) -> ExplainSummary:
+                layers: Sequence[int] | None = None, overwrite: bool = False
+                ) -> ExplainSummary:
     """``kvseg attention``: a run's attention maps for one image, as a PNG grid and a JSON.
 
     Args:
@@ -311,6 +329,8 @@ def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
             and the model input's pixels).
         points: (x, y) pixels of the image (column, row); None: its centre.
         layers: attention-layer indices (forward order, negative from the end); None: all.
+        overwrite: replace an ``attention.png`` / ``attention.json`` in ``out`` that kvseg
+            attention did not write (its own, listed in ``.kvseg_attention.json``, it replaces).
 
     Raises :class:`ConfigError` (one line) for a point outside the image or a layer out of range.
     """
@@ -319,6 +339,7 @@ def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
         raise FileNotFoundError(f"--run {run_dir}: no such run folder")
     if not Path(image).is_file():
         raise FileNotFoundError(f"--input {image}: no such file")
+    _check_out(out, overwrite)
     model, config = open_run(run_dir, map_location="cpu")
     size = config.img_size
     raw, prepared = read_slice(image, size, channels=config.preprocess["channels"],
@@ -345,6 +366,8 @@ def explain_run(run_dir: str | Path, image: str | Path, out: str | Path, *,
         columns.append("mean")
         rows = [(label, _pad_heads(m, len(columns))) for label, m in rows]
     with FolderLock(out, command_line()):
+        _check_out(out, overwrite)
+        write_manifest(out / MANIFEST, OUTPUTS, generator="kvseg.attention")
         png = plot_attention_grid(prepared[prepared.shape[0] // 2].numpy(), rows, columns,
                                   row_points, out / "attention.png")
         record = {"run": str(run_dir), "model": config.model, "input": str(image),

@@ -23,8 +23,10 @@ Outputs in ``OUT``:
   the run's class list is predicted. With the default classes
   ``("large_bowel", "small_bowel", "stomach")`` that is 1 = large bowel, 2 = small bowel,
   4 = stomach, and e.g. 5 = large bowel and stomach. Decode with ``(png >> c) & 1``.
-- ``masks/<id>.nii.gz`` for a volume: the same values per voxel (uint8), on the input volume's
-  voxel grid (its affine and header); no overlay, no submission rows.
+- ``masks/<id>.nii.gz`` for a volume: the class index per voxel (uint8), on the input volume's
+  voxel grid (its affine and header); no overlay, no submission rows. A multi-label run of
+  several classes writes one 0/1 volume per class instead, ``masks/<id>_<class>.nii.gz`` (its
+  classes may overlap; bit-packed values would not open as labels in 3D Slicer or ITK-SNAP).
 - ``overlays/<id>.png``: RGB, the slice (contrast-stretched) with each class blended in its
   colour (:data:`CLASS_COLORS`).
 - ``submission.csv``: the Kaggle format ``id,class,predicted``, one row per slice and class in
@@ -49,6 +51,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +68,9 @@ from kvseg.data.nifti import read_volume, write_label_volume
 from kvseg.data.png import read_slice
 from kvseg.data.transforms import prepare_slices, resize_to_original
 from kvseg.errors import ConfigError, DataError, RunDirError
+from kvseg.inference.ensemble import combine, open_runs, tuned_postprocess
 from kvseg.inference.runtime import prepare_for_inference
-from kvseg.training.checkpoint import open_run
+from kvseg.inference.tta import check_tta, tta_probabilities
 from kvseg.training.precision import autocast, device_capability, resolve_precision
 from kvseg.training.rundir import LOCK, FolderLock, command_line
 from kvseg.utils import atomic_path, atomic_write_text, resolve_device
@@ -127,20 +131,11 @@ def predict_probs(model: torch.nn.Module, batch: torch.Tensor, tta: str = "none"
     """Probabilities (B, classes, S, S) for a prepared batch (B, C, S, S): sigmoid per class
     (multi-label) or softmax over background + classes (multi-class).
 
-    ``tta="flip"`` averages the probabilities of the image and its horizontal mirror (mirrored
-    back), the flip used by training augmentation.
+    ``tta``: ``none``, ``flip`` (the image and its horizontal mirror, the flip used by training
+    augmentation) or ``flips`` (also the vertical and the double mirror); probabilities are
+    averaged (:func:`kvseg.inference.tta.tta_probabilities`, shared with ``kvseg evaluate``).
     """
-    if tta not in ("none", "flip"):
-        raise ConfigError(f"--tta {tta!r}: expected none or flip")
-
-    def act(logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(1) if task == "multiclass" else torch.sigmoid(
-            logits.float())
-
-    probs = act(model(batch))
-    if tta == "flip":
-        probs = (probs + act(model(batch.flip(-1))).flip(-1)) / 2
-    return probs
+    return tta_probabilities(model, batch, tta, task)
 
 
 def label_masks(probs: torch.Tensor, task: str, threshold: float) -> tuple[np.ndarray,
@@ -191,15 +186,24 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- output folder
-def _planned_files(items: Sequence[SliceInput]) -> set[str]:
+def _volume_suffixes(task: str, classes: Sequence[str]) -> tuple[str, ...]:
+    """The name suffixes of one volume's mask files: one label volume (``""``), or, for a
+    multi-label run of several classes, one 0/1 volume per class (``_<class>``)."""
+    if task == "multiclass" or len(classes) == 1:
+        return ("",)
+    return tuple(f"_{name}" for name in classes)
+
+
+def _planned_files(items: Sequence[SliceInput], suffixes: Sequence[str] = ("",)) -> set[str]:
     """Every file a prediction of ``items`` may write, relative to OUT."""
     flat = [it for it in items if not it.volume]
     return ({"submission.csv"} | {f"masks/{it.id}.png" for it in flat}
             | {f"overlays/{it.id}.png" for it in flat}
-            | {f"masks/{it.id}.nii.gz" for it in items if it.volume})
+            | {f"masks/{it.id}{s}.nii.gz" for it in items if it.volume for s in suffixes})
 
 
-def _check_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> set[str]:
+def _check_out(out: Path, items: Sequence[SliceInput], overwrite: bool,
+               suffixes: Sequence[str] = ("",)) -> set[str]:
     """The files of an earlier prediction in ``out`` (empty if there is none); raises
     :class:`~kvseg.errors.RunDirError` if ``out`` cannot be used. Changes nothing."""
     if out.exists() and not out.is_dir():
@@ -214,30 +218,32 @@ def _check_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> set[s
                           "earlier prediction there")
     meta = read_manifest(out / MANIFEST)
     own = set(meta["files"]) if meta else set()
-    for rel in sorted(_planned_files(items) - own):
+    for rel in sorted(_planned_files(items, suffixes) - own):
         if (out / rel).exists() or (out / rel).is_symlink():
             raise RunDirError(f"--out {out}: {rel} exists and was not written by kvseg predict; "
                               "refusing to overwrite it (move it or choose another folder)")
     return own
 
 
-def _prepare_out(out: Path, items: Sequence[SliceInput], overwrite: bool) -> int:
+def _prepare_out(out: Path, items: Sequence[SliceInput], overwrite: bool,
+                 suffixes: Sequence[str] = ("",)) -> int:
     """Check ``out``, list what this prediction may write, remove the earlier prediction's
     files; return how many were removed."""
-    own = _check_out(out, items, overwrite)
+    own = _check_out(out, items, overwrite, suffixes)
     out.mkdir(parents=True, exist_ok=True)
     # listed before anything is deleted or written: an interrupted run leaves a manifest
     # that covers every file it may have left behind
-    write_manifest(out / MANIFEST, own | _planned_files(items), generator="kvseg.predict",
-                   complete=False)
+    write_manifest(out / MANIFEST, own | _planned_files(items, suffixes),
+                   generator="kvseg.predict", complete=False)
     return remove_files(out, own - {MANIFEST})
 
 
 # --------------------------------------------------------------------------- pipeline
-def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
+def predict(run_dir: str | Path | Sequence[str | Path], source: str | Path, out: str | Path, *,
             threshold: float | None = None, tta: str = "none", device: str = "auto",
             batch_size: int = 8, overwrite: bool = False,
-            precision: str = "auto", min_iou: float = 0.99) -> PredictSummary:
+            precision: str = "auto", min_iou: float = 0.99,
+            postprocess: bool = False) -> PredictSummary:
     """Load ``RUN_DIR``'s best model and segment every slice found under ``source``.
 
     Args:
@@ -246,7 +252,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
         out: the output folder; it must be absent or empty unless ``overwrite``.
         threshold: sigmoid threshold; ``None`` takes the run's own (the one its validation
             metrics used; 0.5 by default), so ``kvseg predict`` and ``kvseg evaluate`` agree.
-        tta: ``"none"`` or ``"flip"``.
+        tta: ``"none"``, ``"flip"`` or ``"flips"`` (:mod:`kvseg.inference.tta`).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         batch_size: slices per forward pass.
         overwrite: replace an earlier prediction in ``out``: its files (as listed in its
@@ -259,25 +265,33 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path, *,
             run's training slices (:func:`kvseg.runtime.prepare_for_inference`).
         min_iou: ``int8``: the least per-class mask IoU of the int8 model against fp32 on
             held-out training slices; below it the model is refused (one-line error).
+        postprocess: apply the run's ``postprocess.json`` (``kvseg tune``) if it has one
+            (``kvseg predict`` does); ``threshold`` overrides its thresholds.
+
+    ``run_dir`` may name several runs or package folders (``kvseg package``): their
+    probabilities are averaged (:mod:`kvseg.inference.ensemble`).
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"--run {run_dir}: no such run folder")
+    runs = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
+    for run in runs:
+        if not Path(run).is_dir():
+            raise FileNotFoundError(f"--run {run}: no such run folder")
     _check_args(0.5 if threshold is None else threshold, tta, batch_size)
     items = _outside(discover_inputs(source), Path(out))  # a bad --input fails fast
-    _check_out(Path(out), items, overwrite)  # ... and so does a used --out
     dev = resolve_device(device)
-    model, config = open_run(run_dir, map_location="cpu")
-    if threshold is None:
-        threshold = config.threshold
-    model, precision = prepare_for_inference(model, config, precision, dev, min_iou=min_iou)
+    models, config = open_runs(runs, map_location="cpu")
+    _check_out(Path(out), items, overwrite,  # a used --out fails before any work
+               _volume_suffixes(config.task, config.classes))
+    post, threshold = tuned_postprocess(runs, config, threshold, enabled=postprocess)
+    prepared = [prepare_for_inference(m, config, precision, dev, min_iou=min_iou)
+                for m in models]
+    model = combine([m.to(dev).eval() for m, _ in prepared], config.task, tta, post)
     pre = config.preprocess
-    return predict_with_model(model.to(dev).eval(), items, out, precision=precision,
+    return predict_with_model(model, items, out, precision=prepared[0][1],
                               task=config.task, channels=pre["channels"],
                               window=pre.get("window"), img_size=config.img_size,
                               context=config.context, classes=tuple(config.classes),
-                              threshold=threshold, tta=tta, device=dev, batch_size=batch_size,
-                              overwrite=overwrite)
+                              threshold=threshold, tta="none", device=dev,
+                              batch_size=batch_size, overwrite=overwrite)
 
 
 def _outside(items: list[SliceInput], out: Path) -> list[SliceInput]:
@@ -336,7 +350,7 @@ def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out:
     prep = prep or {"task": "multilabel", "channels": 1, "window": None}
     task = prep["task"]
     summary = PredictSummary(out=out)
-    summary.removed = _prepare_out(out, items, overwrite)
+    summary.removed = _prepare_out(out, items, overwrite, _volume_suffixes(task, classes))
     rows: list[tuple[str, str, str]] = []
     written: list[str] = []
 
@@ -367,7 +381,8 @@ def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out:
     for item in (it for it in items if it.volume):
         written += _predict_volume(infer, item, out, img_size=img_size, context=context,
                                    task=task, threshold=threshold, batch_size=batch_size,
-                                   window=prep["window"], summary=summary)
+                                   window=prep["window"], summary=summary,
+                                   suffixes=_volume_suffixes(task, classes))
 
     if summary.slices == 0:  # nothing written: leave no manifest behind
         (out / MANIFEST).unlink(missing_ok=True)
@@ -387,9 +402,13 @@ def _write_predictions(model: torch.nn.Module, items: Sequence[SliceInput], out:
 
 def _predict_volume(infer, item: SliceInput, out: Path, *, img_size: int, context: int,
                     task: str, threshold: float, batch_size: int,
-                    window: tuple[float, float] | None, summary: PredictSummary) -> list[str]:
+                    window: tuple[float, float] | None, summary: PredictSummary,
+                    suffixes: Sequence[str] = ("",)) -> list[str]:
     """Segment one NIfTI volume slice by slice (2.5D stacks within it) and write
-    ``masks/<id>.nii.gz``; ``[]`` if it cannot be read (listed in ``summary.skipped``)."""
+    ``masks/<id>.nii.gz`` (class indices), or for a multi-label run of several classes one 0/1
+    volume per class, ``masks/<id>_<class>.nii.gz`` (classes may overlap: each opens as its own
+    label in 3D Slicer / ITK-SNAP); ``[]`` if it cannot be read (listed in ``summary.skipped``).
+    """
 
     try:
         volume = read_volume(item.path)
@@ -404,17 +423,20 @@ def _predict_volume(infer, item: SliceInput, out: Path, *, img_size: int, contex
         log.warning("skipped %s: %s", item.path, e)
         return []
     table = neighbour_table([0] * len(volume), context)
-    labels = np.zeros(volume.shape, np.uint8)
+    labels = np.zeros((len(suffixes), *volume.shape), np.uint8)
     for lo in range(0, len(volume), batch_size):
         index = range(lo, min(lo + batch_size, len(volume)))
         probs = infer(torch.stack([torch.cat([slices[j] for j in table[k]]) for k in index]))
         for k, p in zip(index, probs, strict=True):
-            labels[k] = label_masks(resize_to_original(p, *volume.shape[1:]), task, threshold)[0]
-    rel = f"masks/{item.id}.nii.gz"
-    write_label_volume(out / rel, labels, item.path)
+            png, planes = label_masks(resize_to_original(p, *volume.shape[1:]), task, threshold)
+            labels[:, k] = png if len(suffixes) == 1 else planes
+    written = []
+    for suffix, volume_labels in zip(suffixes, labels, strict=True):
+        written.append(f"masks/{item.id}{suffix}.nii.gz")
+        write_label_volume(out / written[-1], volume_labels, item.path)
     summary.slices += len(volume)
-    summary.positive_slices += int(labels.reshape(len(volume), -1).any(1).sum())
-    return [rel]
+    summary.positive_slices += int(labels.any(0).reshape(len(volume), -1).any(1).sum())
+    return written
 
 
 def _stacks(group: Sequence[SliceInput], img_size: int, context: int,
@@ -479,8 +501,7 @@ def _group_by_scan(items: Sequence[SliceInput]) -> list[list[SliceInput]]:
 def _check_args(threshold: float, tta: str, batch_size: int) -> None:
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold {threshold}: expected a probability in (0, 1)")
-    if tta not in ("none", "flip"):
-        raise ConfigError(f"--tta {tta!r}: expected none or flip")
+    check_tta(tta)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
 

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from kvseg.errors import CheckpointError, ConfigError
@@ -49,6 +51,7 @@ from kvseg.models.convert_common import (  # noqa: F401 - their old home: kept i
     SourceTensors,
     adapt_input_conv,
 )
+from kvseg.models.hub import is_named, resolve
 from kvseg.models.kv_rules import DEFAULT_RULE, RULES
 
 log = logging.getLogger(__name__)
@@ -117,8 +120,6 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             with np.load(path, allow_pickle=False) as npz:
                 state = {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
         elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,8 +193,6 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, *, layout: str 
     if rule not in RULES:
         raise ConfigError(f"pretrained_rule={rule!r}: expected one of {', '.join(RULES)}")
     family = model_family(model)
-    from kvseg.models.hub import is_named, resolve
-
     path = Path(source)
     if is_named(str(source)):
         path = resolve(str(source), family, getattr(model, "size", None), download=download)
@@ -269,8 +268,6 @@ def describe_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> 
     path = Path(path)
     if path.suffix == ".safetensors":
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 config = json.loads((f.metadata() or {}).get("config", "null"))
             if isinstance(config, dict) and "model" in config:

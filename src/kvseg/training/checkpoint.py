@@ -28,6 +28,7 @@ from torch import nn
 
 from kvseg.config import RunConfig
 from kvseg.errors import CheckpointError
+from kvseg.models.pretrained import fit_problems
 from kvseg.models.registry import create_model
 from kvseg.training.rundir import BEST
 from kvseg.utils import atomic_path
@@ -105,11 +106,15 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: the weights cannot be read ({_first_line(e)}); the file "
                               "may be truncated or corrupt") from None
+    bad = next((k for k, v in state.items()
+                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values; the model "
+                              "would predict nothing (a diverged or damaged run): use another "
+                              "run or train again")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
-        from kvseg.models.pretrained import fit_problems
-
         raise CheckpointError(f"{path}: weights do not fit {config['model']} as its config "
                               f"describes it: {fit_problems(model.state_dict(), state)}") from None
     return model.to(map_location).eval(), config

@@ -34,7 +34,9 @@ Augmentation randomness is drawn per slice from (a per-epoch seed, the slice ind
 not depend on the number of DataLoader workers, and persistent workers keep resume exact.
 
 ``callbacks``: callables ``fn(epoch, row)`` run on rank 0 after each epoch's files are written
-(``row`` is that epoch's metrics.csv row), e.g. to log elsewhere or stop a job from outside.
+(``row`` is that epoch's metrics.csv row), e.g. to log elsewhere or stop a job from outside; one
+with an ``attach(trainer)`` method is given the set-up trainer first (its model, validation set,
+device and run config). ``tensorboard: true`` adds :mod:`kvseg.training.tracking`'s handler.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ from kvseg.training.rundir import (
     plot_curves,
     write_metrics_csv,
 )
+from kvseg.training.tracking import tracking_callbacks
 from kvseg.utils import atomic_write_text, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -500,11 +503,12 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
     if config.out is None:
         raise ConfigError("out: the run directory is required (--out RUN_DIR)")
     out = Path(config.out)
+    tracking = tracking_callbacks(config)  # a missing package fails before anything starts
     D.check_device_option(config.device, D.env_info())  # before any process group or CUDA
     device = resolve_device(config.device)
-    if config.sync_batchnorm and D.env_info().enabled and device.type != "cuda":
-        raise ConfigError(f"sync_batchnorm: SyncBatchNorm needs CUDA devices (device is "
-                          f"{device.type}); use --no-sync-batchnorm")
+    if config.sync_batchnorm and device.type != "cuda":
+        raise ConfigError(f"sync_batchnorm: SyncBatchNorm needs CUDA devices under torchrun "
+                          f"(device is {device.type}); use --no-sync-batchnorm")
     info = D.setup(device.type)
     owns_group = info.enabled
     try:
@@ -528,13 +532,18 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
             raise ConfigError(f"{out}: rank 0 refused to start the run (see its error)")
         try:
             with backend_settings(device, tf32=config.tf32, deterministic=config.deterministic):
-                trainer = _Trainer(config, info, device, callbacks)
+                trainer = _Trainer(config, info, device, [*callbacks, *tracking])
                 trainer.progress = sys.stderr.isatty() if progress is None else bool(progress)
                 trainer.setup()
+                for handler in trainer.callbacks:  # MONAI-style handlers see the trainer
+                    if hasattr(handler, "attach"):
+                        handler.attach(trainer)
                 summary = trainer.run()
                 D.barrier()
             return summary
         finally:
+            for handler in tracking:
+                handler.close()
             if lock is not None:
                 lock.release()
     finally:
