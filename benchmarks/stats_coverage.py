@@ -24,6 +24,12 @@ a target reads "missed" when within 2 Monte Carlo standard errors of it, "MISSED
 
     python benchmarks/stats_coverage.py [--quick] [--draws 600] [--out PATH]
         [--seed-sd 1.0 --patient-sd 1.0 --inter-sd 1.0 --scan-sd 0.5]
+        [--from-results results.json] [--power-only --power-days 2 --power-seeds 3 5 8]
+
+``--from-results``: the demo variances measured from a reproduction's results.json (the two-way
+fit of every comparison's seeds x patients table of pseudo-value differences, variances pooled
+over the comparisons; the seed x scan part is inside the seed x patient one, so scan sd 0).
+``--power-only``: only the power grid (days per patient ``--power-days``), written to ``--out``.
 """
 
 from __future__ import annotations
@@ -242,6 +248,68 @@ def _mark(c: dict) -> str:
         else "MISSED"
 
 
+def measured_variances(path: Path) -> dict:
+    """Variance components (sd of the B - A difference, points) from a results.json: per
+    comparison against QKV the two-way fit of its seeds x patients table; pooled (mean of the
+    variances) over the comparisons. Also returns each comparison's own sds."""
+    from kvseg.experiments.results import read_results
+
+    rows = read_results(path)
+    per = {}
+    for r in rows:
+        if r.attention == "qkv" or not r.cases:
+            continue
+        base = next((q for q in rows if q.family == r.family and q.attention == "qkv"
+                     and q.seed == r.seed and q.cases), None)
+        if base is not None:
+            per.setdefault(f"{r.family} {r.attention}", []).append((base.cases, r.cases))
+    fits = {}
+    for name, pairs in per.items():
+        table = np.stack([100 * (S.pseudo_values(S.patient_totals(b)[2])
+                                 - S.pseudo_values(S.patient_totals(a)[2])) for a, b in pairs])
+        fit = S.two_way(table)
+        fits[name] = {"seeds": table.shape[0], "patients": table.shape[1],
+                      "seed": math.sqrt(fit.var_seed), "patient": math.sqrt(fit.var_patient),
+                      "inter": math.sqrt(fit.var_resid)}
+    pooled = {k: math.sqrt(np.mean([f[k] ** 2 for f in fits.values()]))
+              for k in ("seed", "patient", "inter")}
+    return {"pooled": {**pooled, "scan": 0.0}, "comparisons": fits}
+
+
+def power_grid(rng, sd: dict, draws: int, margin: float, days, seeds_list=POWER_SEEDS,
+               patients_list=POWER_PATIENTS) -> list[dict]:
+    power = []
+    for seeds in seeds_list:
+        for patients in patients_list:
+            layout = (f"{patients} patients", seeds, patients, days)
+            cell = run_cell(rng, layout, sd, 0.0, 0.0, draws, margin, False)
+            r = cell["rates"]
+            power.append({"seeds": seeds, "patients": patients,
+                          "days": days if isinstance(days, int) else f"{days[0]}-{days[1]}",
+                          "draws": cell["draws"], "p_not_worse": r["not worse"],
+                          "p_margin_excluded": r["not worse"] + r["better"]
+                          + r["worse within margin"], "coverage": cell["coverage"],
+                          "mean_width": cell["mean_width"]})
+            print(f"power  S={seeds} P={patients:>2}: P(not worse | 0) = {r['not worse']:.3f} "
+                  f"(lower bound > -{margin:g}: {power[-1]['p_margin_excluded']:.3f}), "
+                  f"width {cell['mean_width']:.2f}", flush=True)
+    return power
+
+
+def power_only(args, sd: dict, measured: dict | None) -> int:
+    t0 = time.time()
+    rng = np.random.default_rng(2025)
+    power = power_grid(rng, sd, max(args.draws // 2, 20), args.margin, args.power_days,
+                       seeds_list=args.power_seeds, patients_list=(6, 12, 20, 40))
+    result = {"command": "python benchmarks/stats_coverage.py " + " ".join(sys.argv[1:]),
+              "variances_sd_points": sd, "measured": measured, "margin": args.margin,
+              "power": power, "seconds": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{time.time() - t0:.0f} s; wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few draws: a smoke check")
@@ -252,11 +320,27 @@ def main(argv=None) -> int:
     ap.add_argument("--inter-sd", type=float, default=1.0, help="demo: seed x patient x variant")
     ap.add_argument("--scan-sd", type=float, default=0.5, help="demo: seed x scan x variant sd")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--from-results", type=Path, help="measure the demo variances from this "
+                                                      "results.json (overrides the --*-sd)")
+    ap.add_argument("--power-only", action="store_true", help="only the power grid")
+    ap.add_argument("--power-seeds", type=int, nargs="+", default=list(POWER_SEEDS),
+                    help="seeds in the power grid (--power-only)")
+    ap.add_argument("--power-days", type=int, default=None,
+                    help="scan days per patient in the power grid (default 1-5)")
     args = ap.parse_args(argv)
     draws = 40 if args.quick else args.draws
     settings = dict(SETTINGS)
     settings["demo"] = {"seed": args.seed_sd, "patient": args.patient_sd,
                         "inter": args.inter_sd, "scan": args.scan_sd}
+    measured = None
+    if args.from_results:
+        measured = measured_variances(args.from_results)
+        settings["demo"] = measured["pooled"]
+        print("measured variances (sd of the difference, points):", json.dumps(measured))
+    if args.power_days is None:
+        args.power_days = (1, 5)
+    if args.power_only:
+        return power_only(args, settings["demo"], measured)
     if args.quick:
         settings = {"demo": settings["demo"]}
     rng = np.random.default_rng(2025)
@@ -276,21 +360,8 @@ def main(argv=None) -> int:
                 cell["targets_within_2se"] = check(cell, args.margin, slack=2.0)
                 cells.append(cell)
                 print(fmt_cell(cell), flush=True)
-    power = []
     sd = settings["demo"]
-    for seeds in POWER_SEEDS:
-        for patients in POWER_PATIENTS:
-            layout = (f"{patients} patients", seeds, patients, (1, 5))
-            cell = run_cell(rng, layout, sd, 0.0, 0.0, max(draws // 2, 20), args.margin, False)
-            r = cell["rates"]
-            power.append({"seeds": seeds, "patients": patients, "days": "1-5",
-                          "draws": cell["draws"], "p_not_worse": r["not worse"],
-                          "p_margin_excluded": r["not worse"] + r["better"]
-                          + r["worse within margin"], "coverage": cell["coverage"],
-                          "mean_width": cell["mean_width"]})
-            print(f"power  S={seeds} P={patients:>2}: P(not worse | 0) = {r['not worse']:.3f} "
-                  f"(lower bound > -{args.margin:g}: {power[-1]['p_margin_excluded']:.3f}), "
-                  f"width {cell['mean_width']:.2f}", flush=True)
+    power = power_grid(rng, sd, max(draws // 2, 20), args.margin, args.power_days)
     fam = [dict(layout=lay[0], **holm_family(rng, lay, sd, max(draws // 2, 20), args.margin))
            for lay in (LAYOUTS[4], LAYOUTS[3])]
     for f in fam:

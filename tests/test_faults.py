@@ -85,17 +85,18 @@ def test_weights_holding_nan_are_refused_naming_file_and_tensor(tmp_path):
 
 
 def test_non_finite_logits_at_evaluation_are_an_error(fixture_run, monkeypatch):
+    from kvseg.inference import ensemble
     from kvseg.inference import evaluate as E
 
     run, data = fixture_run
-    real = C.open_run
+    real = ensemble.open_model
 
     def nan_model(*a, **k):
         model, config = real(*a, **k)
         model.forward = lambda x: torch.full((x.shape[0], 3, *x.shape[2:]), float("nan"))
         return model, config
 
-    monkeypatch.setattr(E, "open_run", nan_model)
+    monkeypatch.setattr(ensemble, "open_model", nan_model)
     with pytest.raises(CheckpointError, match="NaN or infinite logits"):
         E.evaluate_run(run, data=str(data), out=run / "x.json", device="cpu")
     assert not (run / "x.json").exists()

@@ -195,7 +195,8 @@ def _add_evaluate(sub) -> None:
                    help="RUN_DIR written by kvseg train, or a kvseg package folder; several: "
                         "their probabilities are averaged (an ensemble)")
     p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
-    p.add_argument("--split", default="val", choices=["train", "val", "all"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
+                   help="test: the run's held-out test_fold (default: val)")
     p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
@@ -430,6 +431,9 @@ def _add_reproduce(sub) -> None:
                    help="smoke, paper, or a YAML file (`kvseg config show smoke` prints one)")
     p.add_argument("--epochs", type=POSITIVE_INT, help="override the preset's epochs")
     _add_run_set_options(p, "reproduce")
+    p.add_argument("--cv", action="store_true",
+                   help="k-fold cross-validation: every fold held out once (last epoch, no "
+                        "selection on it), out-of-fold counts pooled (n_folds x the runs)")
 
 
 def _add_run_set_options(p, command: str) -> None:
@@ -459,7 +463,7 @@ def _run_reproduce(args) -> int:
     report = reproduce(args.data, args.out, preset=args.preset, models=args.models,
                        seeds=args.seeds, device=args.device, epochs=args.epochs,
                        jobs=args.jobs, margin=args.margin, list_runs=args.list_runs,
-                       modes=args.modes)
+                       modes=args.modes, cv=args.cv)
     print(report)
     return 0
 

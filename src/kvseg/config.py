@@ -121,6 +121,9 @@ class TrainConfig:
     context: int = _opt(0, "neighbouring slices per side stacked as channels (2.5D)")
     fold: int = _opt(0, "validation fold (split by case)")
     n_folds: int = _opt(5, "number of folds")
+    test_fold: int | None = _opt(None, "held-out test fold (split by case): never trained on nor "
+                                       "used for selection; scored by evaluate --split test "
+                                       "(none = no test split)")
     augment: bool = _opt(True, "training-time augmentation")
     cache: bool = _opt(True, "cache prepared slices on disk")
     cache_dir: str | None = _opt(None, "where to cache (none = the dataset's .kvseg_cache)")
@@ -185,6 +188,12 @@ class TrainConfig:
             check_number(name, getattr(self, name), minimum=0)
         if not self.fold < self.n_folds:
             raise ConfigError(f"fold={self.fold}: must be in [0, n_folds={self.n_folds})")
+        if self.test_fold is not None:
+            check_number("test_fold", self.test_fold, integer=True, minimum=0,
+                         maximum=self.n_folds - 1)
+            if self.test_fold == self.fold:
+                raise ConfigError(f"test_fold={self.test_fold}: must differ from fold (the "
+                                  "validation fold selects the checkpoint)")
         check_number("lr", self.lr, minimum=0, min_open=True)
         check_number("train_fraction", self.train_fraction, minimum=0, maximum=1, min_open=True)
         check_number("encoder_lr_mult", self.encoder_lr_mult, minimum=0, min_open=True)

@@ -47,3 +47,34 @@ def test_nested_cases_rules():
     for bad in (0.0, 1.5, -1):
         with pytest.raises(ConfigError, match="train_fraction"):
             nested_cases(cases, bad)
+
+
+def test_test_fold_puts_every_case_in_exactly_one_split(eight_cases):
+    """test_fold: train / val / test partition the cases; test is that fold of the same case
+    folds (data.splits.case_folds), and train_fraction subsets train only."""
+    from kvseg.data.splits import case_folds
+
+    opts = {"data": str(eight_cases), "img_size": 32, "n_folds": 4, "fold": 1, "test_fold": 3}
+    parts = {s: _cases(build_dataset(opts, s)) for s in ("train", "val", "test")}
+    every = _cases(build_dataset(opts, "all"))
+    assert len(every) == 8
+    for case in every:
+        assert sum(case in parts[s] for s in parts) == 1, case
+    folds = case_folds(every, 4)
+    assert parts["test"] == {c for c in every if folds[c] == 3}
+    assert parts["val"] == {c for c in every if folds[c] == 1}
+    without = _cases(build_dataset({**opts, "test_fold": None}, "train"))
+    assert parts["train"] == without - parts["test"]  # the old train minus the test fold
+    half = _cases(build_dataset({**opts, "train_fraction": 0.5}, "train"))
+    assert half < parts["train"] and not half & parts["test"]
+
+
+def test_test_split_needs_a_test_fold_and_a_valid_one(eight_cases):
+    from kvseg.config import load_config
+
+    opts = {"data": str(eight_cases), "img_size": 32, "n_folds": 4}
+    with pytest.raises(ConfigError, match="no test_fold"):
+        build_dataset(opts, "test")
+    for bad, msg in ((0, "must differ from fold"), (4, "test_fold=4"), (-1, "test_fold=-1")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, {"model": "setr_qkv", "n_folds": 4, "fold": 0, "test_fold": bad})

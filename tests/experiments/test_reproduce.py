@@ -264,25 +264,40 @@ def test_parallel_runs_give_the_sequential_results_and_resume_after_a_kill(tiny,
     assert again.skipped == finished and again.trained == 4 - finished
     assert _scores(out) == _scores(tmp_path / "seq")
     rows = json.loads((out / "results.json").read_text())
-    assert all(r["cases"] and set(r["cases"][0]) == {"case", "day", "tp", "fp", "fn"}
-               for r in rows)
+    assert all(r["cases"] and set(r["cases"][0]) == {"case", "day", "tp", "fp", "fn", "hd95_mm"}
+               and len(r["cases"][0]["hd95_mm"]) == len(r["cases"][0]["tp"]) for r in rows)
 
 
 def test_the_report_states_intervals_verdicts_and_the_method(tmp_path):
     from kvseg.experiments.report import deltas_table, statistics_text
 
     rows = _rows()
-    table = deltas_table(rows, margin=2.0, resamples=200)
-    assert "[95% CI]" in table and "verdict" in table
+    table = deltas_table(rows, margin=2.0)
+    header = table.splitlines()[0]
+    assert "[95% CI]" in header and "patients / scans / seeds" in header
+    assert "verdict (95%)" in header and "verdict (Holm, family-wise 95%)" in header
+    assert "case-days" not in header
     # seeds only (these rows carry no per-case counts): a t interval over the 3 paired seeds.
     # KV: differences +3, +1, +5 -> 3 ± t(2)·2/√3 = [-1.97, +7.97]: above -2, not worse
     # KV-pos: -1, -4, -1 -> -2 ± t(2)·1 = [-6.30, +2.30]: inconclusive
     lines = {line.split("|")[2].strip(): line for line in table.splitlines()[2:]}
     assert "+3.00 [-1.97, +7.97]" in lines["KV"]
-    assert "KV not worse than QKV (non-inferior by the 2-point margin)" in lines["KV"]
+    assert "| – / – / 3 | not worse |" in lines["KV"]  # unadjusted
+    # Holm over the two comparisons: KV's test of Δ ≤ -2 has the one-sided p of t(2) at
+    # (3 + 2) / (2/√3), doubled: 0.049 < 0.05 alone; Holm multiplies it by the 2 comparisons
+    # still open -> 0.099: family-wise the verdict is inconclusive
+    from scipy import stats as st
+
+    d = {e["attention"]: e for e in family_deltas(rows, margin=2.0)}["kv"]
+    p = 2 * st.t.sf(5 / (2 / math.sqrt(3)), 2)
+    assert d["jaccard_p_margin"] == pytest.approx(p, rel=1e-6) and p < 0.05
+    assert d["jaccard_p_margin_holm"] == pytest.approx(2 * p, rel=1e-6)
+    assert lines["KV"].endswith("| inconclusive — more seeds or data needed; no per-patient "
+                                "data: training noise only, for these patients |")
     assert "-2.00 [-6.30, +2.30]" in lines["KV-pos"] and "inconclusive" in lines["KV-pos"]
-    text = " ".join(statistics_text(2.0, 200))
-    assert "200 resamples" in text and "2-point" not in text and "margin of 2 points" in text
+    text = " ".join(statistics_text(2.0))
+    assert "resample" not in text and "2-point" not in text and "margin of 2 points" in text
+    assert "patient is the unit" in text and "Holm" in text
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
@@ -317,10 +332,12 @@ def test_the_verdict_is_read_from_jaccard_not_weighted_jaccard():
     for row in rows:
         if row["attention"] == "kv":
             row["weighted_jaccard"] -= 0.10  # QKV's weighted Jaccard stays j - 0.1
-    table = deltas_table(rows, margin=2.0, resamples=200)
+    table = deltas_table(rows, margin=2.0)
     lines = {line.split("|")[2].strip(): line for line in table.splitlines()[2:]}
     assert "+3.00 [-1.97, +7.97]" in lines["KV"]
-    assert "KV not worse than QKV" in lines["KV"]
+    cells = [c.strip() for c in lines["KV"].split("|")]
+    assert "not worse" in cells  # the unadjusted verdict: Jaccard's (weighted Jaccard's: worse)
+    assert not any(c.startswith("worse") for c in cells)
 
 
 def test_a_partly_trained_run_is_listed_and_resumes_at_its_next_epoch(tmp_path):

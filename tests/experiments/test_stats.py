@@ -1,6 +1,6 @@
 """kvseg.experiments.stats: the paired difference with its interval, checked on constructed
-cases and against independent references (scipy's t interval, scikit-learn's Jaccard and Dice,
-explicit loops)."""
+cases and against independent references (scipy's t interval, scikit-learn's Jaccard and
+Dice, explicit loops)."""
 
 from __future__ import annotations
 
@@ -283,3 +283,15 @@ def test_p_values_put_the_tested_value_on_the_interval_boundary():
     assert lo == pytest.approx(-2.0, abs=1e-6)
     lo, hi = d.interval(1 - p_zero)
     assert min(abs(lo), abs(hi)) == pytest.approx(0, abs=1e-6)
+
+
+def test_an_undefined_score_for_some_patients_is_inconclusive_not_an_error():
+    """HD95 (one organ) that only one patient's scans define: leaving that patient out leaves no
+    finite value, so its pseudo-value is undefined -> no interval, with the reason."""
+    def run(shift):
+        return [{"case": p, "day": 0, "tp": [5], "fp": [1], "fn": [1],
+                 "hd95_mm": [3.0 + shift if p == 0 else None]} for p in range(4)]
+
+    d = paired_difference([run(0), run(0.1)], [run(0.5), run(0.2)], metric="hd95")
+    assert d.verdict() == "inconclusive" and "undefined" in d.reason
+    assert math.isinf(d.low) and math.isfinite(d.estimate)

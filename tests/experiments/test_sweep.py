@@ -49,10 +49,13 @@ def test_two_factors_two_values_rows_report_plots_and_a_rerun_skips(tiny, tmp_pa
         assert (out / f"sweep_{f}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "## heads" in report and "## depth" in report and "[95% CI]" in report
-    # one seed: every verdict row says that the interval holds the case noise only
+    # one validation patient (3 cases, 3 folds): every verdict row says why there is no
+    # interval, and the sweep's comparisons are one Holm family
     verdict_rows = [line for line in report.splitlines() if line.startswith("| 2 | setr |")]
     assert len(verdict_rows) == 2  # heads=2 and depth=2
-    assert all("one seed: training noise not in the interval" in r for r in verdict_rows)
+    assert all("| 1 / 1 / 1 | inconclusive | inconclusive — 1 patient cannot settle a margin"
+               in r for r in verdict_rows), verdict_rows
+    assert "comparisons**: 4, one family for Holm" in report
     again = sweep(data, out, preset=str(preset), vary=vary, device="cpu", jobs=1,
                   progress=False)
     assert again.trained == 0 and again.skipped == 6

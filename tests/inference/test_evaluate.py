@@ -164,3 +164,31 @@ def test_penalized_hd95_uses_the_volume_diagonal():
     assert penalized(math.nan, False, True, diag) == diag  # missed organ
     assert penalized(math.nan, True, False, diag) == diag  # false alarm
     assert math.isnan(penalized(math.nan, False, False, diag))
+
+
+def test_split_test_scores_the_held_out_fold_only(tmp_path, capsys):
+    """A run with test_fold: evaluate --split test scores exactly that fold's patients
+    (data.splits.case_folds), which the run's training split does not hold."""
+    from kvseg.data import build_dataset
+    from kvseg.data.splits import case_folds
+
+    generate(tmp_path / "data", cases=4, days=1, slices=4, seed=3)
+    out = tmp_path / "run"
+    opts = dict(model="setr_kv", size="micro", img_size=32, data=str(tmp_path / "data"),
+                out=str(out), epochs=1, batch_size=4, n_folds=4, fold=0, test_fold=2,
+                max_steps_per_epoch=1, device="cpu")
+    train(load_config(None, opts))
+    res = evaluate_run(out, split="test", device="cpu")
+    every = {r.case for r in build_dataset(opts, "all").records}
+    held = {c for c, k in case_folds(every, 4).items() if k == 2}
+    assert {c["case"] for c in res["cases"]} == held and res["split"] == "test"
+    assert not held & {r.case for r in build_dataset(opts, "train").records}
+    assert cli.main(["evaluate", "--run", str(out), "--split", "test", "--device", "cpu"]) == 0
+    assert (out / "eval_test.json").is_file()
+    capsys.readouterr()
+
+
+def test_split_test_of_a_run_without_a_test_fold_is_one_line(run, capsys):
+    assert cli.main(["evaluate", "--run", str(run), "--split", "test", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no test_fold" in err and "Traceback" not in err

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,12 @@ from kvseg.data import medical
 from kvseg.data.folder import FolderDataset, image_files
 from kvseg.data.nifti import nifti_files
 from kvseg.data.spec import DatasetSpec
-from kvseg.data.splits import GroupSubset, check_split
+from kvseg.data.splits import GroupSubset, check_split, item_groups
 from kvseg.data.uwmadison import UWMadison
 from kvseg.errors import ConfigError, DataError
+
+#: The splits :func:`build_dataset` knows (``test``: the run's ``test_fold``).
+SPLITS = ("train", "val", "test", "all")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class DataOptions:
     data_format: str = "auto"
     task: str = "auto"
     train_fraction: float = 1.0
+    test_fold: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ def data_options(config: Mapping[str, Any] | object, split: str, *,
     data = _get(config, "data", None)
     if not data:
         raise ConfigError("data: the dataset root is required (--data DIR)")
-    check_split(split)
+    if split not in SPLITS:
+        check_split(split)
     if augment is None:
         augment = bool(_get(config, "augment", False)) and split == "train"
     exclude = _get(config, "exclude", ())
@@ -173,7 +178,13 @@ def data_options(config: Mapping[str, Any] | object, split: str, *,
                        augment=bool(augment),
                        data_format=check_data_format(str(_get(config, "data_format", "auto"))),
                        task=str(_get(config, "task", "auto")),
-                       train_fraction=float(_get(config, "train_fraction", 1.0)))
+                       train_fraction=float(_get(config, "train_fraction", 1.0)),
+                       test_fold=_test_fold(config))
+
+
+def _test_fold(config) -> int | None:
+    value = _get(config, "test_fold", None)
+    return None if value is None else int(value)
 
 
 def build_dataset(config: Mapping[str, Any] | object, split: str, *,
@@ -184,8 +195,12 @@ def build_dataset(config: Mapping[str, Any] | object, split: str, *,
         config: a mapping or an object with the attributes ``data, fold, n_folds, img_size,
             context, cache, cache_dir, exclude, augment, data_format, task`` (``TrainConfig``,
             or a run's saved config dict); missing ones take their defaults.
-        split: ``"train"``, ``"val"`` or ``"all"``.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         augment: ``None`` means ``config.augment`` for ``"train"`` and off otherwise.
+
+    ``test_fold`` (an int): the cases of that fold form the ``"test"`` split and are left out of
+    ``"train"``; ``"val"`` (fold ``fold``) is disjoint from it by construction, so every case is
+    in exactly one of train / val / test. Without it ``"test"`` is an error.
 
     ``train_fraction`` < 1 keeps that fraction of the training *cases* (patients, volumes):
     nested (a fixed permutation of the training cases, so the 25 % subset lies inside the 50 %
@@ -203,9 +218,28 @@ def build_dataset(config: Mapping[str, Any] | object, split: str, *,
         name = detect_layout(options.data)
     elif not options.data.is_dir():
         raise FileNotFoundError(f"{options.data}: dataset root not found")
+    if split == "test":
+        return _test_split(LAYOUTS[name], options)
     dataset = LAYOUTS[name].build(options)
+    if split == "train" and options.test_fold is not None:
+        held_out = set(item_groups(_test_split(LAYOUTS[name], options)))
+        groups = item_groups(dataset)
+        dataset = GroupSubset(dataset, [i for i, g in enumerate(groups) if g not in held_out],
+                              sorted(set(groups) - held_out))
     if split == "train" and options.train_fraction < 1.0:
-            dataset = GroupSubset.fraction(dataset, options.train_fraction)
+        dataset = GroupSubset.fraction(dataset, options.train_fraction)
+    return dataset
+
+
+def _test_split(layout: Layout, options: DataOptions) -> Dataset:
+    """The test split: fold ``test_fold`` of the same case folds (built as that fold's "val")."""
+    if options.test_fold is None:
+        raise ConfigError("split 'test': the run has no test_fold (set test_fold in its config "
+                          "or preset)")
+    dataset = layout.build(replace(options, split="val", fold=options.test_fold, augment=False))
+    if isinstance(getattr(getattr(dataset, "spec", None), "split", None), dict):
+        raise ConfigError(f"test_fold={options.test_fold}: {options.data} lists its own "
+                          "train/val split; a test fold needs case folds")
     return dataset
 
 

@@ -244,3 +244,44 @@ def plot_attention_comparison(image: np.ndarray, maps: Mapping[str, np.ndarray],
     path = Path(path)
     save_figure(fig, path)
     return path
+
+
+def plot_patient_differences(per_patient: Mapping[str, Mapping[str, Sequence[float]]],
+                             intervals: Mapping[str, tuple[float, float, float]],
+                             path: str | Path) -> Path:
+    """The per-patient paired differences: one row per comparison (e.g. ``"setr KV"``), each
+    patient's own Jaccard difference B − A (points) per seed as small dots and its mean over
+    seeds as a large one, with the comparison's estimate and 95% interval (``intervals``:
+    label -> (estimate, low, high); an infinite bound is drawn to the plot's edge)."""
+    plt = pyplot()
+    labels = list(per_patient)
+    fig, ax = plt.subplots(figsize=(8, 0.55 * max(len(labels), 2) + 1.2))
+    rng = np.random.default_rng(0)
+    for i, label in enumerate(labels):
+        y = len(labels) - 1 - i
+        for diffs in per_patient[label].values():
+            ax.scatter(diffs, y + rng.uniform(-0.12, 0.12, len(diffs)), s=6, color="gray",
+                       alpha=0.5, linewidths=0)
+            ax.scatter([float(np.mean(diffs))], [y], s=18, color="tab:blue", alpha=0.8,
+                       linewidths=0)
+    bounds = [b for v in intervals.values() for b in v if math.isfinite(b)]
+    if bounds:  # the finite interval ends inside the plot; an infinite one runs to its edge
+        lo, hi = ax.get_xlim()
+        pad = 0.05 * (max(hi, *bounds) - min(lo, *bounds))
+        ax.set_xlim(min(lo, min(bounds) - pad), max(hi, max(bounds) + pad))
+    lo, hi = ax.get_xlim()
+    for i, label in enumerate(labels):
+        y = len(labels) - 1 - i
+        est, low, high = intervals.get(label, (math.nan, math.nan, math.nan))
+        if math.isfinite(est):
+            ax.plot([max(low, lo), min(high, hi)], [y + 0.3] * 2, color="tab:red", linewidth=2)
+            ax.plot([est], [y + 0.3], marker="|", color="tab:red", markersize=10)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels[::-1])
+    ax.set(xlabel="per-patient Δ Jaccard vs QKV (points): grey = one seed, blue = mean over "
+                  "seeds; red = estimate and 95% interval")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    path = Path(path)
+    save_figure(fig, path)
+    return path

@@ -42,7 +42,8 @@ class Preset:
     threads: int | None = option(None, "torch CPU threads per training run (none = the cores "
                                      "divided by the runs trained at once)")
     margin: float = option(2.0, "non-inferiority margin of the verdicts, in Jaccard points")
-    resamples: int = option(2000, "bootstrap resamples of the validation case-days")
+    resamples: int = option(2000, "unused (the intervals are analytic); accepted so that "
+                                  "older presets load")
     notes: str = option("", "free text (not used)")
     vary: dict = option({}, "kvseg sweep: factor -> list of values (one factor at a time)")
     grid: bool = option(False, "kvseg sweep: every combination of the factors instead")

@@ -15,14 +15,14 @@ from collections.abc import Mapping, Sequence
 
 from kvseg.experiments.report import _md_table
 from kvseg.experiments.results import ResultRow, as_rows, mean_std
-from kvseg.experiments.stats import DEFAULT_RESAMPLES, paired_difference
+from kvseg.experiments.stats import paired_difference
 
 #: The CNN reference row's model name (its ``attention`` is ``none``).
 REFERENCE = "dynunet"
 
 
-def reference_deltas(rows: Sequence[ResultRow | Mapping], *, reference: str = REFERENCE,
-                     resamples: int = DEFAULT_RESAMPLES) -> list[dict]:
+def reference_deltas(rows: Sequence[ResultRow | Mapping], *,
+                     reference: str = REFERENCE) -> list[dict]:
     """Each family's QKV minus ``reference``, paired by seed; [] without reference rows.
 
     Keys: family, model (the QKV variant), seeds (paired), cases (case-days behind each score;
@@ -58,7 +58,7 @@ def reference_deltas(rows: Sequence[ResultRow | Mapping], *, reference: str = RE
                 continue
             diff = paired_difference([x.cases if per_case else getattr(x, key) for x in a],
                                      [y.cases if per_case else getattr(y, key) for y in b],
-                                     metric=key, resamples=resamples)
+                                     metric=key)
             d[f"{key}_low"], d[f"{key}_high"], d["cases"] = diff.low, diff.high, diff.cases
             if key == "jaccard":
                 d["note"] = diff.reason or diff.note
@@ -75,11 +75,11 @@ def _interval(d: Mapping, key: str) -> str:
     return f"{est:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
-def reference_section(rows: Sequence[ResultRow | Mapping], *, reference: str = REFERENCE,
-                      resamples: int = DEFAULT_RESAMPLES) -> list[str]:
+def reference_section(rows: Sequence[ResultRow | Mapping], *,
+                      reference: str = REFERENCE) -> list[str]:
     """The report's reference section as lines ([] without reference or QKV rows): a table of
     :func:`reference_deltas` and what it says and does not say."""
-    deltas = reference_deltas(rows, reference=reference, resamples=resamples)
+    deltas = reference_deltas(rows, reference=reference)
     if not deltas:
         return []
     body = []

@@ -33,63 +33,21 @@ from kvseg.experiments.results import (  # noqa: F401  (re-exported: their earli
     value_key,
     write_results,
 )
-from kvseg.experiments.stats import (
-    DEFAULT_MARGIN,
-    DEFAULT_RESAMPLES,
-    paired_difference,
-    verdict_sentence,
+from kvseg.experiments.stats import DEFAULT_MARGIN
+from kvseg.experiments.verdicts import (  # noqa: F401  (re-exported: their earlier home)
+    DELTA_HEADER,
+    VERDICT_HEADER,
+    apply_holm,
+    class_table,
+    comparisons,
+    delta_cells,
+    deltas_table,
+    family_deltas,
+    limits_text,
+    statistics_text,
 )
-from kvseg.layers.attention import MODE_LABELS, MODES
+from kvseg.layers.attention import MODE_LABELS
 from kvseg.utils import atomic_write_text
-
-
-def family_deltas(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT_MARGIN,
-                  resamples: int = DEFAULT_RESAMPLES) -> list[dict]:
-    """Every other mode against QKV, per family (conventions: module docstring, :mod:`kvseg.stats`).
-
-    Keys: family, attention, params_pct, macs_pct, seeds (paired), cases (case-days in the
-    bootstrap; 0 without per-case data), qkv_jaccard_std, and for ``jaccard`` and
-    ``weighted_jaccard``: ``<key>_pts`` (Δ, points), ``<key>_pts_std`` (sample std of the
-    per-seed differences), ``<key>_low`` / ``<key>_high`` (95% interval) and ``<key>_verdict``
-    (better / not worse / worse / inconclusive against ``margin`` points).
-    """
-    index = {(r.family, r.attention, r.seed): r for r in as_rows(rows)}
-    out = []
-    for family in sorted({f for f, _, _ in index}):
-        base = {seed: r for (f, m, seed), r in index.items() if f == family and m == "qkv"}
-        if not base:
-            continue
-        for mode in MODES:
-            pairs = sorted(((s, base[s], r) for (f, m, s), r in index.items()
-                            if f == family and m == mode != "qkv" and s in base),
-                           key=lambda t: t[0])
-            if not pairs:
-                continue
-            _, q0, r0 = pairs[0]
-            d = {"family": family, "attention": mode, "seeds": len(pairs),
-                 "params_pct": 100.0 * (r0.params - q0.params) / q0.params,
-                 "macs_pct": 100.0 * (r0.macs - q0.macs) / q0.macs, "cases": 0}
-            for key in ("jaccard", "weighted_jaccard"):
-                diffs = [100.0 * (getattr(r, key) - getattr(q, key)) for _, q, r in pairs]
-                d[f"{key}_pts"], d[f"{key}_pts_std"], _ = mean_std(diffs)
-                if not math.isfinite(d[f"{key}_pts"]):
-                    d[f"{key}_low"] = d[f"{key}_high"] = math.nan
-                    d[f"{key}_verdict"] = "no score (a run diverged)"
-                    continue
-                diff = paired_difference([_run_data(q, key) for _, q, _ in pairs],
-                                         [_run_data(r, key) for _, _, r in pairs],
-                                         metric=key, resamples=resamples)
-                d[f"{key}_low"], d[f"{key}_high"] = diff.low, diff.high
-                d[f"{key}_verdict"] = diff.verdict(margin)
-                d["cases"] = diff.cases
-            d["qkv_jaccard_std"] = 100.0 * mean_std(b.jaccard for b in base.values())[1]
-            out.append(d)
-    return out
-
-
-def _run_data(row: ResultRow, key: str):
-    """A run's per-case counts for the bootstrap, or its score where it has none."""
-    return row.cases if row.cases else getattr(row, key)
 
 
 # --------------------------------------------------------------------------- text
@@ -133,93 +91,45 @@ def results_table(rows: Sequence[ResultRow | Mapping]) -> str:
     return _md_table(header, body)
 
 
-def _verdict_text(d: Mapping, margin: float) -> str:
-    """A family_deltas entry's Jaccard verdict in words; with one seed, the warning that the
-    interval holds the validation-case noise only (a seed's own spread can exceed it)."""
-    verdict = d["jaccard_verdict"]
-    if verdict in ("better", "not worse", "worse", "inconclusive"):
-        verdict = verdict_sentence(verdict, margin, MODE_LABELS[d["attention"]])
-    if d["seeds"] < 2 and math.isfinite(d["jaccard_pts"]):
-        verdict += "; one seed: training noise not in the interval"
-    return verdict
-
-
-def deltas_table(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT_MARGIN,
-                 resamples: int = DEFAULT_RESAMPLES) -> str:
-    """Per family, each mode against QKV with 95% intervals and verdicts (markdown)."""
-    header = ["family", "vs QKV", "params", "MACs", "Δ Jaccard (pts) [95% CI]",
-              "Δ weighted Jaccard (pts) [95% CI]", "QKV Jaccard seed std (pts)", "seeds",
-              "case-days", "verdict (Jaccard)"]
-    body = []
-    for d in family_deltas(rows, margin=margin, resamples=resamples):
-        verdict = _verdict_text(d, margin)
-        body.append([d["family"], MODE_LABELS[d["attention"]], f"{d['params_pct']:+.2f} %",
-                     f"{d['macs_pct']:+.2f} %", _ci(d, "jaccard"), _ci(d, "weighted_jaccard"),
-                     _fmt(d["qkv_jaccard_std"], math.nan, 2), str(d["seeds"]),
-                     str(d["cases"]) if d["cases"] else "–", verdict])
-    return _md_table(header, body)
-
-
-def _ci(d: Mapping, key: str) -> str:
-    est, low, high = d[f"{key}_pts"], d[f"{key}_low"], d[f"{key}_high"]
-    if not math.isfinite(est):
-        return "–"
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{est:+.2f}"
-    return f"{est:+.2f} [{low:+.2f}, {high:+.2f}]"
-
-
 def _paragraphs(texts: Sequence[str]) -> list[str]:
     """Each text as its own markdown paragraph (a blank line after each)."""
     return [line for t in texts for line in (t, "")]
 
 
-def statistics_text(margin: float = DEFAULT_MARGIN,
-                    resamples: int = DEFAULT_RESAMPLES) -> list[str]:
-    """How the intervals and verdicts are made, in words (the report's method paragraph)."""
-    return [
-        "Parameters and MACs: relative change. Δ: the mode's score minus QKV's, in percentage "
-        "points, paired by seed (the same seed means the same data order and validation "
-        "cases), averaged over seeds.",
-        f"95% confidence interval: Δ ± t·√(V_cases + V_seeds). V_cases: a paired bootstrap over "
-        f"the validation case-days ({resamples} resamples of whole case-days, the same draw "
-        "for both variants and every seed; each resampled set is scored from its summed pixel "
-        "counts, as the reported Jaccard is). V_seeds: the variance of the per-seed differences "
-        "divided by the number of seeds. t: Student's t with Welch-Satterthwaite degrees of "
-        "freedom (`kvseg.stats`). With one seed the interval holds the case noise only.",
-        f"Verdict, with a non-inferiority margin of {margin:g} points: *better* if the whole "
-        f"interval is above 0; *not worse* (non-inferior) if it lies above −{margin:g}; *worse* "
-        "if the whole interval is below 0; otherwise *inconclusive* (more seeds or data are "
-        "needed to say). The interval speaks about this data and these training settings: "
-        "synthetic data or tiny models do not license a statement about the real task.",
-    ]
-
-
 def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, title: str,
                  settings: Mapping[str, object], measured: Sequence[str],
                  figures: Sequence[tuple[str, str]], margin: float = DEFAULT_MARGIN,
-                 resamples: int = DEFAULT_RESAMPLES, sections: Sequence[str] = ()) -> Path:
-    """report.md: settings, the results table, the KV deltas, what is measured, the figures.
+                 sections: Sequence[str] = (), classes: Sequence[str] = (),
+                 selection: str = "") -> Path:
+    """report.md: settings, the results table, the KV deltas (method, limits, both verdicts, the
+    per-organ table), what is measured, the figures.
 
     ``settings`` are shown as a bullet list; ``measured`` are sentences defining each column
     (:func:`measured_text`); ``figures`` are (caption, file name relative to ``out_dir``);
-    ``sections`` are further lines after the figures (e.g. :func:`attention_section`'s).
+    ``sections`` are further lines after the figures (e.g. :func:`attention_section`'s);
+    ``classes`` name the organs of the per-organ table; ``selection`` says which patients the
+    verdicts used and what saw them (:func:`kvseg.experiments.verdicts.limits_text`).
     """
     out_dir = Path(out_dir)
     parts = [f"# {title}", ""]
     parts += [f"- **{k}**: {v}" for k, v in settings.items()]
     parts += ["", "## Results (mean ± std over seeds)", "", results_table(rows), "",
               "## Each mode against QKV, per family", "",
-              *_paragraphs(statistics_text(margin, resamples)), deltas_table(rows, margin=margin,
-                                                                     resamples=resamples), "",
-              *_missed_text(rows), "## What is measured", ""]
+              *_paragraphs(statistics_text(margin)), *_paragraphs(limits_text(selection)),
+              deltas_table(rows, margin=margin), ""]
+    organs = class_table(rows, classes)
+    if organs:
+        parts += ["### Per organ (exploratory: unadjusted 95% intervals, no verdicts)", "",
+                  organs, ""]
+    parts += [*_missed_text(rows), "## What is measured", ""]
     parts += [f"- {m}" for m in measured]
     parts += ["", "## Figures", ""]
     for caption, name in figures:
         parts += [f"**{caption}**", "", f"![{caption}]({name})", ""]
-    parts += ["Per-run numbers: `results.csv` / `results.json`; each run's folder holds its "
-              "`config.yaml`, `metrics.csv`, `curves.png`, `eval_val.json`, `done.json`; "
-              "`runs/<model>/profile.json` holds the profile.", ""]
+    parts += ["Per-run numbers: `results.csv` / `results.json` (with every run's per-scan "
+              "counts, so every interval can be recomputed); each run's folder holds its "
+              "`config.yaml`, `metrics.csv`, `curves.png`, `eval_val.json` (`eval_test.json` "
+              "with a test fold), `done.json`; `runs/<model>/profile.json` holds the profile.", ""]
     if sections:
         parts += ["", *sections]
     path = out_dir / "report.md"
@@ -228,11 +138,11 @@ def write_report(out_dir: str | Path, rows: Sequence[ResultRow | Mapping], *, ti
 
 
 def measured_text(config: RunConfig | None, *, evaluation: Mapping | None, repeats: int,
-                  warmup: int, threads: int) -> list[str]:
+                  warmup: int, threads: int, split: str = "val") -> list[str]:
     """The "What is measured" sentences, from what the runs say: their classes, task and
     threshold (``config``, the first run's) and how their evaluation measured distances
     (``evaluation``: an ``eval_val.json``; its slice thickness and whether the cases are
-    volumes with their own spacing)."""
+    volumes with their own spacing); ``split``: ``val`` or ``test``, the fold scored."""
     if config is None:
         rule, over = "", "the classes"
     else:
@@ -250,7 +160,8 @@ def measured_text(config: RunConfig | None, *, evaluation: Mapping | None, repea
         spacing = (f"the slices' pixel spacing rescaled to the model input, slices "
                    f"{thickness:g} mm apart")
     return [
-        "**Jaccard / weighted Jaccard / Dice**: over the whole validation fold at the model's "
+        f"**Jaccard / weighted Jaccard / Dice**: over the whole "
+        f"{'test' if split == 'test' else 'validation'} fold at the model's "
         f"input size, per-class TP/FP/FN summed over all pixels, then the mean over {over} "
         "(weighted Jaccard: weighted by each class's ground-truth pixel count)"
         f"{rule} (`kvseg.training.metrics`).",
@@ -296,18 +207,23 @@ def _missed_text(rows: Sequence[ResultRow | Mapping]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- sweeps
-def sweep_deltas(rows: Sequence[Mapping], *, margin: float = DEFAULT_MARGIN,
-                 resamples: int = DEFAULT_RESAMPLES) -> dict[str, list[dict]]:
-    """Per factor, :func:`family_deltas` at each of its values (each dict gains ``value``)."""
-    out: dict[str, list[dict]] = {}
+def sweep_deltas(rows: Sequence[Mapping], *, margin: float = DEFAULT_MARGIN
+                 ) -> dict[str, list[dict]]:
+    """Per factor, :func:`family_deltas` at each of its values (each dict gains ``value``), with
+    Holm over every comparison of the sweep (one report, one family-wise level)."""
     groups: dict[tuple, list[Mapping]] = {}
     for r in rows:
         groups.setdefault((r["factor"], r["value"]), []).append(
             {k: v for k, v in r.items() if k not in ("factor", "value")})
+    entries, factors = [], []
     for (factor, value), group in sorted(groups.items(),
                                          key=lambda kv: (kv[0][0], value_key(kv[0][1]))):
-        for d in family_deltas(group, margin=margin, resamples=resamples):
-            out.setdefault(factor, []).append({"value": value, **d})
+        for d, diff in comparisons(group, margin=margin):
+            entries.append(({"value": value, **d}, diff))
+            factors.append(factor)
+    out: dict[str, list[dict]] = {}
+    for factor, d in zip(factors, apply_holm(entries, margin), strict=True):
+        out.setdefault(factor, []).append(d)
     return out
 
 
@@ -316,11 +232,11 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Ma
                        device: str = "cpu") -> Path:
     """report.md of a sweep and one ``sweep_<factor>.png`` per factor (see :mod:`kvseg.sweep`)."""
     out_dir = Path(out_dir)
-    resamples = getattr(preset, "resamples", DEFAULT_RESAMPLES)
-    deltas = sweep_deltas(rows, margin=margin, resamples=resamples)
+    deltas = sweep_deltas(rows, margin=margin)
     design = ("every combination of " if grid else "one factor at a time around the preset: ") \
         + "; ".join(f"`{k}` = {', '.join(map(str, v))}" for k, v in vary.items())
     seeds = sorted({int(r["seed"]) for r in rows})
+    n = sum(len(ds) for ds in deltas.values())
     parts = ["# kvseg sweep: does KV hold up across the factors?", "",
              f"- **design**: {design}",
              f"- **preset**: {preset.name} ({preset.path}); training options (the same for every "
@@ -329,26 +245,33 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Ma
              f"- **models**: {', '.join(dict.fromkeys(r['model'] for r in rows))}",
              f"- **seeds**: {', '.join(map(str, seeds))}; **device**: {device}",
              f"- **rows**: `sweep.csv` / `sweep.json` ({len(rows)} rows: factor, value, model, "
-             "seed, then the results.csv columns)", "",
-             *_paragraphs(statistics_text(margin, resamples))]
+             "seed, then the results.csv columns)",
+             f"- **comparisons**: {n}, one family for Holm's correction", "",
+             *_paragraphs(statistics_text(margin, family="sweep")),
+             *_paragraphs(limits_text(_sweep_selection(preset)))]
     for factor, ds in deltas.items():
         parts += [f"## {factor}", ""]
-        body = []
-        for d in ds:
-            verdict = _verdict_text(d, margin)
-            body.append([str(d["value"]), d["family"], MODE_LABELS[d["attention"]],
-                         f"{d['params_pct']:+.2f} %", f"{d['macs_pct']:+.2f} %",
-                         _ci(d, "jaccard"), _ci(d, "weighted_jaccard"), str(d["seeds"]),
-                         verdict])
-        parts += [_md_table([factor, "family", "vs QKV", "params", "MACs",
-                             "Δ Jaccard (pts) [95% CI]", "Δ weighted Jaccard (pts) [95% CI]",
-                             "seeds", "verdict (Jaccard)"], body), ""]
+        body = [[str(d["value"]), d["family"], MODE_LABELS[d["attention"]],
+                 f"{d['params_pct']:+.2f} %", f"{d['macs_pct']:+.2f} %", *delta_cells(d, margin)]
+                for d in ds]
+        parts += [_md_table([factor, "family", "vs QKV", "params", "MACs", *DELTA_HEADER,
+                             *VERDICT_HEADER], body), ""]
         png = f"sweep_{_safe_name(factor)}.png"
         plot_sweep(ds, factor, out_dir / png)
         parts += [f"![{factor}]({png})", ""]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _sweep_selection(preset) -> str:
+    train = getattr(preset, "train", {}) or {}
+    if train.get("test_fold") is None:
+        return ("The verdicts are computed on the validation fold, which also selected each "
+                "run's checkpoint: optimistic (set `test_fold` in the preset to hold patients "
+                "out).")
+    return (f"The verdicts are computed on test fold {train['test_fold']}: patients that "
+            "neither training nor checkpoint selection saw.")
 
 
 def _safe_name(text: str) -> str:

@@ -61,9 +61,10 @@ class ResultRow:
             diagonal instead of skipping it (:func:`kvseg.metrics.penalized`).
         missed: case-days x classes where the organ is in the ground truth and not predicted.
         false_alarms: case-days x classes predicted where the organ is not.
-        cases: results.json only (not a CSV column): per validation case-day ``case``, ``day``
-            and the pixel counts ``tp``, ``fp``, ``fn`` per class, so the statistics of the
-            report (the bootstrap over cases) can be redone from the file.
+        cases: results.json only (not a CSV column): per scored case-day (the test fold, or
+            the validation fold without one) ``case``, ``day``, the pixel counts ``tp``, ``fp``,
+            ``fn`` and ``hd95_mm`` per class, so the report's statistics can be redone from
+            the file.
 
     The float fields are NaN when not measured; construction converts None and empty strings
     to NaN there, numbers given as strings (a CSV cell) to their type, and raises

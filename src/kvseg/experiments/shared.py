@@ -146,7 +146,10 @@ def _profile_path(job: Job) -> Path:
 
 
 def _profile_settings(job: Job) -> dict:
-    return {k: v for k, v in job.settings.items() if k != "seed"}
+    """What a model's profile depends on: the job's settings but the seed (and the keys in
+    ``meta["profile_free"]``, e.g. reproduce --cv's fold)."""
+    free = ("seed", *job.meta.get("profile_free", ()))
+    return {k: v for k, v in job.settings.items() if k not in free}
 
 
 def profile_models(jobs: list[Job], device: torch.device, cfg: Preset) -> None:
@@ -196,14 +199,15 @@ def _cached_profile(path: Path, key: str) -> dict | None:
 def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
     """Train and evaluate one job (in this process or a worker); its result row, with the
     model's profile from profile.json. A diverged run is a result too."""
-    name, seed = job.key
+    name, seed = job.key[:2]  # reproduce --cv adds the fold
     config = job.config
     status = "ok"
     try:
         summary = T.train(config, progress=progress)
-        evaluation = evaluate_run(job.run_dir, split="val", device=device)
+        evaluation = evaluate_run(job.run_dir, split=verdict_split(config), device=device)
         mean = evaluation["mean"]
-        cases = [{k: c[k] for k in ("case", "day", "tp", "fp", "fn")}
+        cases = [{**{k: c[k] for k in ("case", "day", "tp", "fp", "fn")},
+                  "hd95_mm": [c["hd95_mm"][n] for n in evaluation["classes"]]}
                  for c in evaluation["cases"]]
     except T.NonFiniteLossError as e:  # a diverged variant is a result: record it, go on
         log.error("%s seed %d: %s", name, seed, e)
@@ -226,6 +230,12 @@ def train_and_evaluate(job: Job, *, device: str, progress: bool) -> dict:
         hd95_penalized=mean.get("hd95_penalized_mm"), missed=mean.get("missed"),
         false_alarms=mean.get("false_alarms"), cases=cases)
     return row.to_dict()
+
+
+def verdict_split(config) -> str:
+    """The split the results and verdicts are computed on: ``test`` when the run holds a test
+    fold out (neither training nor checkpoint selection saw it), else ``val``."""
+    return "test" if getattr(config, "test_fold", None) is not None else "val"
 
 
 def log_finished(result) -> None:
@@ -378,4 +388,4 @@ def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path])
 
 __all__ = ["MODEL_KEYWORDS", "Arguments", "check_arguments", "choose_samples", "default_jobs",
            "first_runs", "log_finished", "profile_models", "resolve_models", "train_and_evaluate",
-           "validation_set", "write_attention_comparison", "write_samples"]
+           "validation_set", "verdict_split", "write_attention_comparison", "write_samples"]

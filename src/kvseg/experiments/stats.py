@@ -204,7 +204,9 @@ def _scan_totals(scan: Mapping, metric: str) -> list:
         return [scan["tp"], scan["fp"], scan["fn"]]
     if "hd95_mm" not in scan:
         raise ValueError("metric 'hd95' needs per-scan 'hd95_mm' values (one per class)")
-    hd = np.array([math.nan if v is None else v for v in scan["hd95_mm"]], dtype=np.float64)
+    values = scan["hd95_mm"]
+    values = list(values.values()) if isinstance(values, Mapping) else values  # class -> mm
+    hd = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
     ok = np.isfinite(hd)
     return [np.where(ok, hd, 0.0), ok.astype(np.float64)]
 
@@ -374,6 +376,10 @@ def _patient_model(runs, metric: str, scale: float) -> Difference:
                           **common)
     table = np.stack([scale * (pseudo_values(rb[2], metric) - pseudo_values(ra[2], metric))
                       for ra, rb in runs])  # (S, P); its grand mean is est
+    if not np.isfinite(table).all():  # e.g. HD95 of an organ that few patients' scans show
+        return Difference(est, -math.inf, math.inf, case_se=math.nan, method="patients x seeds",
+                          reason=f"the {metric} of some patients (or of all but one) is "
+                                 "undefined", **common)
     fit = two_way(table)
     low, high = _interval(est, fit.components)
     one = n_seeds == 1

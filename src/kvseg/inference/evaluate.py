@@ -36,7 +36,7 @@ from kvseg.training.metrics import (
 from kvseg.training.precision import autocast, device_capability, inference_precision
 from kvseg.utils import atomic_write_text, check_number, jsonable, resolve_device
 
-SPLITS = ("train", "val", "all")
+SPLITS = ("train", "val", "test", "all")  # test: the run's test_fold
 
 
 def _dataset(config: RunConfig, data: str | None, split: str):
