@@ -438,7 +438,9 @@ def _add_reproduce(sub) -> None:
 
 def _add_run_set_options(p, command: str) -> None:
     """The options every multi-run command (reproduce, sweep) shares."""
-    p.add_argument("--models", nargs="+", default=["all"])
+    p.add_argument("--models", nargs="+", default=["all"],
+                   help="'all' (the preset's list: by default the paper's nine), 'reference' "
+                        "(dynunet, UNETR, SwinUNETR in --modes) and/or variant names")
     p.add_argument("--modes", nargs="+", metavar="MODE",
                    help="attention modes to run: 'all' or names (qkv kv kv_pos shared_kv "
                         "shared_qv single kv_relpos); default: the paper's qkv kv kv_pos")

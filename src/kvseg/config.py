@@ -36,7 +36,7 @@ from kvseg.data.names import CLASSES
 from kvseg.errors import CheckpointError, ConfigError
 from kvseg.models.kv_rules import RULES
 from kvseg.models.pretrained import LAYOUTS
-from kvseg.models.registry import SIZES, build_on_meta, list_models
+from kvseg.models.registry import SIZES, build_on_meta, check_pretrained, list_models
 from kvseg.utils import MAX_SEED, check_number, read_yaml
 
 #: Keys written to config.yaml that the data decides; accepted and ignored when read back.
@@ -197,6 +197,8 @@ class TrainConfig:
         check_number("lr", self.lr, minimum=0, min_open=True)
         check_number("train_fraction", self.train_fraction, minimum=0, maximum=1, min_open=True)
         check_number("encoder_lr_mult", self.encoder_lr_mult, minimum=0, min_open=True)
+        if self.pretrained is not None:
+            check_pretrained(self.model)
         if self.pretrained_rule not in RULES:
             raise ConfigError(f"pretrained_rule={self.pretrained_rule!r}: expected "
                               f"{', '.join(RULES)}")
@@ -335,7 +337,7 @@ def packaged_configs() -> list[str]:
 
 #: The packaged configs that are ``kvseg reproduce`` presets.
 PRESET_NAMES = ("smoke", "paper", "paper_pretrained", "ablation_smoke", "ablation_paper",
-                "sharing_smoke")
+                "sharing_smoke", "reference_smoke")
 #: The packaged configs that are ``kvseg train`` configs.
 TRAIN_CONFIG_NAMES = ("default", "train_micro", "train_paper")
 

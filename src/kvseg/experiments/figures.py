@@ -19,12 +19,19 @@ from kvseg.experiments.results import ResultRow, aggregate, as_rows, value_key
 from kvseg.inference.explain import attention_panel
 from kvseg.inference.predict import overlay
 from kvseg.layers.attention import MODE_LABELS, MODES
+from kvseg.models.registry import NO_ATTENTION
 from kvseg.utils import pyplot, save_figure
 
 MARKERS = {"qkv": "o", "kv": "s", "kv_pos": "^", "shared_kv": "D", "shared_qv": "v",
-           "single": "P", "kv_relpos": "*"}
+           "single": "P", "kv_relpos": "*", NO_ATTENTION: "X"}
 LINESTYLES = {"qkv": "-", "kv": "--", "kv_pos": ":", "shared_kv": "-.", "shared_qv": "-.",
-              "single": "--", "kv_relpos": ":"}
+              "single": "--", "kv_relpos": ":", NO_ATTENTION: (0, (5, 1, 1, 1))}
+
+
+def mode_name(mode: str) -> str:
+    """A row's attention as shown in figures: the mode's label, or ``CNN (no attention)``
+    for the reference (``dynunet``, mode ``none``)."""
+    return "CNN (no attention)" if mode == NO_ATTENTION else MODE_LABELS.get(mode, mode)
 
 
 def _family_colors(families: Iterable[str]) -> dict[str, str]:
@@ -39,16 +46,21 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
     standard deviation. Modes differ by colour and marker (legend); the modes of a family have
     nearly the same MACs, so their points are spread apart by a small horizontal offset (1 % of
     the family's MACs per mode, said in the axis label) instead of being labelled in place; the
-    seeds sit just left of their mean.
+    seeds sit just left of their mean. The CNN reference (``dynunet``, mode ``none``: a black
+    X) has its own panel, and its mean is a dash-dotted black line in every other panel.
     """
     plt = pyplot()
 
     parsed = as_rows(rows)
     agg = aggregate(parsed)
     families = sorted({a["family"] for a in agg})
-    modes = [m for m in MODES if any(a["attention"] == m for a in agg)]
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    modes = [m for m in (*MODES, NO_ATTENTION) if any(a["attention"] == m for a in agg)]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+               "tab:pink"]
     colors = {m: palette[i % len(palette)] for i, m in enumerate(modes)}
+    colors[NO_ATTENTION] = "black"
+    references = [a for a in agg if a["attention"] == NO_ATTENTION
+                  and math.isfinite(a["jaccard_mean"])]
     fig, axes = plt.subplots(1, max(1, len(families)), figsize=(3.4 * max(1, len(families)), 3.8),
                              sharey=True, squeeze=False)
     for ax, family in zip(axes[0], families, strict=False):
@@ -67,6 +79,10 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
             ax.errorbar(x, a["jaccard_mean"], yerr=std, capsize=3, markersize=8,
                         marker=MARKERS.get(mode, "x"), linestyle="none",
                         color=colors.get(mode, "gray"))
+        if all(a["attention"] != NO_ATTENTION for a in fam):
+            for a in references:  # the CNN reference's mean as a line in every other panel
+                ax.axhline(a["jaccard_mean"], color="black", linewidth=0.8,
+                           linestyle=LINESTYLES[NO_ATTENTION], alpha=0.6)
         ax.set_title(family, fontsize=9)
         ax.set_xlabel("GMACs per image (batch 1)\n(modes offset by 1 % for visibility)",
                       fontsize=7)
@@ -75,12 +91,15 @@ def plot_jaccard_vs_macs(rows: Sequence[ResultRow | Mapping], path: str | Path) 
         ax.set_xlim(min(float(a["macs"]) / 1e9 for a in fam) - 0.03 * ref, ref * 1.03)
     axes[0][0].set_ylabel("validation Jaccard (mean over classes)", fontsize=8)
     handles = [plt.Line2D([], [], color=colors[m], marker=MARKERS.get(m, "x"), linestyle="none",
-                      label=MODE_LABELS.get(m, m)) for m in modes]
+                      label=mode_name(m)) for m in modes]
+    handles += [plt.Line2D([], [], color="black", linestyle=LINESTYLES[NO_ATTENTION],
+                           alpha=0.6, label=f"{a['model']} (mean)") for a in references]
     handles.append(plt.Line2D([], [], color="gray", marker="o", alpha=0.35, linestyle="none",
                           label="one seed"))
-    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles),
+    ncol = min(len(handles), 2 + 2 * len(families))  # the legend fits the figure's width
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=ncol,
                frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(handles) / ncol), 1, 1))
     path = Path(path)
     save_figure(fig, path)
     return path

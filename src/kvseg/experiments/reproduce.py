@@ -41,6 +41,7 @@ from kvseg.experiments.figures import (
     plot_patient_differences,
     plot_training_curves,
 )
+from kvseg.experiments.reference import reference_section
 from kvseg.experiments.report import measured_text, results_table, write_report
 from kvseg.experiments.results import write_results
 from kvseg.experiments.runner import Job, run_jobs, untrained_jobs
@@ -59,7 +60,7 @@ from kvseg.experiments.shared import (  # noqa: F401 - re-exported: their earlie
 )
 from kvseg.experiments.verdicts import family_deltas, patient_differences
 from kvseg.layers.attention import MODES, mode_label
-from kvseg.models.registry import model_info
+from kvseg.models.registry import NO_ATTENTION, model_info
 from kvseg.training.checkpoint import read_config
 from kvseg.training.rundir import BEST, FolderLock, command_line
 
@@ -226,12 +227,16 @@ def _write_outputs(out: Path, rows: list[dict], run_dirs: dict[tuple[str, int], 
                              repeats=cfg.latency_repeats, warmup=cfg.latency_warmup,
                              threads=threads, split=split)
     modes = [m for m in MODES if any(r["attention"] == m for r in rows)]
-    title = (f"kvseg reproduction: {' vs '.join(mode_label(m) for m in modes)} attention "
-             f"({cfg.name} preset)")
+    reference = reference_section(rows)
+    what = [f"{' vs '.join(mode_label(m) for m in modes)} attention"] if modes else []
+    if any(r["attention"] == NO_ATTENTION for r in rows):
+        what.append("the CNN reference")
+    title = f"kvseg reproduction: {' and '.join(what)} ({cfg.name} preset)"
     return write_report(out, rows, title=title, settings=_settings(out, run_dirs, args,
                                                                     train_opts, threads, cv),
                         measured=measured, figures=figures, margin=args.margin,
-                        sections=attention, classes=run_config.classes if run_config else (),
+                        sections=[*reference, *attention],
+                        classes=run_config.classes if run_config else (),
                         selection=selection_text(train_opts, rows, cv=cv))
 
 

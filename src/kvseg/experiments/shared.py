@@ -28,7 +28,12 @@ from kvseg.inference.explain import attention_maps
 from kvseg.inference.predict import CLASS_COLORS
 from kvseg.inference.profile import profile_model
 from kvseg.layers.attention import resolve_modes
-from kvseg.models.registry import list_models, model_info
+from kvseg.models.registry import (
+    NO_ATTENTION,
+    REFERENCE_FAMILIES,
+    list_models,
+    model_info,
+)
 from kvseg.training import train as T
 from kvseg.training.checkpoint import build_model, load_run, open_run, read_run_config
 from kvseg.training.metrics import predicted_masks, target_masks
@@ -69,7 +74,9 @@ def check_arguments(data: str | Path, *, preset: str, models, modes, seeds, marg
     cfg = load_preset(preset)
     if cfg.train.get("data_format", "auto") == "auto":
         detect_layout(data)  # a folder no layout knows: one line naming it, before any work
-    names = resolve_models(models if models and list(models) != ["all"] else cfg.models, modes)
+    # 'all' stands for the preset's list (itself 'all' = the paper's nine, or names)
+    names = resolve_models([m for n in (models or ["all"])
+                            for m in (cfg.models if n == "all" else [n])], modes)
     seeds = [int(s) for s in (seeds if seeds else cfg.seeds)]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {seeds}: repeated seed")
@@ -80,12 +87,21 @@ def check_arguments(data: str | Path, *, preset: str, models, modes, seeds, marg
     return Arguments(data, cfg, names, seeds, margin, dev, n_jobs)
 
 
+#: Keywords of ``--models``: the paper's nine (its three families in the chosen modes) and the
+#: reference rows (``dynunet`` and MONAI's UNETR and SwinUNETR in the chosen modes).
+MODEL_KEYWORDS = ("all", "reference")
+
+
 def resolve_models(names: list[str] | tuple[str, ...],
                    modes: list[str] | tuple[str, ...] | None = None) -> list[str]:
-    """The variants to run: ``["all"]`` -> every family in ``modes``; otherwise validate each
-    name (order kept, no repeats) and, when ``modes`` are given, keep those in them.
+    """The variants to run, in order, without repeats: ``all`` -> the paper's three families
+    (:data:`~kvseg.models.registry.PAPER_FAMILIES`) in ``modes``; ``reference`` -> ``dynunet``
+    and the reference transformers (``unetr_*``, ``swinunetr_*``) in ``modes``; a name is
+    validated and, when ``modes`` are given, kept if it is in them. ``dynunet`` has no
+    attention (mode ``none``): a mode selection always keeps it. Keywords and names combine
+    (``all reference``, ``all dynunet unetr_qkv unetr_kv``).
 
-    ``modes``: None (for ``all``: the paper's ``qkv kv kv_pos``; named models are kept as
+    ``modes``: None (for the keywords: the paper's ``qkv kv kv_pos``; named models are kept as
     named), ``["all"]`` or mode names (:func:`kvseg.layers.attention.resolve_modes`).
     """
     known = list_models()
@@ -93,16 +109,22 @@ def resolve_models(names: list[str] | tuple[str, ...],
         keep = resolve_modes(modes)
     except ConfigError as e:  # the layer names no flag; the commands' is --modes
         raise ConfigError(f"--{e}" if str(e).startswith("modes:") else f"--modes: {e}") from None
-    if not names or list(names) == ["all"]:
-        return list_models(keep)
-    out = []
-    for name in names:
+    out: list[str] = []
+    for name in names or ["all"]:
         if name == "all":
-            raise ConfigError("--models: 'all' cannot be combined with names")
-        if name not in known:
-            raise ConfigError(f"--models {name!r}: unknown; valid: all, {', '.join(known)}")
-        if name not in out and (modes is None or model_info(name)["mode"] in keep):
-            out.append(name)
+            chosen = list_models(keep)
+        elif name == "reference":
+            chosen = [*list_models("all", families=("dynunet",)),
+                      *list_models(keep, families=tuple(f for f in REFERENCE_FAMILIES
+                                                        if f != "dynunet"))]
+        elif name not in known:
+            raise ConfigError(f"--models {name!r}: unknown; valid: "
+                              f"{', '.join(MODEL_KEYWORDS)}, {', '.join(known)}")
+        elif modes is None or model_info(name)["mode"] in (*keep, NO_ATTENTION):
+            chosen = [name]
+        else:
+            chosen = []
+        out += [n for n in chosen if n not in out]
     if not out:
         raise ConfigError(f"--modes {' '.join(keep)}: none of the models {' '.join(names)} "
                           "is in these modes")
@@ -305,11 +327,22 @@ def _colour_name(rgb: tuple[int, int, int]) -> str:
     return names.get(tuple(rgb), "colour")
 
 
+#: Families whose attention has no map onto image points (the attention comparison skips
+#: them, saying why).
+NO_MAPS = {
+    "dynunet": "a CNN: no attention",
+    "swinunetr": "windowed attention: its tokens are cells of (shifted) 7×7 windows, not "
+                 "points of the image",
+}
+
+
 def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path]) -> list[str]:
     """The reproduction's attention figure and table: ``out/attention.png`` (every variant's
     last-layer head-mean attention of one query point on one validation slice, first seed of
     each model) and the report section (:func:`kvseg.experiments.report.attention_section`) as
-    lines; [] when no run has a model. The slice is :func:`choose_samples`' first; the point the
+    lines; [] when no run has a model. The families of :data:`NO_MAPS` (``dynunet``,
+    ``swinunetr``) are left out with a note saying why (UNETR's maps are on its (size/16)²
+    token grid). The slice is :func:`choose_samples`' first; the point the
     foreground pixel nearest the centroid of its masks (the image centre if empty).
 
     Args:
@@ -331,8 +364,12 @@ def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path])
         point = (float(xs[d2.argmin()]), float(ys[d2.argmin()]))
     else:
         point = ((x.shape[-1] - 1) / 2, (x.shape[-2] - 1) / 2)
-    maps, entries = {}, []
+    maps, entries, skipped = {}, [], {}
     for name, run_dir in first.items():
+        why = NO_MAPS.get(model_info(name)["family"])
+        if why:
+            skipped.setdefault(why, []).append(name)
+            continue
         model, _ = load_run(run_dir, map_location="cpu")
         la = attention_maps(model, x, points=[point], layers=[-1]).layers[0]
         maps[name] = la.maps[0].mean(0).numpy()
@@ -340,11 +377,15 @@ def write_attention_comparison(out: Path, run_dirs: dict[tuple[str, int], Path])
         entries.append({"model": name, "family": info["family"], "attention": info["mode"],
                         "layer": la.name, "symmetry": float(np.mean(la.symmetry)),
                         "distance": float(np.mean(la.distance))})
+    notes = [f"Not shown: {', '.join(f'`{n}`' for n in names)} ({why})."
+             for why, names in skipped.items()]
+    if not maps:
+        return ["## Attention (last encoder layer)", "", *notes, ""] if notes else []
     plot_attention_comparison(x[x.shape[0] // 2].numpy(), maps, point, out / "attention.png")
-    return attention_section(entries, slice_id=str(item["id"]), point=point,
-                             figure="attention.png")
+    return [*attention_section(entries, slice_id=str(item["id"]), point=point,
+                               figure="attention.png"), *(f"{n}\n" for n in notes)]
 
 
-__all__ = ["Arguments", "check_arguments", "choose_samples", "default_jobs", "first_runs",
-           "log_finished", "profile_models", "resolve_models", "train_and_evaluate",
+__all__ = ["MODEL_KEYWORDS", "Arguments", "check_arguments", "choose_samples", "default_jobs",
+           "first_runs", "log_finished", "profile_models", "resolve_models", "train_and_evaluate",
            "validation_set", "verdict_split", "write_attention_comparison", "write_samples"]

@@ -14,7 +14,11 @@ Factors (``--vary NAME=V1,V2,...`` or the preset's ``vary:``):
   without that field is not run for that factor (e.g. ``patch_size`` is SETR's alone). For CvT,
   whose preset has one value per stage, ``heads``/``num_heads``, ``dim`` and ``depth`` set the
   **last stage** (where most of its attention is) and scale the earlier stages' heads and
-  widths by the same ratio (rounded; widths to a multiple of the heads).
+  widths by the same ratio (rounded; widths to a multiple of the heads). The reference
+  families: UNETR's ``dim`` is its ``hidden_size`` (``mlp_dim`` 4 × it) and ``mlp_ratio`` sets
+  ``mlp_dim``; its ``depth`` (12, MONAI's) and SwinUNETR's scalar ``dim``/``depth``/``heads``
+  (per stage there: ``feature_size``, ``depths``, ``num_heads`` lists) are refused with one
+  line; ``dynunet`` (no attention) is not run for an attention factor.
 
 Runs are stored by configuration: ``OUT/runs/<model>/<tag>/seed<k>`` where ``tag`` is a short
 hash of the run's options, so the preset's own configuration, which every factor passes
@@ -121,11 +125,45 @@ def apply_factor(name: str, value, options: dict, model: str, size: str) -> dict
     family = model_info(model)["family"]
     if family == "setr_cvt" and field in _CVT_STAGE:
         options["model_overrides"].update(_cvt_last_stage(preset, field, value))
+    elif family in _REFERENCE_FIELDS and field in _REFERENCE_FIELDS[family]:
+        options["model_overrides"].update(_reference_field(family, field, name, value, preset))
+    elif family == "dynunet" and field in _ATTENTION_FACTORS:
+        log.info("--vary %s: dynunet has no attention; not run for this factor", name)
+        return None
     elif not hasattr(preset, field):
         return None
     else:
         options["model_overrides"][field] = value
     return _without_preset_values(options, model, size)
+
+
+#: Factors of the paper's Transformers; the CNN reference has none of them.
+_ATTENTION_FACTORS = ("dim", "depth", "num_heads", "mlp_ratio", "pos_dim", "qkv_bias")
+#: The reference transformers' fields under the paper's factor names: a field to set, or why
+#: the factor cannot be set (a refusal, not a silent skip).
+_REFERENCE_FIELDS: dict[str, dict[str, str]] = {
+    "unetr": {"dim": "hidden_size", "mlp_ratio": "mlp_dim",
+              "depth": "MONAI's UNETR has 12 layers (its skips come from layers 3, 6, 9, 12)"},
+    "swinunetr": {f: "SwinUNETR sets it per stage: vary feature_size, or depths or "
+                     "num_heads as per-stage lists (a preset's vary: section)"
+                  for f in ("dim", "depth", "num_heads")},
+}
+
+
+def _reference_field(family: str, field: str, name: str, value, preset) -> dict:
+    """The overrides of a paper factor for UNETR / SwinUNETR (:data:`_REFERENCE_FIELDS`):
+    UNETR's ``dim`` is its ``hidden_size`` (with ``mlp_dim`` 4 × it, as every preset) and
+    ``mlp_ratio`` its ``mlp_dim`` / ``hidden_size``; the rest is a :class:`ConfigError`."""
+    target = _REFERENCE_FIELDS[family][field]
+    if " " in target:
+        if family == "swinunetr" and field == "num_heads" and isinstance(value, (list, tuple)):
+            return {"num_heads": value}  # a per-stage list: SwinUNETR's own field
+        raise ConfigError(f"--vary {name} for {family}: {target}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"--vary {name}={value!r} for {family}: expected a positive number")
+    if target == "hidden_size":
+        return {"hidden_size": value, "mlp_dim": 4 * value}
+    return {"mlp_dim": round(value * preset.hidden_size)}
 
 
 def _without_preset_values(options: dict, model: str, size: str) -> dict:

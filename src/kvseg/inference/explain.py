@@ -43,6 +43,7 @@ from kvseg.data.manifest import read_manifest, write_manifest
 from kvseg.data.png import read_slice
 from kvseg.errors import ConfigError, RunDirError
 from kvseg.layers.attention import AttentionCore
+from kvseg.models.patch import WindowTokenAttention
 from kvseg.training.checkpoint import open_run
 from kvseg.training.rundir import FolderLock, command_line
 from kvseg.utils import atomic_write_text, pyplot, save_figure
@@ -165,9 +166,15 @@ def attention_maps(model: nn.Module, image: torch.Tensor,
     modules = attention_modules(model)
     if not modules:
         raise ConfigError(f"{type(model).__name__}: no attention modules to hook")
+    if any(isinstance(mod, WindowTokenAttention) for mod in model.modules()):
+        raise ConfigError(f"{type(model).__name__}: windowed attention (Swin): its tokens are "
+                          "cells of (shifted) windows, not points of the image; no attention "
+                          "maps")
     chosen = check_layers(layers, len(modules))
     m = int(getattr(model, "input_multiple", 1))
     padded = (math.ceil(height / m) * m, math.ceil(width / m) * m)
+    if getattr(model, "fixed_size", None):  # UNETR: the whole input resized to its token grid
+        padded = (int(height), int(width))
     captured: dict[int, dict] = {}
     handles = []
     for i in chosen:

@@ -252,6 +252,8 @@ def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_s
     pretrained load ``pretrained_report`` (:class:`kvseg.models.pretrained.LoadReport`).
     """
     family, mode = _lookup(name)
+    if pretrained is not None:
+        check_pretrained(name)
     if num_classes < 1 or in_channels < 1 or img_size < 1:
         raise ConfigError(f"num_classes={num_classes}, in_channels={in_channels}, "
                           f"img_size={img_size}: all must be positive")
@@ -264,6 +266,16 @@ def create_model(name: str, *, num_classes: int = 3, in_channels: int = 3, img_s
                                                   rule=pretrained_rule)
         log.info("%s initialised from %s", name, model.pretrained_report.summary())
     return model
+
+
+def check_pretrained(name: str) -> None:
+    """:class:`ConfigError` (one line) when ``name`` cannot take ``pretrained=``: the reference
+    families (MONAI's networks) have no converter and no named source."""
+    family, _ = _lookup(name)
+    if family in REFERENCE_FAMILIES:
+        raise ConfigError(f"pretrained= for {name}: the reference families ("
+                          f"{', '.join(REFERENCE_FAMILIES)}) train from scratch here; to convert "
+                          "a pretrained MONAI model, build it and call kvseg.patch_attention")
 
 
 def build_on_meta(name: str, **kwargs) -> nn.Module:
