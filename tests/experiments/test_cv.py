@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from helpers import make_tiny
-from kvseg.errors import ConfigError
 from kvseg.experiments.cv import fold_options, pool_folds
 from kvseg.experiments.reproduce import reproduce
 
@@ -67,7 +66,9 @@ def test_reproduce_cv_scores_every_patient_once_per_seed(tmp_path):
         assert len({c["case"] for c in scored}) == 1  # 3 patients, 3 folds: one held out each
     text = (out / "report.md").read_text()
     assert "Cross-validation over 3 case folds" in text and "--cv" in text
-    with pytest.raises(ConfigError, match="--cv"):
-        preset.write_text(preset.read_text().replace("n_folds: 3", "n_folds: 3\n  test_fold: 1"))
-        reproduce(data, tmp_path / "o2", preset=str(preset), models=["setr_kv"], device="cpu",
-                  progress=False, cv=True)
+    # a preset that holds out a test fold: --cv scores every fold instead (no fold held out)
+    preset.write_text(preset.read_text().replace("n_folds: 3", "n_folds: 3\n  test_fold: 1"))
+    listed = reproduce(data, tmp_path / "o2", preset=str(preset), models=["setr_kv"],
+                       device="cpu", progress=False, cv=True, list_runs=True)
+    assert len(listed.commands) == 3  # one per fold
+    assert not any("test-fold" in c or "test_fold" in c for c in listed.commands)
