@@ -18,7 +18,7 @@ $(BIN)/kvseg: pyproject.toml
 venv: $(BIN)/kvseg
 
 demo: venv
-	$(BIN)/kvseg synth --out $(DATA) --cases 48 --days 2 --slices 12
+	$(BIN)/kvseg synth --out $(DATA) --cases 48 --days 1 --slices 16
 	$(BIN)/kvseg reproduce --data $(DATA) --out $(OUT) --preset smoke
 
 test: venv
