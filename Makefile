@@ -7,17 +7,23 @@ OUT ?= runs/smoke
 
 .PHONY: venv demo test lint bench clean
 
+# The package and its runtime dependencies (all `make demo` needs) ...
 $(BIN)/kvseg: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch lies on local disk; install it first so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e .
 	touch $(BIN)/kvseg
 
-venv: $(BIN)/kvseg
+# ... and the `dev` extras (pytest, ruff, onnx, tensorboard, ...) for `make test` and the rest.
+$(VENV)/.dev: $(BIN)/kvseg
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(VENV)/.dev
 
-demo: venv
+venv: $(VENV)/.dev
+
+demo: $(BIN)/kvseg
 	$(BIN)/kvseg synth --out $(DATA) --cases 48 --days 1 --slices 16
 	$(BIN)/kvseg reproduce --data $(DATA) --out $(OUT) --preset smoke
 
