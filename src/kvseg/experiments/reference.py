@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from kvseg.experiments.report import _md_table
-from kvseg.experiments.results import ResultRow, as_rows, mean_std
+from kvseg.experiments.results import ResultRow, as_rows, md_table, mean_std
 from kvseg.experiments.stats import paired_difference
+from kvseg.experiments.verdicts import ci_text
 
 #: The CNN reference row's model name (its ``attention`` is ``none``).
 REFERENCE = "dynunet"
@@ -66,15 +66,6 @@ def reference_deltas(rows: Sequence[ResultRow | Mapping], *,
     return out
 
 
-def _interval(d: Mapping, key: str) -> str:
-    est, low, high = d[f"{key}_pts"], d[f"{key}_low"], d[f"{key}_high"]
-    if not math.isfinite(est):
-        return "–"
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{est:+.2f}"
-    return f"{est:+.2f} [{low:+.2f}, {high:+.2f}]"
-
-
 def reference_section(rows: Sequence[ResultRow | Mapping], *,
                       reference: str = REFERENCE) -> list[str]:
     """The report's reference section as lines ([] without reference or QKV rows): a table of
@@ -91,7 +82,7 @@ def reference_section(rows: Sequence[ResultRow | Mapping], *,
                      "–" if not math.isfinite(d["qkv_jaccard"]) else f"{d['qkv_jaccard']:.3f}",
                      "–" if not math.isfinite(d["reference_jaccard"])
                      else f"{d['reference_jaccard']:.3f}",
-                     _interval(d, "jaccard"), _interval(d, "weighted_jaccard"), str(seeds),
+                     ci_text(d, "jaccard"), ci_text(d, "weighted_jaccard"), str(seeds),
                      str(d["cases"]) if d["cases"] else "–", note or "–"])
     return [f"## Each family's QKV against the CNN reference (`{reference}`)", "",
             f"Δ: the family's QKV variant minus `{reference}` (MONAI's DynUNet planned as "
@@ -100,7 +91,7 @@ def reference_section(rows: Sequence[ResultRow | Mapping], *,
             "the modes above. Parameters and MACs: relative to the reference. No verdict: "
             "the reference has no attention mode; the KV verdicts are the per-family ones "
             "above.", "",
-            _md_table(["family", "QKV variant", "params vs ref", "MACs vs ref",
+            md_table(["family", "QKV variant", "params vs ref", "MACs vs ref",
                        "QKV Jaccard", "reference Jaccard", "Δ Jaccard (pts) [95% CI]",
                        "Δ weighted Jaccard (pts) [95% CI]", "seeds", "case-days", "note"],
                       body), ""]

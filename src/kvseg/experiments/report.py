@@ -29,6 +29,7 @@ from kvseg.experiments.results import (  # noqa: F401  (re-exported: their earli
     ResultRow,
     aggregate,
     as_rows,
+    md_table,
     mean_std,
     value_key,
     write_results,
@@ -59,12 +60,6 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}"
 
 
-def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
-
-
 def results_table(rows: Sequence[ResultRow | Mapping]) -> str:
     """The paper-style table (markdown), one line per model, mean ± std over seeds."""
     agg = aggregate(rows)
@@ -88,7 +83,7 @@ def results_table(rows: Sequence[ResultRow | Mapping]) -> str:
         mem_key = "gpu_peak_mem_mb" if show_gpu else "peak_mem_mb"
         line += [_fmt(a[f"{mem_key}_mean"], math.nan, 1), str(a["seeds"])]
         body.append(line)
-    return _md_table(header, body)
+    return md_table(header, body)
 
 
 def _paragraphs(texts: Sequence[str]) -> list[str]:
@@ -202,7 +197,7 @@ def _missed_text(rows: Sequence[ResultRow | Mapping]) -> list[str]:
             "(missed) or an absent organ was predicted (false alarm), summed over seeds. Plain "
             "HD95 skips them; the `hd95_penalized` column of results.csv counts each as the "
             "volume diagonal.", "",
-            _md_table(["variant", "missed", "false alarms", "case-days (all seeds)", "seeds"],
+            md_table(["variant", "missed", "false alarms", "case-days (all seeds)", "seeds"],
                       body), ""]
 
 
@@ -254,7 +249,7 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping], *, vary: Ma
         body = [[str(d["value"]), d["family"], MODE_LABELS[d["attention"]],
                  f"{d['params_pct']:+.2f} %", f"{d['macs_pct']:+.2f} %", *delta_cells(d, margin)]
                 for d in ds]
-        parts += [_md_table([factor, "family", "vs QKV", "params", "MACs", *DELTA_HEADER,
+        parts += [md_table([factor, "family", "vs QKV", "params", "MACs", *DELTA_HEADER,
                              *VERDICT_HEADER], body), ""]
         png = f"sweep_{_safe_name(factor)}.png"
         plot_sweep(ds, factor, out_dir / png)
@@ -299,5 +294,5 @@ def attention_section(entries: Sequence[Mapping], *, slice_id: str,
             "attention-weighted mean distance between query and key cells, mean over heads "
             "and all queries (`kvseg attention` gives every layer and head).", "",
             f"![attention of one query point, last encoder layer]({figure})", "",
-            _md_table(["attention", "model", "family", "layer", "symmetry index",
+            md_table(["attention", "model", "family", "layer", "symmetry index",
                        "mean distance (px)"], body), ""]

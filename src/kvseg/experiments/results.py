@@ -272,3 +272,10 @@ def value_key(value):
         return (0, float(value), "")
     except (TypeError, ValueError):
         return (1, 0.0, str(value))
+
+
+def md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A markdown table: the one table writer of every report."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)

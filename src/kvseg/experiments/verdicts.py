@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from kvseg.experiments.results import ResultRow, as_rows, mean_std
+from kvseg.experiments.results import ResultRow, as_rows, md_table, mean_std
 from kvseg.experiments.stats import (
     DEFAULT_MARGIN,
     METRICS,
@@ -188,12 +188,6 @@ def _per_patient_jaccard(cases: Sequence[Mapping]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- text
-def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
-
-
 def ci_text(d: Mapping, key: str, digits: int = 2) -> str:
     """``Δ [low, high]`` of an entry (``Δ`` alone without an interval, – without a score)."""
     est, low, high = d[f"{key}_pts"], d[f"{key}_low"], d[f"{key}_high"]
@@ -244,7 +238,7 @@ def deltas_table(rows: Sequence[ResultRow | Mapping], *, margin: float = DEFAULT
                      f"{std:.2f}" if math.isfinite(std) else "–", *cells[4:]])
     header = ["family", "vs QKV", "params", "MACs", *DELTA_HEADER, "QKV Jaccard seed std (pts)",
               *VERDICT_HEADER]
-    return _md_table(header, body)
+    return md_table(header, body)
 
 
 def class_table(rows: Sequence[ResultRow | Mapping], classes: Sequence[str] = ()) -> str:
@@ -257,7 +251,7 @@ def class_table(rows: Sequence[ResultRow | Mapping], classes: Sequence[str] = ()
              (classes[d["class"]] if d["class"] < len(classes) else f"class {d['class']}")
              .replace("_", " "), ci_text(d, "jaccard"), ci_text(d, "hd95", 1)]
             for d in entries]
-    return _md_table(["family", "vs QKV", "organ", "Δ Jaccard (pts) [95% CI]",
+    return md_table(["family", "vs QKV", "organ", "Δ Jaccard (pts) [95% CI]",
                       "Δ HD95 (mm) [95% CI]"], body)
 
 
