@@ -219,3 +219,36 @@ def test_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert err == "" and proc.returncode in (0, 141), (proc.returncode, err)
+
+
+# --------------------------------------------------------------------------- files the user named
+def test_export_and_evaluate_do_not_replace_a_users_file(fixture_run, tmp_path, capsys):
+    """A file named by --onnx / --out that exists is the user's as far as kvseg knows: one
+    line and exit 2, the file untouched; --overwrite replaces it."""
+    run, data = fixture_run
+    mine = tmp_path / "mine.onnx"
+    mine.write_text("mine")
+    err = one_line_error(capsys, ["export", "--run", str(run), "--onnx", str(mine)])
+    assert "--onnx" in err and "--overwrite" in err and mine.read_text() == "mine"
+    metrics = tmp_path / "mine.json"
+    metrics.write_text("mine")
+    err = one_line_error(capsys, ["evaluate", "--run", str(run), "--data", str(data), "--out",
+                                  str(metrics), "--device", "cpu"])
+    assert "--out" in err and metrics.read_text() == "mine"
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(data), "--out", str(metrics),
+                     "--device", "cpu", "--overwrite"]) == 0
+    assert "jaccard" in metrics.read_text()
+
+
+def test_a_package_is_not_written_into_and_run_only_commands_say_so(fixture_run, tmp_path,
+                                                                      capsys):
+    run, data = fixture_run
+    package = tmp_path / "pkg"
+    assert cli.main(["package", "--run", str(run), "--out", str(package)]) == 0
+    before = sorted(p.name for p in package.iterdir())
+    assert cli.main(["evaluate", "--run", str(package), "--data", str(data),
+                     "--device", "cpu"]) == 0
+    assert sorted(p.name for p in package.iterdir()) == before  # nothing added
+    capsys.readouterr()
+    err = one_line_error(capsys, ["tune", "--run", str(package), "--data", str(data)])
+    assert "a kvseg package, not a run folder" in err

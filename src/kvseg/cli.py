@@ -197,7 +197,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
                    help="test: the run's held-out test_fold (default: val)")
-    p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json)")
+    p.add_argument("--out", help="JSON file for the metrics (default RUN_DIR/eval_SPLIT.json; "
+                                 "a package folder is not written into)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     p.add_argument("--slice-thickness", type=POSITIVE, default=3.0,
@@ -224,6 +226,7 @@ def _add_inference_options(p) -> None:
 def _run_evaluate(args) -> int:
     from kvseg.inference.evaluate import evaluate_run, format_results
 
+    _new_file(args.out, args.overwrite, "--out")
     results = evaluate_run(args.run, data=args.data, split=args.split, out=args.out,
                            device=args.device, batch_size=args.batch_size,
                            slice_thickness_mm=args.slice_thickness, precision=args.precision,
@@ -231,6 +234,13 @@ def _run_evaluate(args) -> int:
                            postprocess=args.postprocess)
     print(format_results(results))
     return 0
+
+
+def _new_file(path: str | None, overwrite: bool, option: str) -> None:
+    """An output file named by the user is not replaced silently: kvseg cannot tell whether it
+    wrote it (predict and package keep manifests for their folders; a single file has none)."""
+    if path is not None and os.path.lexists(path) and not overwrite:
+        raise ConfigError(f"{option} {path}: exists; pass --overwrite to replace it")
 
 
 def _add_precision(p) -> None:
@@ -288,6 +298,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a run's model to ONNX, checked with onnxruntime")
     p.add_argument("--run", required=True)
     p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --onnx file")
     p.add_argument("--img-size", type=POSITIVE_INT,
                    help="input size (default: the run's img_size)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
@@ -308,6 +319,7 @@ def _run_export(args) -> int:
     from kvseg.inference.export import export_onnx
 
     min_iou = _int8_only(args.min_iou, args.quantize == "int8", "--quantize int8")
+    _new_file(args.onnx, args.overwrite, "--onnx")
     report = export_onnx(args.run, args.onnx, img_size=args.img_size, dynamic=args.dynamic,
                          exporter=args.exporter, quantize=args.quantize,
                          calibration_data=args.calibration_data,

@@ -15,6 +15,7 @@ are its argmax without the background (:func:`kvseg.training.metrics.predicted_m
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from kvseg.config import RunConfig
 from kvseg.data import build_dataset
 from kvseg.errors import CheckpointError, ConfigError, DataError
 from kvseg.inference.ensemble import combine, open_runs, tuned_postprocess
+from kvseg.inference.package import is_package
 from kvseg.inference.runtime import prepare_for_inference
 from kvseg.training.distributed import loader_workers
 from kvseg.training.metrics import (
@@ -37,6 +39,8 @@ from kvseg.training.precision import autocast, device_capability, inference_prec
 from kvseg.utils import atomic_write_text, check_number, jsonable, resolve_device
 
 SPLITS = ("train", "val", "test", "all")  # test: the run's test_fold
+
+log = logging.getLogger(__name__)
 
 
 def _dataset(config: RunConfig, data: str | None, split: str):
@@ -161,6 +165,9 @@ def evaluate_run(run: str | os.PathLike | Sequence[str | os.PathLike], data: str
         **_metrics(sets, per_case, config.classes, volumes),
     }
     results = jsonable(results)
+    if out is None and is_package(runs[0]):  # a package is shared as written: nothing added
+        log.info("%s is a package: the results are not written into it (use --out)", runs[0])
+        return results
     out = Path(out) if out is not None else Path(runs[0]) / _default_name(split, runs, tta, post)
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     results["out"] = str(out)

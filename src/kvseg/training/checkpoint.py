@@ -148,6 +148,10 @@ def _best(run_dir: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{run_dir}: run directory not found")
     path = run_dir / BEST
     if not path.is_file():
+        if (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{run_dir}: a kvseg package, not a run folder: this "
+                                    "command needs the run folder it was packaged from (kvseg "
+                                    "evaluate and predict take packages)")
         raise FileNotFoundError(f"{run_dir}: no {BEST} (has a training run finished an epoch "
                                 "with validation here?)")
     return path
