@@ -16,19 +16,20 @@ Paths (device, backend, precision):
   compute capability 8.0+), when ``devices`` has ``cuda``.
 
 Timing: the variants of one family (every mode, path and batch size) are timed round-robin by
-:func:`kvseg.profile.time_fns` (one call of each per round), so load from other processes hits
-them alike; the first call of each, untimed, is the warm-up and the memory measurement. Models
-are freshly initialised (speed does not depend on the weights), inputs seeded uniform [0, 1].
+:func:`kvseg.inference.profile.time_fns` (one call of each per round), so load from other
+processes hits them alike; the first call of each, untimed, is the warm-up and the memory
+measurement. Models are freshly initialised (speed does not depend on the weights), inputs
+seeded uniform [0, 1].
 
 Columns: ``median_ms``, ``p90_ms`` (per call of a batch), ``images_per_s`` = batch / median,
 ``speedup`` = images/s over the same model's torch fp32 on the same device and batch,
 ``vs_qkv_latency`` / ``vs_qkv_throughput`` = this variant over its family's QKV variant on the
 same path and batch (from the same run). ``peak_mem_mib``: weights plus working memory of one
 call: for torch, the weights' bytes plus the allocator's high-water mark above the level before
-the call (:func:`kvseg.profile.peak_cpu_memory`; on CUDA ``max_memory_allocated``); for ONNX
-Runtime (its own allocator), the growth of the process's peak resident memory from before the
-session was created to the end of its first call at that batch (``/proc/self/clear_refs``;
-null where the kernel does not allow it).
+the call (:func:`kvseg.inference.profile.peak_cpu_memory`; on CUDA ``max_memory_allocated``);
+for ONNX Runtime (its own allocator), the growth of the process's peak resident memory from
+before the session was created to the end of its first call at that batch
+(``/proc/self/clear_refs``; null where the kernel does not allow it).
 """
 
 from __future__ import annotations

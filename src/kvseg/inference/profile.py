@@ -169,7 +169,7 @@ def profile_table(models: list[str] | str = "all", *, size: str = "base", img_si
             writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
         return buf.getvalue().rstrip("\n")
     lines = [f"size={size}, input 1×{in_channels}×{img_size}×{img_size}, "
-             f"{num_classes} classes; MACs as counted by kvseg.profile.count_macs",
+             f"{num_classes} classes; MACs as counted by kvseg.inference.profile.count_macs",
              "",
              "| model | family | mode | params (M) | GMACs | params reduction vs QKV | "
              "MACs reduction vs QKV |",
