@@ -159,7 +159,8 @@ def _run_train(args) -> int:
         return 1
     if os.environ.get("RANK", "0") == "0":  # torchrun: one summary line, from rank 0
         print(f"best jaccard {summary['best_jaccard']:.4f} at epoch {summary['best_epoch']} "
-              f"({summary['epochs']} epochs, {summary['steps']} steps) -> {summary['run_dir']}")
+              f"({summary['epochs']} epoch{'s' * (summary['epochs'] != 1)}, {summary['steps']} "
+              f"step{'s' * (summary['steps'] != 1)}) -> {summary['run_dir']}")
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import f1_score, jaccard_score
 
+from kvseg.experiments import stats
 from kvseg.experiments.stats import (
     Difference,
     holm,
@@ -126,8 +127,25 @@ def test_two_way_variance_components_match_a_hand_written_anova():
     assert fit.var_resid == pytest.approx(ms_e)
     assert fit.var_seed == pytest.approx(max(ms_s - ms_e, 0) / p)
     assert fit.var_patient == pytest.approx(max(ms_p - ms_e, 0) / s)
-    assert sum(v for v, _ in fit.components) == pytest.approx(
-        ms_e / (s * p) + fit.var_seed / s + fit.var_patient / p)
+    assert [v for v, _ in fit.components] == pytest.approx(
+        [ms_s / (s * p), max(ms_p - ms_e, 0) / (s * p)])
+    assert [df for _, df in fit.components] == [s - 1, p - 1]
+
+
+def test_the_half_width_blends_banerjee_and_welch_by_hand():
+    rng = np.random.default_rng(6)
+    d = rng.normal(0, 1, (3, 8)) + rng.normal(0, 1.5, (1, 8)) + rng.normal(0, 1, (3, 1))
+    fit = two_way(d)
+    (v1, df1), (v2, df2) = fit.components
+    assert v1 > 0 and v2 > 0
+    banerjee = math.sqrt(sps.t.ppf(0.975, df1) ** 2 * v1 + sps.t.ppf(0.975, df2) ** 2 * v2)
+    welch_df = (v1 + v2) ** 2 / (v1**2 / df1 + v2**2 / df2)
+    welch = sps.t.ppf(0.975, welch_df) * math.sqrt(v1 + v2)
+    assert welch < banerjee
+    want = 0.7 * banerjee + 0.3 * welch
+    assert stats._half_width(fit.components) == pytest.approx(want)
+    lo, hi = stats._interval(fit.mean, fit.components)
+    assert (lo, hi) == pytest.approx((fit.mean - want, fit.mean + want))
 
 
 def test_splitting_scans_into_more_days_does_not_narrow_the_interval():
