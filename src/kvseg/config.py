@@ -110,6 +110,10 @@ class TrainConfig:
                                                "google_vit, transunet_r50_vit, microsoft_cvt, "
                                                "kvseg (none = detect from its keys)")
     pretrained_rule: str = _opt("sym", "QKV -> KV rule for KV/KV-pos models: sym, key, mean")
+    paired_init: bool = _opt(False, "a query-free model (KV, KV-pos, ...) starts from the "
+                                    "weights of its family's QKV model of the same seed (shared "
+                                    "tensors copied, K/V rows of qkv; common random numbers for "
+                                    "paired comparisons); no effect on QKV and dynunet")
     # data
     data: str | None = _opt(None, "dataset root (any layout kvseg knows, see data_format; "
                                   "required)")

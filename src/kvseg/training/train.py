@@ -67,6 +67,7 @@ from kvseg.config import (  # noqa: F401 - re-exported: kvseg.train.TrainConfig 
 from kvseg.data import CLASSES, build_dataset
 from kvseg.errors import CheckpointError, ConfigError
 from kvseg.models.pretrained import load_pretrained
+from kvseg.models.twin import init_from_twin, qkv_twin_name
 from kvseg.training import distributed as D
 from kvseg.training.checkpoint import (
     build_model,
@@ -201,6 +202,12 @@ class _Trainer:
     def _setup_model(self) -> None:
         c = self.config
         self.model = build_model(self.model_config)
+        twin = qkv_twin_name(c.model) if c.paired_init and not c.resume else None
+        if twin is not None:  # the twin draws what the QKV run draws: its weights, then its
+            seed_everything(c.seed)  # RNG stream (dropout, ...) from here on
+            report = init_from_twin(self.model, build_model({**self.model_config, "model": twin}))
+            if self.main:
+                log.info("%s", report.summary())
         if c.pretrained is not None and not c.resume:
             report = load_pretrained(self.model, c.pretrained, layout=c.pretrained_layout,
                                      rule=c.pretrained_rule)
