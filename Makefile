@@ -24,7 +24,7 @@ $(VENV)/.dev: $(BIN)/kvseg
 venv: $(VENV)/.dev
 
 demo: $(BIN)/kvseg
-	$(BIN)/kvseg synth --out $(DATA) --cases 48 --days 1 --slices 16
+	$(BIN)/kvseg synth --out $(DATA) --cases 96 --days 1 --slices 8
 	$(BIN)/kvseg reproduce --data $(DATA) --out $(OUT) --preset smoke
 
 test: venv
