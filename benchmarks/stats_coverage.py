@@ -24,7 +24,8 @@ a target reads "missed" when within 2 Monte Carlo standard errors of it, "MISSED
 
     python benchmarks/stats_coverage.py [--quick] [--draws 600] [--jobs 2] [--out PATH]
         [--seed-sd 1.0 --patient-sd 1.0 --inter-sd 1.0 --scan-sd 0.5]
-        [--from-results results.json] [--power-only --power-days 2 --power-seeds 3 5 8]
+        [--from-results results.json] [--power-only --power-days 2 --power-seeds 3 5 8
+         --power-patients 6 12 20 40]
 
 ``--from-results``: the demo variances measured from a reproduction's results.json (the two-way
 fit of every comparison's seeds x patients table of pseudo-value differences, variances pooled
@@ -54,13 +55,14 @@ SIZE = np.log(np.array([1500.0, 2500.0, 2000.0]))  # ground-truth pixels per cla
 
 #: (name, seeds, patients, days per patient: an int or (low, high) drawn uniformly)
 LAYOUTS = [
-    ("smoke (today)", 3, 2, 2),
+    ("2 patients (old smoke)", 3, 2, 2),
     ("3 patients", 3, 3, 2),
     ("6 patients", 3, 6, 2),
     ("10 patients", 3, 10, 2),
     ("paper (fold of 85)", 3, 17, (1, 5)),
     ("20 patients", 3, 20, (1, 5)),
     ("6 patients, 5 seeds", 5, 6, 2),
+    ("smoke (16 patients, 4 seeds)", 4, 16, 1),
 ]
 POWER_PATIENTS = (6, 10, 20, 40)
 POWER_SEEDS = (3, 5, 8)
@@ -186,25 +188,32 @@ def run_cell(rng, layout, sd: dict, truth: float, delta: float, draws: int, marg
 
 def holm_family(rng, layout, sd: dict, families: int, margin: float, k: int = 6) -> dict:
     """k comparisons at true difference 0, in pairs sharing their A (as KV and KV-pos share
-    QKV): how often is any of them called better or worse, without and with Holm."""
+    QKV): how often is any of them called better or worse, without and with Holm, and the
+    share of comparisons read *not worse* (the power of the report's two verdict columns)."""
     _, seeds, patients, days = layout
     wrong = {"better", "worse", "worse within margin"}
-    raw = adj = 0
+    raw = adj = raw_nw = adj_nw = 0
     for _ in range(families):
         diffs = []
         for _ in range(k // 2):
             a, b, b2 = simulate(rng, seeds, patients, days, sd, 0.0, extra=1)
             diffs += [S.paired_difference(a, b), S.paired_difference(a, b2)]
+        held = S.holm(diffs, margin)
         raw += any(d.verdict(margin) in wrong for d in diffs)
-        adj += any(h.verdict in wrong for h in S.holm(diffs, margin))
+        adj += any(h.verdict in wrong for h in held)
+        raw_nw += sum(d.verdict(margin) == "not worse" for d in diffs)
+        adj_nw += sum(h.verdict == "not worse" for h in held)
     return {"families": families, "comparisons": k, "fwer_unadjusted": raw / families,
-            "fwer_holm": adj / families}
+            "fwer_holm": adj / families, "p_not_worse_unadjusted": raw_nw / (k * families),
+            "p_not_worse_holm": adj_nw / (k * families)}
 
 
-#: Variance settings (sd of the B - A difference in Jaccard points): the demo's estimate
-#: (overridable on the command line) and three where one source dominates.
+#: Variance settings (sd of the B - A difference in Jaccard points): the demo's (measured from
+#: benchmarks/results/demo_smoke/results.json, pooled over its six comparisons; overridable on
+#: the command line), one where every source weighs alike, and three where one dominates.
 SETTINGS = {
     "demo": None,  # from the arguments
+    "balanced": {"seed": 1.0, "patient": 1.0, "inter": 1.0, "scan": 0.5},
     "interaction-heavy": {"seed": 0.5, "patient": 0.5, "inter": 3.0, "scan": 1.0},
     "patient-heavy": {"seed": 0.3, "patient": 3.0, "inter": 0.5, "scan": 0.5},
     "seed-heavy": {"seed": 3.0, "patient": 0.5, "inter": 0.5, "scan": 0.5},
@@ -235,7 +244,7 @@ def check(cell: dict, margin: float, slack: float = 0.0) -> dict:
 def fmt_cell(c: dict) -> str:
     r = c["rates"]
     old = f" {c['legacy_coverage']:5.3f}" if "legacy_coverage" in c else "      "
-    return (f"{c['setting']:<18} {c['layout']:<20} {c['seeds']:>2} {c['patients']:>3} "
+    return (f"{c['setting']:<18} {c['layout']:<28} {c['seeds']:>2} {c['patients']:>3} "
             f"{c['days']:>4} {c['truth']:+5.1f} {c['coverage']:6.3f}{old} {r['better']:6.3f} "
             f"{r['not worse']:6.3f} {r['worse within margin']:6.3f} {r['worse']:6.3f} "
             f"{r['inconclusive']:6.3f} {c['mean_width']:6.2f}  "
@@ -301,10 +310,19 @@ def power_only(args, sd: dict, measured: dict | None) -> int:
     t0 = time.time()
     rng = np.random.default_rng(2025)
     power = power_grid(rng, sd, max(args.draws // 2, 20), args.margin, args.power_days,
-                       seeds_list=args.power_seeds, patients_list=(6, 12, 20, 40))
+                       seeds_list=args.power_seeds, patients_list=args.power_patients)
+    holm_power = []
+    for seeds in args.power_seeds:
+        for patients in args.power_patients:
+            layout = (f"{patients} patients", seeds, patients, args.power_days)
+            fam = holm_family(rng, layout, sd, max(args.draws // 4, 20), args.margin)
+            holm_power.append({"seeds": seeds, "patients": patients, **fam})
+            print(f"Holm, 6 comparisons at truth 0, S={seeds} P={patients:>2}: P(not worse) "
+                  f"{fam['p_not_worse_unadjusted']:.3f} unadjusted, {fam['p_not_worse_holm']:.3f}"
+                  f" family-wise; any false better/worse {fam['fwer_holm']:.3f}", flush=True)
     result = {"command": "python benchmarks/stats_coverage.py " + " ".join(sys.argv[1:]),
               "variances_sd_points": sd, "measured": measured, "margin": args.margin,
-              "power": power, "seconds": round(time.time() - t0, 1)}
+              "power": power, "holm_power": holm_power, "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{time.time() - t0:.0f} s; wrote {args.out}")
@@ -332,10 +350,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few draws: a smoke check")
     ap.add_argument("--draws", type=int, default=600, help="draws per cell (default 600)")
     ap.add_argument("--margin", type=float, default=S.DEFAULT_MARGIN)
-    ap.add_argument("--seed-sd", type=float, default=1.0, help="demo: seed x variant sd (pts)")
-    ap.add_argument("--patient-sd", type=float, default=1.0, help="demo: patient x variant sd")
-    ap.add_argument("--inter-sd", type=float, default=1.0, help="demo: seed x patient x variant")
-    ap.add_argument("--scan-sd", type=float, default=0.5, help="demo: seed x scan x variant sd")
+    ap.add_argument("--seed-sd", type=float, default=0.53,
+                    help="demo: seed x variant sd (pts); default: measured on the committed demo")
+    ap.add_argument("--patient-sd", type=float, default=0.73,
+                    help="demo: patient x variant sd; default: measured on the committed demo")
+    ap.add_argument("--inter-sd", type=float, default=1.48,
+                    help="demo: seed x patient x variant; default: measured on the committed demo")
+    ap.add_argument("--scan-sd", type=float, default=0.0,
+                    help="demo: seed x scan x variant sd; default: measured on the committed demo")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one per core)")
     ap.add_argument("--from-results", type=Path, help="measure the demo variances from this "
@@ -343,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--power-only", action="store_true", help="only the power grid")
     ap.add_argument("--power-seeds", type=int, nargs="+", default=list(POWER_SEEDS),
                     help="seeds in the power grid (--power-only)")
+    ap.add_argument("--power-patients", type=int, nargs="+", default=[6, 12, 20, 40],
+                    help="test patients in the power grid (--power-only)")
     ap.add_argument("--power-days", type=int, default=None,
                     help="scan days per patient in the power grid (default 1-5)")
     args = ap.parse_args(argv)
@@ -362,7 +386,7 @@ def main(argv=None) -> int:
     if args.quick:
         settings = {"demo": settings["demo"]}
     t0 = time.time()
-    print(f"{'setting':<18} {'layout':<20} {'S':>2} {'P':>3} {'days':>4} {'truth':>5} "
+    print(f"{'setting':<18} {'layout':<28} {'S':>2} {'P':>3} {'days':>4} {'truth':>5} "
           f"{'cover':>6} {'old':>5} {'better':>6} {'n-worse':>6} {'w<marg':>6} {'worse':>6} "
           f"{'inconc':>6} {'width':>6}", flush=True)
     # one task per setting and truth, each with its own random stream: the same numbers
@@ -378,7 +402,7 @@ def main(argv=None) -> int:
     sd = settings["demo"]
     power = power_grid(rng, sd, max(draws // 2, 20), args.margin, args.power_days)
     fam = [dict(layout=lay[0], **holm_family(rng, lay, sd, max(draws // 2, 20), args.margin))
-           for lay in (LAYOUTS[4], LAYOUTS[3])]
+           for lay in (LAYOUTS[4], LAYOUTS[7])]
     for f in fam:
         print(f"Holm, {f['comparisons']} comparisons at truth 0, {f['layout']}: any false better/"
               f"worse {f['fwer_unadjusted']:.3f} unadjusted, {f['fwer_holm']:.3f} with Holm")
