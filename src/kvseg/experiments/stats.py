@@ -23,9 +23,10 @@ together; a case id that appears in several scans (or twice) is one patient.
 3. ``D[s, p] = θ + a_s + b_p + e_sp`` (seed × variant, patient × variant and seed × patient ×
    variant effects). With the mean squares MS_s, MS_p, MS_e of the two-way table (S − 1, P − 1
    and (S − 1)(P − 1) degrees of freedom), ``Var(Δ) = σ²_e/(SP) + σ²_a/S + σ²_b/P`` is
-   estimated in two parts: ``MS_s/(SP)`` (the seed rows' spread: σ²_e/(SP) + σ²_a/S exactly,
-   with S − 1 df; the seed means are independent draws whatever the seed/interaction mix) and
-   ``max(MS_p − MS_e, 0)/(SP)`` (the patients' shared part σ²_b/P, P − 1 df).
+   estimated in two parts: ``MS_s/(SP)`` (the seed rows' spread, unbiased for
+   σ²_e/(SP) + σ²_a/S with S − 1 df: the seed means differ only by the i.i.d. a_s + ē_s, whatever
+   the seed/interaction mix) and ``max(MS_p − MS_e, 0)/(SP)`` (the patients' shared part
+   σ²_b/P, P − 1 df).
 4. 95% interval ``Δ ± h``, ``h = 0.7·sqrt(Σ t²(0.975, df_i)·v_i) + 0.3·t(0.975, df_W)·sqrt(Σ v_i)``
    over the two parts: Banerjee's per-source quantiles (three seeds get t(2) however many
    patients there are; conservative, up to 0.97-0.98 when seeds and patients weigh alike)
@@ -66,8 +67,10 @@ DEFAULT_RESAMPLES = 2000  # kept for callers; the interval is analytic and draws
 MIN_PATIENTS = 3
 ALPHA = 0.05
 #: Weight of the Welch-Satterthwaite half-width against Banerjee's in :func:`_half_width`:
-#: chosen on the balanced normal two-way model (coverage 0.948-0.968 over the benchmark's
-#: settings; 0 gives up to 0.973, 1 down to 0.926) and checked by benchmarks/stats_coverage.py
+#: chosen on the balanced normal two-way model (benchmarks/stats_blend.py: coverage 0.949-0.968
+#: over the coverage benchmark's settings, up to 0.976 where seeds and patients weigh alike at
+#: 3 seeds x 6 patients; 0 gives up to 0.981, 1 down to 0.926) and checked by
+#: benchmarks/stats_coverage.py
 WELCH_WEIGHT = 0.3
 #: Metrics :func:`paired_difference` knows; the scale of their differences (points or mm).
 METRICS = {"jaccard": 100.0, "weighted_jaccard": 100.0, "dice": 100.0, "hd95": 1.0}
@@ -491,6 +494,7 @@ def holm(diffs: Sequence[Difference], margin: float = DEFAULT_MARGIN,
 
 
 __all__ = ["ALPHA", "DEFAULT_MARGIN", "DEFAULT_RESAMPLES", "METRICS", "MIN_PATIENTS", "VERDICTS",
+           "WELCH_WEIGHT",
            "Adjusted", "Difference", "TwoWay", "case_counts", "holm", "holm_adjust",
            "p_values", "paired_difference", "patient_totals", "pseudo_values",
            "scores_from_counts", "two_way", "verdict", "verdict_sentence"]

@@ -19,6 +19,7 @@ from kvseg.experiments.stats import (
     DEFAULT_MARGIN,
     METRICS,
     VERDICTS,
+    WELCH_WEIGHT,
     Difference,
     holm,
     paired_difference,
@@ -267,8 +268,8 @@ def statistics_text(margin: float = DEFAULT_MARGIN, *, family: str = "report") -
         "crossed random-effects model (seed, patient and seed × patient effects, method of "
         "moments). Var(Δ) has two parts: the spread of the seeds' means (seeds − 1 degrees of "
         "freedom: seed and seed × patient noise) and the patients' shared part (patients − 1); "
-        "the 95% half-width is 0.7 × the per-part t quantiles (Banerjee) + 0.3 × one "
-        "Welch-Satterthwaite t, a blend chosen by simulation. Fewer than 3 "
+        f"the 95% half-width is {1 - WELCH_WEIGHT:g} × the per-part t quantiles (Banerjee) + "
+        f"{WELCH_WEIGHT:g} × one Welch-Satterthwaite t, a blend chosen by simulation. Fewer than 3 "
         "patients give no interval (inconclusive); one seed gives an interval without training "
         "noise (noted). Runs without per-scan counts fall back to Student's t over the "
         "per-seed differences (noted). Its coverage is measured by simulation "

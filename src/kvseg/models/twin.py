@@ -81,7 +81,7 @@ def _check_pair(model: nn.Module, twin: nn.Module) -> str:
 def _fused_rows(attn: Attention, qkv: nn.Linear) -> dict[str, torch.Tensor]:
     """The fused projection of ``attn`` (``kv``, ``qk``, ``k``) from the twin's ``qkv``: its
     weight (and bias) rows of the projections in ``spec.projections`` order."""
-    dim = qkv.in_features
+    dim = qkv.out_features // 3  # rows per projection (the inner width)
     fused = "".join(attn.spec.projections)
 
     def rows(t: torch.Tensor) -> torch.Tensor:
