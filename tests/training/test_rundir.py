@@ -124,3 +124,37 @@ def test_a_corrupt_best_safetensors_is_one_line_for_every_reader(tmp_path, capsy
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "best.safetensors" in err and "Traceback" not in err
     assert _sha(run) == before
+
+
+def test_a_failed_command_removes_only_the_empty_folder_it_created(tmp_path):
+    made = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError), FolderLock(made, "kvseg"):
+        raise RuntimeError("refused")
+    assert not made.exists()  # nothing was written: no trace
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(RuntimeError), FolderLock(kept, "kvseg"):
+        raise RuntimeError("refused")
+    assert kept.is_dir()  # the user's folder stays, even empty
+    written = tmp_path / "written"
+    with pytest.raises(RuntimeError), FolderLock(written, "kvseg"):
+        (written / "metrics.csv").write_text("epoch\n")
+        raise RuntimeError("failed later")
+    assert (written / "metrics.csv").is_file()  # what the command wrote stays
+    ok = tmp_path / "ok"
+    with FolderLock(ok, "kvseg"):
+        pass
+    assert ok.is_dir()  # a command that finished keeps its folder
+
+
+def test_train_refused_on_missing_data_leaves_no_output_folder(tmp_path):
+    from kvseg.config import load_config
+    from kvseg.training.train import train
+
+    out = tmp_path / "run"
+    config = load_config(None, {"model": "setr_qkv", "size": "micro", "img_size": 32,
+                                "data": str(tmp_path / "no_such_data"), "out": str(out),
+                                "epochs": 1, "device": "cpu"})
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the data loader raises
+        train(config)
+    assert not out.exists()

@@ -64,6 +64,7 @@ class FolderLock:
         self.command = command
         self.path = self.folder / LOCK
         self._file = None
+        self._created = False  # this lock made the folder: a failed command leaves no trace
 
     def acquire(self) -> FolderLock:
         try:
@@ -74,6 +75,7 @@ class FolderLock:
             return self
         if self.folder.exists() and not self.folder.is_dir():
             raise RunDirError(f"{self.folder}: exists and is not a folder")
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             f = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
@@ -109,8 +111,9 @@ class FolderLock:
         self._file = f
         return self
 
-    def release(self) -> None:
-        """Remove the lock file (while still holding it) and unlock."""
+    def release(self, failed: bool = False) -> None:
+        """Remove the lock file (while still holding it) and unlock. ``failed``: the command
+        stopped with an error; a folder this lock created is removed if it is still empty."""
         if self._file is not None:
             import fcntl
 
@@ -119,12 +122,16 @@ class FolderLock:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+        if failed and self._created:
+            with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                self.folder.rmdir()
+            self._created = False
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.release(failed=exc_type is not None)
 
 
 def _describe(text: str) -> str:

@@ -531,12 +531,13 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
                 if not config.resume:
                     check_new_run(out)
             except Exception as e:
-                lock.release()
+                lock.release(failed=True)
                 error = e
         if D.broadcast_flag(error is not None):
             if error is not None:
                 raise error
             raise ConfigError(f"{out}: rank 0 refused to start the run (see its error)")
+        finished = False
         try:
             with backend_settings(device, tf32=config.tf32, deterministic=config.deterministic):
                 trainer = _Trainer(config, info, device, [*callbacks, *tracking])
@@ -547,12 +548,13 @@ def train(config: TrainConfig, *, callbacks: Sequence[EpochCallback] = (),
                         handler.attach(trainer)
                 summary = trainer.run()
                 D.barrier()
+            finished = True
             return summary
         finally:
             for handler in tracking:
                 handler.close()
-            if lock is not None:
-                lock.release()
+            if lock is not None:  # a run refused before it wrote anything leaves no folder
+                lock.release(failed=not finished)
     finally:
         if owns_group:
             D.cleanup()
