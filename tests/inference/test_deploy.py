@@ -173,9 +173,10 @@ def test_case_bootstrap_against_a_hand_loop_and_in_the_card(run, tmp_path, capsy
     assert est == pytest.approx(jac(keys), abs=1e-12)
     assert (lo, hi) == pytest.approx(tuple(np.percentile(hand, (2.5, 97.5))), abs=1e-12)
     assert case_bootstrap(cases[:2]) is None  # one case: no interval
+    assert case_bootstrap(cases[:4]) is None  # two cases: still none (at least 3)
     evaluate_run(run, device="cpu")  # eval_val.json, as kvseg reproduce leaves it
     assert cli.main(["package", "--run", str(run), "--out", str(tmp_path / "p")]) == 0
-    assert "fewer than two cases" in (tmp_path / "p" / "README.md").read_text()  # 1 val case
+    assert "validation fold has 1 case(s)" in (tmp_path / "p" / "README.md").read_text()
     copy = tmp_path / "copy"
     copy.mkdir()
     for name in ("best.safetensors", "metrics.csv"):
@@ -183,7 +184,16 @@ def test_case_bootstrap_against_a_hand_loop_and_in_the_card(run, tmp_path, capsy
     (copy / "eval_val.json").write_text(json.dumps({"cases": cases}))
     assert cli.main(["package", "--run", str(copy), "--out", str(tmp_path / "q")]) == 0
     est, lo, hi = case_bootstrap(cases)
-    assert f"95% interval [{lo:.4f}, {hi:.4f}]" in (tmp_path / "q" / "README.md").read_text()
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert f"95% interval [{lo:.4f}, {hi:.4f}]" in card
+    assert "optimistic" in card and "With only 4 cases" in card  # few cases: said so
+    test_cases = [dict(c, tp=[t + 5 for t in c["tp"]]) for c in cases]  # another fold's counts
+    (copy / "eval_test.json").write_text(json.dumps({"cases": test_cases}))
+    assert cli.main(["package", "--run", str(copy), "--out", str(tmp_path / "r")]) == 0
+    card = (tmp_path / "r" / "README.md").read_text()
+    est, lo, hi = case_bootstrap(test_cases)
+    assert f"Jaccard {est:.4f}, 95% interval [{lo:.4f}, {hi:.4f}]" in card  # the test fold wins
+    assert "eval_test.json" in card and "optimistic" not in card
 
 
 def test_tune_on_a_multiclass_run_sizes_only_and_evaluate_agrees(tmp_path, capsys):

@@ -48,6 +48,8 @@ try:  # not `from kvseg import __version__`: the front door sits above this modu
     __version__ = metadata.version("kvseg")
 except metadata.PackageNotFoundError:  # a source checkout that is not installed
     __version__ = "unknown"
+#: Fewer cases than this: no case-bootstrap interval in the card (as kvseg.experiments.stats)
+MIN_CASES = 3
 LICENSE = "MIT (the kvseg code); the weights inherit the terms of the data they were trained on"
 
 
@@ -127,12 +129,12 @@ def case_bootstrap(cases: list[dict], resamples: int = 2000, seed: int = 0
                    ) -> tuple[float, float, float] | None:
     """``(mean Jaccard, 2.5 %, 97.5 % percentile)`` of the set-level mean Jaccard over
     ``cases`` (evaluate's per-case ``tp``/``fp``/``fn`` lists), resampling whole cases (all days
-    of a case together); ``None`` with fewer than two cases."""
+    of a case together); ``None`` with fewer than :data:`MIN_CASES` cases."""
     groups: dict = {}
     for c in cases:
         counts = np.array([c["tp"], c["fp"], c["fn"]], dtype=np.float64)  # (3, K)
         groups[c["case"]] = groups.get(c["case"], 0) + counts
-    if len(groups) < 2:
+    if len(groups) < MIN_CASES:
         return None
     table = np.stack(list(groups.values()))  # (cases, 3, K)
 
@@ -149,19 +151,29 @@ def case_bootstrap(cases: list[dict], resamples: int = 2000, seed: int = 0
 
 
 def _interval_text(run: Path) -> str:
-    """The case-bootstrap interval of ``RUN_DIR/eval_val.json`` (written by ``kvseg evaluate`` and
-    by ``kvseg reproduce``), or why there is none."""
+    """The case-bootstrap interval of the run's test-fold evaluation (``eval_test.json``: the
+    patients neither training nor checkpoint selection saw) or, without one, of its validation
+    fold (``eval_val.json``, optimistic: that fold picked the checkpoint), or why there is none."""
+    test = (run / "eval_test.json").is_file()
+    name, short = ("eval_test.json", "test fold") if test else ("eval_val.json", "validation fold")
+    fold = (f"{short} (patients that neither training nor checkpoint selection saw)" if test
+            else f"{short}, which also selected the checkpoint, so the value is optimistic")
     try:
-        cases = json.loads((run / "eval_val.json").read_text(encoding="utf-8"))["cases"]
+        cases = json.loads((run / name).read_text(encoding="utf-8"))["cases"]
         result = case_bootstrap(cases)
     except (OSError, ValueError, KeyError, TypeError):
-        return "No confidence interval: the run has no readable eval_val.json (`kvseg evaluate`)."
+        return (f"No confidence interval: the run has no readable {name} "
+                "(`kvseg evaluate`).")
+    n = len({c["case"] for c in cases})
     if result is None:
-        return "No confidence interval: the validation fold has fewer than two cases."
+        return (f"No confidence interval: the {short} has {n} case(s); a case bootstrap needs "
+                f"at least {MIN_CASES}.")
     est, lo, hi = result
+    few = (f" With only {n} cases a percentile bootstrap is too narrow (it undercovers): read "
+           "the interval as a rough guide." if n < 10 else "")
     return (f"Jaccard {est:.4f}, 95% interval [{lo:.4f}, {hi:.4f}] (`kvseg evaluate` on the "
-            f"validation fold, eval_val.json; percentile bootstrap over its cases, 2000 "
-            f"resamples; one run, so seed-to-seed variation is not included).")
+            f"{fold}, {name}: {n} cases; percentile bootstrap over them, 2000 resamples; one "
+            f"run, so seed-to-seed variation is not included).{few}")
 
 
 def _card(config: RunConfig, model: nn.Module, run: Path) -> str:
@@ -178,6 +190,7 @@ def _card(config: RunConfig, model: nn.Module, run: Path) -> str:
     else:
         metrics = "No validation metrics were found in the run folder."
     data = Path(config.data).name if config.data else "unknown"
+    test_fold = "" if config.test_fold is None else f", fold {config.test_fold} as the test fold"
     return f"""# {config.model} ({config.size}) — kvseg segmentation model
 
 Packaged by kvseg {__version__} from the run `{run.name}`.
@@ -192,14 +205,14 @@ Packaged by kvseg {__version__} from the run `{run.name}`.
 
 ## Training data and recipe
 - Data: `{data}` (layout {config.data_format}), fold {config.fold} of {config.n_folds} held out
-  for validation, training fraction {config.train_fraction}
+  for validation{test_fold}, training fraction {config.train_fraction}
 - {config.epochs} epochs, batch {config.batch_size}, AdamW lr {config.lr:g} (warm-up
   {config.warmup_epochs:g} epoch(s), cosine to x{config.min_lr_ratio:g}), weight decay
   {config.weight_decay:g}, loss {config.bce_weight:g} x BCE/CE + {config.dice_weight:g} x Dice,
   augmentation {'on' if config.augment else 'off'}, precision {config.precision}, seed
   {config.seed}{f", initialised from {config.pretrained}" if config.pretrained else ""}
 
-## Validation metrics
+## Metrics
 | metric | value |
 |---|---|
 {metrics}
