@@ -166,6 +166,7 @@ def test_nothing_in_the_package_imports_an_old_path():
     assert users == []
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_old_paths_are_aliases_of_the_new_modules():
     import importlib
 
@@ -180,6 +181,16 @@ def test_old_paths_are_aliases_of_the_new_modules():
     from kvseg.training.checkpoint import load_run as new
 
     assert load_run is new
+
+
+def test_an_old_path_warns_with_its_new_home():
+    import importlib
+    import sys
+
+    sys.modules.pop("kvseg.stats", None)  # the alias only: the real module stays loaded
+    with pytest.warns(FutureWarning, match="kvseg.stats moved to kvseg.experiments.stats"):
+        old = importlib.import_module("kvseg.stats")
+    assert old is importlib.import_module("kvseg.experiments.stats")
 
 
 def test_few_modules_at_the_top():

@@ -4,7 +4,8 @@ Before the three wings (training/, inference/, experiments/) the workflow module
 ``kvseg``: ``kvseg.stats``, ``kvseg.checkpoint``, ``kvseg.train`` ... Scripts that import them keep
 working: a finder on ``sys.meta_path`` answers an old path with the module at its new home (the
 same module object, so attributes, ``from kvseg.stats import x`` and ``mock.patch`` targets reach
-the real one). One table instead of 23 alias files, so the package's top shows where things live.
+the real one), with a FutureWarning naming the new home. One table instead of 23 alias
+files, so the package's top shows where things live.
 Nothing inside kvseg imports an old path (tests/test_architecture.py checks it).
 """
 
@@ -14,6 +15,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 
 #: old path -> new home
 OLD_PATHS: dict[str, str] = {
@@ -45,6 +47,11 @@ OLD_PATHS: dict[str, str] = {
 
 class _AliasLoader(importlib.abc.Loader):
     def create_module(self, spec):
+        # FutureWarning, not DeprecationWarning: Python hides the latter unless raised in
+        # __main__, and from inside the import machinery it never is
+        warnings.warn(f"{spec.name} moved to {OLD_PATHS[spec.name]}; the old path still works "
+                      "but will be removed in a later release",
+                      FutureWarning, stacklevel=2)
         module = importlib.import_module(OLD_PATHS[spec.name])
         self.home_spec = module.__spec__
         return module
