@@ -176,9 +176,19 @@ def _run_config(args) -> int:
     if args.action == "list":
         names = packaged_configs()
         width = max(map(len, names)) + 2  # the longest name still leaves two spaces
+        groups: dict[str, list[str]] = {}
         for name in names:
-            desc = read_yaml(config_path(name)).get("description", "")
-            print(f"{name:<{width}}{desc}")
+            path = config_path(name)
+            data = read_yaml(path)
+            kind = ("sweep presets (kvseg sweep --preset NAME)" if "vary" in data else
+                    "reproduce presets (kvseg reproduce --preset NAME)" if "train" in data else
+                    "training configs (kvseg train --config NAME)")
+            desc = data.get("description") or next(
+                (line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8")
+                 .splitlines() if line.startswith("#")), "")
+            groups.setdefault(kind, []).append(f"  {name:<{width}}{desc}")
+        for kind in sorted(groups, key=lambda k: k.startswith("sweep")):
+            print(f"{kind}:", *groups[kind], sep="\n")
         return 0
     if not args.name:
         raise KvsegError("config show: name a config (one of "

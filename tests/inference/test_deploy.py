@@ -141,12 +141,29 @@ def test_multilabel_nifti_predictions_are_one_label_volume_per_class(run, tmp_pa
 
 
 # --------------------------------------------------------------------------- config list
-def test_config_list_keeps_names_and_descriptions_apart(capsys):
+def test_config_list_keeps_names_and_descriptions_apart_and_groups_the_kinds(capsys):
     assert cli.main(["config", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    entries = [line[2:] for line in lines if line.startswith("  ")]
     width = max(map(len, packaged_configs()))
-    for name, line in zip(packaged_configs(), lines, strict=True):
-        assert line.startswith(name) and line[len(name):width + 2].strip() == ""
+    assert sorted(e.split()[0] for e in entries) == sorted(packaged_configs())
+    for line in entries:
+        name = line.split()[0]
+        assert line[len(name):width + 2].strip() == ""
+    heads = [line for line in lines if not line.startswith("  ")]
+    assert heads == ["training configs (kvseg train --config NAME):",
+                     "reproduce presets (kvseg reproduce --preset NAME):",
+                     "sweep presets (kvseg sweep --preset NAME):"]
+    groups: dict[str, set] = {}
+    head = lines[0]
+    for line in lines:
+        if line.startswith("  "):
+            groups[head].add(line.split()[0])
+        else:
+            head = line
+            groups[head] = set()
+    assert {"default", "train_micro"} <= groups[heads[0]]
+    assert {"smoke", "paper"} <= groups[heads[1]] and "ablation_smoke" in groups[heads[2]]
 
 
 def test_case_bootstrap_against_a_hand_loop_and_in_the_card(run, tmp_path, capsys):
