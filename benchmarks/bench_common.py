@@ -31,3 +31,20 @@ def machine() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "load_avg_at_end": os.getloadavg()}
+
+
+def write_result(path, result: dict, t0: float) -> None:
+    """Write ``result`` (with the seconds since ``t0``) as JSON to ``path`` atomically, and say
+    so on stdout."""
+    import json
+    import time
+    from pathlib import Path
+
+    path = Path(path)
+    result = {**result, "seconds": round(time.time() - t0, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    print(f"{result['seconds']:.0f} s; wrote {path}")
+

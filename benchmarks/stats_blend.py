@@ -23,7 +23,6 @@ The full simulation with pixel counts, unbalanced scan days and jackknife pseudo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from bench_common import write_result
 from kvseg.experiments import stats as S
 
 OUT = Path(__file__).resolve().parent / "results" / "stats_blend.json"
@@ -111,10 +111,8 @@ def main(argv=None) -> int:
         print(f"{k:>12}: coverage {lo:.3f}-{hi:.3f}")
     result = {"command": "python benchmarks/stats_blend.py " + " ".join(sys.argv[1:]),
               "draws_per_cell": n, "kvseg_weight": S.WELCH_WEIGHT, "cells": rows,
-              "coverage_range": span, "seconds": round(time.time() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{time.time() - t0:.0f} s; wrote {args.out}")
+              "coverage_range": span}
+    write_result(args.out, result, t0)
     return 0
 
 

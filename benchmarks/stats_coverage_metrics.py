@@ -14,7 +14,6 @@ least 6 patients, false better and false worse at most 3% each.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import stats_coverage as C
+from bench_common import write_result
 from kvseg.experiments import stats as S
 
 OUT = Path(__file__).resolve().parent / "results" / "stats_coverage_metrics.json"
@@ -87,11 +87,8 @@ def main(argv=None) -> int:
               f"worse <= {summary[m]['false_worse_max']:.3f}; beyond 2 MC s.e. of a target: "
               f"{summary[m]['beyond_2se'] or 'none'}")
     result = {"command": "python benchmarks/stats_coverage_metrics.py " + " ".join(sys.argv[1:]),
-              "truth": 0.0, "draws_per_cell": args.draws, "summary": summary, "cells": cells,
-              "seconds": round(time.time() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{time.time() - t0:.0f} s; wrote {args.out}")
+              "truth": 0.0, "draws_per_cell": args.draws, "summary": summary, "cells": cells}
+    write_result(args.out, result, t0)
     return 0
 
 
