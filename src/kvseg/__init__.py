@@ -47,7 +47,8 @@ def patch_attention(model, mode: str, rule: str = "sym", **kwargs):
 
 def from_pretrained(path, map_location="cpu"):
     """The model of a package folder written by ``kvseg package`` (``config.json`` +
-    ``model.safetensors``), in eval mode; see :func:`kvseg.inference.package.from_pretrained`."""
+    ``model.safetensors``) or of a training run folder (``best.safetensors``), in eval mode;
+    see :func:`kvseg.inference.package.from_pretrained`."""
     from kvseg.inference.package import from_pretrained as _load
 
     return _load(path, map_location)

@@ -115,9 +115,18 @@ def test_package_refuses_a_folder_it_did_not_write(run, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_from_pretrained_of_a_non_package_is_one_error(run, tmp_path):
-    with pytest.raises(kvseg.errors.KvsegError, match="not a kvseg package"):
-        kvseg.from_pretrained(run)
+def test_from_pretrained_takes_a_run_folder_and_refuses_anything_else(run, tmp_path):
+    model, config = load_run(run)
+    x = torch.rand(2, config["in_channels"], config["img_size"], config["img_size"])
+    loaded = kvseg.from_pretrained(run)
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(kvseg.errors.KvsegError, match="nor a training run"):
+        kvseg.from_pretrained(other)
 
 
 # --------------------------------------------------------------------------- volumes

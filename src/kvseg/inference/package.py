@@ -38,7 +38,7 @@ from kvseg.inference.postprocess import POSTPROCESS
 from kvseg.inference.profile import count_macs, count_params
 from kvseg.models.registry import model_info
 from kvseg.training.checkpoint import build_model, open_run, save_model
-from kvseg.training.rundir import LOCK, METRICS, FolderLock, command_line
+from kvseg.training.rundir import BEST, LOCK, METRICS, FolderLock, command_line
 from kvseg.utils import atomic_write_bytes, atomic_write_text
 
 CONFIG_JSON, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -88,13 +88,17 @@ def open_package(path: str | os.PathLike, map_location: str | torch.device = "cp
 
 def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> nn.Module:
-    """The model of a package folder (``kvseg package``), in eval mode: (B, in_channels, S, S)
-    prepared as ``config.json``'s ``input`` says -> logits (B, num_classes, S, S)."""
+    """The model of a package folder (``kvseg package``) or of a training run folder (its
+    ``best.safetensors``), in eval mode: (B, in_channels, S, S) prepared as the package's
+    ``config.json`` ``input`` (or the run's config) says -> logits (B, num_classes, S, S)."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: no such package folder")
-    if not is_package(path):
-        raise CheckpointError(f"{path}: not a kvseg package (no {CONFIG_JSON} and {WEIGHTS})")
-    return open_package(path, map_location)[0]
+        raise FileNotFoundError(f"{path}: no such package or run folder")
+    if is_package(path):
+        return open_package(path, map_location)[0]
+    if (Path(path) / BEST).is_file():
+        return open_run(path, map_location)[0].to(map_location).eval()
+    raise CheckpointError(f"{path}: not a kvseg package (no {CONFIG_JSON} and {WEIGHTS}) nor a "
+                          f"training run (no {BEST})")
 
 
 def _input_text(config: RunConfig) -> dict:
