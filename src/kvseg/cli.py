@@ -174,6 +174,9 @@ def _run_config(args) -> int:
     from kvseg.config import config_path, packaged_configs
 
     if args.action == "list":
+        if args.name:
+            raise KvsegError(f"config list takes no name (got {args.name!r}); to print one: "
+                             f"kvseg config show {args.name}")
         names = packaged_configs()
         width = max(map(len, names)) + 2  # the longest name still leaves two spaces
         groups: dict[str, list[str]] = {}
@@ -183,9 +186,7 @@ def _run_config(args) -> int:
             kind = ("sweep presets (kvseg sweep --preset NAME)" if "vary" in data else
                     "reproduce presets (kvseg reproduce --preset NAME)" if "train" in data else
                     "training configs (kvseg train --config NAME)")
-            desc = data.get("description") or next(
-                (line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8")
-                 .splitlines() if line.startswith("#")), "")
+            desc = data.get("description") or _first_sentence(path)
             groups.setdefault(kind, []).append(f"  {name:<{width}}{desc}")
         for kind in sorted(groups, key=lambda k: k.startswith("sweep")):
             print(f"{kind}:", *groups[kind], sep="\n")
@@ -198,6 +199,14 @@ def _run_config(args) -> int:
                          f"{', '.join(packaged_configs())}")
     print(config_path(args.name).read_text(encoding="utf-8"), end="")
     return 0
+
+
+def _first_sentence(path) -> str:
+    """The first sentence of a config file's leading comment (its description)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    text = " ".join(line.lstrip("# ").strip() for line in lines[:next(
+        (i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))])
+    return text.split(". ")[0].rstrip(".")
 
 
 def _add_evaluate(sub) -> None:

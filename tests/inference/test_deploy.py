@@ -172,6 +172,10 @@ def test_config_list_keeps_names_and_descriptions_apart_and_groups_the_kinds(cap
             head = line
             groups[head] = set()
     assert {"default", "train_micro"} <= groups[heads[0]]
+    default = next(line for line in lines if line.split()[:1] == ["default"])
+    assert default.rstrip().endswith("(kvseg.config.TrainConfig)")  # a whole first sentence
+    assert cli.main(["config", "list", "smoke"]) == 2  # list takes no name
+    assert "config show smoke" in capsys.readouterr().err
     assert {"smoke", "paper"} <= groups[heads[1]] and "ablation_smoke" in groups[heads[2]]
 
 

@@ -281,7 +281,7 @@ def two_way(table: np.ndarray) -> TwoWay:
     ms_p = s * float(((col - mean) ** 2).sum()) / (p - 1)
     ms_e = float(((d - row[:, None] - col[None, :] + mean) ** 2).sum()) / ((s - 1) * (p - 1))
     var_a, var_b = max(ms_s - ms_e, 0.0) / p, max(ms_p - ms_e, 0.0) / s
-    # the seed rows' mean square estimates σ²_e/(SP) + σ²_a/S exactly, with S − 1 df
+    # the seed rows' mean square is unbiased for σ²_e/(SP) + σ²_a/S, with S − 1 df
     parts = ((ms_s / (s * p), float(s - 1)), (var_b / p, float(p - 1)))
     return TwoWay(mean, parts, var_a, var_b, ms_e)
 

@@ -96,7 +96,7 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     if is_package(path):
         return open_package(path, map_location)[0]
     if (Path(path) / BEST).is_file():
-        return open_run(path, map_location)[0].to(map_location).eval()
+        return open_run(path, map_location)[0]  # in eval mode on map_location
     raise CheckpointError(f"{path}: not a kvseg package (no {CONFIG_JSON} and {WEIGHTS}) nor a "
                           f"training run (no {BEST})")
 
